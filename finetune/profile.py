@@ -1,0 +1,365 @@
+"""Profiles: what to tune, on what, where. Validated completely before any work starts.
+
+A profile is a YAML file in ``profiles/`` (or any path). It may ``extends:`` another profile; mappings merge
+recursively, lists and scalars replace. Dotted overrides (``train.lr=1e-4``) apply last. Every error names the
+profile file, the field path and, where we can tell, the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = REPO_ROOT / "profiles"
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot run. The message names the file, the field path and the fix."""
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: fail instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: str = Field(description="Local file/dir (jsonl/json/parquet), 'hf://datasets/<name>', or an fsspec URL.")
+    revision: str | None = Field(None, description="Dataset revision for hub datasets.")
+    format: Literal["chat", "alpaca"] = "chat"
+    train_split: str = "train"
+    max_seq_len: int = Field(256, gt=8)
+    on_bad_record: Literal["drop", "fail"] = "drop"
+    train_on_input: bool = False
+
+
+class ModelConfig(Section):
+    source: Literal["hub", "local", "embedded"]
+    repo_id: str | None = None
+    revision: str | None = Field(None, description="A 40-hex commit sha: a branch name is not reproducible.")
+    path: str | None = Field(None, description="Local directory or fsspec URL (source: local).")
+    allow_patterns: list[str] | None = None
+    ignore_patterns: list[str] | None = None
+    family: Literal["tiny", "scout", "maverick"]
+    multimodal: bool = Field(False, description="Checkpoint is Llama4ForConditionalGeneration (language_model.* keys).")
+    seed: int = Field(0, description="Seed of the embedded tiny model.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> ModelConfig:
+        if self.source == "hub":
+            if not self.repo_id:
+                raise ValueError("source 'hub' needs repo_id (e.g. meta-llama/Llama-4-Scout-17B-16E-Instruct)")
+            if not self.revision or not _COMMIT_SHA.match(self.revision):
+                raise ValueError(
+                    f"source 'hub' needs revision pinned to a 40-hex commit sha, got {self.revision!r}; "
+                    "find it with `huggingface-cli repo info` or the hub's 'Files' tab"
+                )
+        if self.source == "local" and not self.path:
+            raise ValueError("source 'local' needs path (a directory or fsspec URL of a HF checkpoint)")
+        return self
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]] = ["q_proj", "v_proj", "output_proj"]
+    apply_to_mlp: bool = True
+    apply_to_experts: bool = False
+
+
+class ElasticConfig(Section):
+    min_nodes: int = Field(1, ge=1)
+    max_nodes: int = Field(1, ge=1)
+    max_restarts: int = Field(3, ge=0)
+
+
+Launcher = Literal["process", "local-nodes", "prefect-pool", "skypilot", "jobset"]
+# Launchers that can place torchrun node processes on more than one node (or, for tests, more than one process).
+MULTI_NODE_LAUNCHERS: frozenset[str] = frozenset({"local-nodes", "prefect-pool", "skypilot", "jobset"})
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "full"]
+    device: Literal["cpu", "cuda"] = "cuda"
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    launcher: Launcher = "process"
+    gpu_type: str | None = Field(None, description="Accelerator the run is sized for, e.g. H100-80GB (informational).")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    checkpoint_every_steps: int = Field(100, ge=1)
+    seed: int = 0
+    fsdp_cpu_offload: bool = False
+    enable_dcp: bool = True
+    async_checkpoint: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    lora: LoraConfig | None = None
+    elastic: ElasticConfig | None = None
+    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="Raw torchtune config overrides.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainConfig:
+        if self.method == "lora" and self.lora is None:
+            raise ValueError("method 'lora' needs a 'lora:' section (rank, alpha, ...)")
+        if self.method == "full" and self.lora is not None:
+            raise ValueError("method 'full' does not take a 'lora:' section; remove it or set method: lora")
+        if self.nnodes > 1 and self.launcher not in MULTI_NODE_LAUNCHERS:
+            raise ValueError(
+                f"nnodes {self.nnodes} needs a launcher that spans nodes ({', '.join(sorted(MULTI_NODE_LAUNCHERS))}); "
+                f"launcher '{self.launcher}' starts one node only"
+            )
+        if self.device == "cpu" and self.async_checkpoint:
+            raise ValueError("async_checkpoint needs device 'cuda' (it overlaps GPU work with the save)")
+        if self.device == "cpu" and self.fsdp_cpu_offload:
+            raise ValueError("fsdp_cpu_offload only makes sense with device 'cuda'")
+        if self.elastic is not None and not (self.elastic.min_nodes <= self.nnodes <= self.elastic.max_nodes):
+            raise ValueError(
+                f"elastic.min_nodes <= nnodes <= elastic.max_nodes must hold "
+                f"({self.elastic.min_nodes} <= {self.nnodes} <= {self.elastic.max_nodes})"
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+class ConvertConfig(Section):
+    max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB)$")
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    keep_peft_adapter: bool = True
+
+
+class RequireRise(Section):
+    task: str
+    metric: str | None = Field(None, description="Defaults to the task's first metric.")
+    by: float = Field(gt=0, description="Points (0-100 scale) the tuned model must gain over its base.")
+
+
+class GateConfig(Section):
+    max_drop: float | None = Field(None, ge=0, description="Fail if any task drops more than this many points.")
+    require_rise: RequireRise | None = None
+
+
+class EvaluateConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    device: Literal["cpu", "cuda"] = "cuda"
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | None = Field(None, description="Directory of local lm-eval task YAMLs (relative to the repo).")
+    num_fewshot: int | None = None
+    limit: int | None = Field(None, gt=0, description="Examples per task (None: all).")
+    batch_size: int | str = 8
+    max_gen_toks: int = Field(256, gt=0)
+    gate: GateConfig = GateConfig()
+
+    @model_validator(mode="after")
+    def _backend_device(self) -> EvaluateConfig:
+        if self.backend == "vllm" and self.device != "cuda":
+            raise ValueError("backend 'vllm' needs device 'cuda'; use backend 'hf' on CPU")
+        return self
+
+
+class QuantizeConfig(Section):
+    scheme: Literal["W4A16"] = "W4A16"
+    group_size: int = Field(128, gt=0)
+    calibration_samples: int = Field(256, gt=0)
+    calibration_seq_len: int = Field(2048, gt=0)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head", "re:.*router"])
+    device: Literal["cpu", "cuda"] = "cuda"
+    sequential_onloading: bool = True
+
+
+class BenchmarkConfig(Section):
+    engine: Literal["vllm", "transformers-serve"] = "vllm"
+    concurrencies: list[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    num_prompts: int = Field(200, gt=0, description="Requests per concurrency level.")
+    max_tokens: int = Field(256, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(8192, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    startup_timeout_s: float = Field(900, gt=0)
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    use_vllm_bench: bool = Field(True, description="Use `vllm bench serve` as the load generator when installed.")
+
+
+class DeployConfig(Section):
+    work_pool: str = "cpu-pool"
+    gpu_work_pool: str = "gpu-pool"
+    gpu_stages: list[Literal["train", "evaluate", "quantize", "benchmark"]] = ["train"]
+    image: str | None = None
+    job_variables: dict[str, Any] = Field(default_factory=dict)
+
+
+class Profile(Section):
+    name: str
+    description: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    convert: ConvertConfig = ConvertConfig()
+    evaluate: EvaluateConfig
+    quantize: QuantizeConfig = QuantizeConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    deploy: DeployConfig = DeployConfig()
+    retries: int = Field(2, ge=0, description="Retries per stage on transient failure or preemption.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Profile:
+        if self.benchmark.engine == "vllm" and self.train.device == "cpu":
+            raise ValueError("benchmark.engine 'vllm' needs a GPU; CPU profiles use engine 'transformers-serve'")
+        if self.model.family == "tiny" and self.model.source == "hub":
+            raise ValueError("model.family 'tiny' is the embedded model: use source 'embedded'")
+        return self
+
+
+def profile_path(name_or_path: str) -> Path:
+    """A profile name (``tiny-cpu``) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ProfileError(f"profile file {candidate} does not exist")
+        return candidate
+    path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_profiles()) or "none"
+        raise ProfileError(f"unknown profile '{name_or_path}' (known: {known}); or pass a path to a .yaml file")
+    return path
+
+
+def list_profiles() -> dict[str, str]:
+    """Shipped profile names with their one-line descriptions."""
+    out: dict[str, str] = {}
+    for path in sorted(PROFILES_DIR.glob("*.yaml")):
+        raw = _read_yaml(path)
+        out[path.stem] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: a profile must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        chain = " -> ".join(p.stem for p in (*seen, path))
+        raise ProfileError(f"{path}: extends forms a cycle: {chain}")
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ProfileError(f"{path}: extends: must be one profile name or path, got {parent!r}")
+    parent_path = Path(parent) if parent.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{parent}.yaml"
+    if not parent_path.is_absolute() and not parent_path.is_file():
+        parent_path = path.parent / parent_path
+    if not parent_path.is_file():
+        raise ProfileError(f"{path}: extends: profile '{parent}' not found (looked for {parent_path})")
+    return deep_merge(_resolve_raw(parent_path, (*seen, path)), raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (['train', 'lr'], 0.0001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ProfileError(f"override '{text}' must look like key.path=value (e.g. train.max_steps=20)")
+    dotted, value = text.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ProfileError(f"override '{text}' has an empty key path")
+    return parts, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = raw
+    for text in overrides:
+        parts, value = parse_override(text)
+        patch: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            patch = {part: patch}
+        result = deep_merge(result, patch)
+    return result
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"profile {source} is invalid:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling (see `finetune show tiny-cpu` for valid keys)"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        got = err.get("input")
+        hint = f" (got {got!r})" if err["type"] not in ("missing",) and not isinstance(got, dict) else ""
+        lines.append(f"  {where}: {message}{hint}")
+    return "\n".join(lines)
+
+
+def _check_files(profile: Profile, source: str) -> None:
+    """Local paths named by the profile must exist now, not hours into a run."""
+    missing: list[tuple[str, str]] = []
+    if "://" not in profile.data.source and not profile.data.source.startswith("hf:"):
+        if not resolve_repo_path(profile.data.source).exists():
+            missing.append(("data.source", profile.data.source))
+    if profile.model.source == "local" and profile.model.path and "://" not in profile.model.path:
+        if not resolve_repo_path(profile.model.path).is_dir():
+            missing.append(("model.path", profile.model.path))
+    if profile.evaluate.include_path and not resolve_repo_path(profile.evaluate.include_path).is_dir():
+        missing.append(("evaluate.include_path", profile.evaluate.include_path))
+    if missing:
+        lines = [f"profile {source} is invalid:"]
+        lines += [f"  {field}: path {path!r} does not exist (relative paths are taken from {REPO_ROOT})"
+                  for field, path in missing]
+        raise ProfileError("\n".join(lines))
+
+
+def resolve_repo_path(path: str) -> Path:
+    """Relative paths in profiles are relative to the repository root, wherever the command runs."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else REPO_ROOT / candidate
+
+
+def load_profile(name_or_path: str, overrides: list[str] | None = None) -> Profile:
+    path = profile_path(name_or_path)
+    raw = apply_overrides(_resolve_raw(path), overrides or [])
+    raw.setdefault("name", path.stem)
+    source = str(path) + (f" with overrides {overrides}" if overrides else "")
+    try:
+        profile = Profile.model_validate(raw)
+    except ValidationError as exc:
+        raise ProfileError(_format_validation_error(source, exc)) from None
+    _check_files(profile, source)
+    return profile
+
+
+def resolved_yaml(profile: Profile) -> str:
+    return yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False)

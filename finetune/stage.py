@@ -1,0 +1,98 @@
+"""What a pipeline stage is, how its key is computed, and how it runs against the store (no Prefect here).
+
+A stage's key hashes its code version, the slice of the profile that shapes its output, a fingerprint of any outside
+content it reads (data files, a hub revision) and the keys of the artifacts it consumes. Two runs with equal keys
+produce interchangeable outputs, so a finished artifact under that key is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.hashing import hash_json
+from finetune.profile import Profile
+from finetune.store import Artifact, Store, now_iso
+
+log = logging.getLogger(__name__)
+
+
+class PermanentError(RuntimeError):
+    """Bad input or configuration: retrying cannot help, so the stage fails at once."""
+
+
+class Preempted(RuntimeError):
+    """The machine is being taken away (SIGTERM from a spot reclaim); the stage resumes when retried."""
+
+
+@dataclass
+class StageContext:
+    profile: Profile
+    key: str
+    workdir: Path
+    inputs: dict[str, Artifact]
+    log: Callable[[str], None] = log.info
+    progress: Callable[[float, str], None] = lambda fraction, message: None
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Tables the stage wants shown in the UI (name -> rows); the flow posts them as artifacts."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    version: str
+    """Bump when the stage's output for the same inputs changes."""
+    run: Callable[[StageContext], dict[str, Any]]
+    """Does the work into ctx.workdir and returns the metrics to record."""
+    config: Callable[[Profile], dict[str, Any]]
+    """The part of the profile that shapes this stage's output."""
+    upstream: tuple[str, ...] = ()
+    fingerprint: Callable[[Profile], dict[str, Any]] = lambda profile: {}
+    """Identity of outside content the stage reads (data hashes, hub revisions)."""
+    resumable: bool = False
+    """Keep an interrupted attempt's files (checkpoints) instead of starting clean."""
+
+
+def stage_key(spec: StageSpec, profile: Profile, inputs: dict[str, Artifact]) -> str:
+    missing = set(spec.upstream) - set(inputs)
+    if missing:
+        raise ValueError(f"stage {spec.name} needs the artifacts of {sorted(missing)}")
+    return hash_json({
+        "stage": spec.name,
+        "version": spec.version,
+        "config": spec.config(profile),
+        "fingerprint": spec.fingerprint(profile),
+        "inputs": {name: inputs[name].key for name in spec.upstream},
+    })
+
+
+def execute_stage(
+    spec: StageSpec,
+    profile: Profile,
+    store: Store,
+    inputs: dict[str, Artifact],
+    key: str | None = None,
+    log_fn: Callable[[str], None] = log.info,
+    progress: Callable[[float, str], None] = lambda fraction, message: None,
+) -> tuple[Artifact, dict[str, list[dict[str, Any]]]]:
+    """Run one stage unless a verified artifact with its key exists. Returns the artifact and the UI tables."""
+    key = key or stage_key(spec, profile, inputs)
+    existing = store.verified_artifact(spec.name, key)
+    if existing is not None:
+        return existing, {}
+    workdir = store.prepare(spec.name, key, keep_partial=spec.resumable)
+    ctx = StageContext(profile=profile, key=key, workdir=workdir, inputs=inputs, log=log_fn, progress=progress)
+    started, clock = now_iso(), time.perf_counter()
+    metrics = spec.run(ctx)
+    artifact = Artifact(
+        stage=spec.name, key=key, path=str(workdir),
+        inputs={name: inputs[name].key for name in spec.upstream},
+        config={"version": spec.version, "profile": spec.config(profile), "fingerprint": spec.fingerprint(profile)},
+        metrics=metrics,
+        timings={"started": started, "finished": now_iso(), "seconds": round(time.perf_counter() - clock, 3)},
+    )
+    return store.finish(artifact), ctx.tables

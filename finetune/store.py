@@ -1,0 +1,228 @@
+"""The artifact store: ``<root>/<stage>/<key>/`` directories, each finished by an ``artifact.json`` written last.
+
+A directory without ``artifact.json`` is unfinished and never trusted. ``artifact.json`` lists every file with size,
+sha256 and mtime; an artifact only counts as present while every listed file still matches (size always; content
+re-hashed whenever the mtime moved, or always with ``deep=True``).
+
+The root is a local directory or any fsspec URL. Stages always work in a local directory: for a local store that is
+the final directory itself (so a preempted trainer finds its checkpoints there); for a remote store it is a local
+scratch mirror whose files are uploaded before ``artifact.json`` is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from finetune.hashing import sha256_file, sha256_stream
+
+MANIFEST = "artifact.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+    mtime_ns: int = 0
+
+
+@dataclass
+class Artifact:
+    """What a finished stage produced. ``path`` is where its files can be read locally."""
+
+    stage: str
+    key: str
+    path: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: str) -> Artifact:
+        files = {name: FileRecord(**record) for name, record in data.get("files", {}).items()}
+        return cls(
+            stage=data["stage"], key=data["key"], path=path, inputs=data.get("inputs", {}),
+            config=data.get("config", {}), files=files, metrics=data.get("metrics", {}),
+            timings=data.get("timings", {}), format=data.get("format", FORMAT_VERSION),
+        )
+
+
+class Store:
+    def __init__(self, url: str | os.PathLike[str]):
+        self.url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = Path(root).resolve() if self.is_local else root.rstrip("/")
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- locations ---------------------------------------------------------------------------------------------
+    def remote_dir(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{key}"
+
+    def local_dir(self, stage: str, key: str) -> Path:
+        """Where a stage reads and writes its files on this machine."""
+        if self.is_local:
+            return Path(self.root) / stage / key
+        return scratch_root() / self.fs.protocol[0] / self.root.replace("/", "_") / stage / key
+
+    def results_dir(self) -> Path:
+        """Prefect's persisted task results: inside a local store, beside the scratch mirror otherwise."""
+        base = Path(self.root) if self.is_local else scratch_root() / "results" / self.root.replace("/", "_")
+        return base / ".prefect-results"
+
+    # -- reading -----------------------------------------------------------------------------------------------
+    def read_artifact(self, stage: str, key: str) -> Artifact | None:
+        manifest = f"{self.remote_dir(stage, key)}/{MANIFEST}"
+        try:
+            with self.fs.open(manifest, "r") as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+            return None  # a corrupt manifest is an unfinished stage
+        if data.get("stage") != stage or data.get("key") != key:
+            return None
+        return Artifact.from_json(data, str(self.local_dir(stage, key)))
+
+    def verified_artifact(self, stage: str, key: str, deep: bool = False) -> Artifact | None:
+        """The finished artifact if every file it lists is still intact; None means: recompute."""
+        artifact = self.read_artifact(stage, key)
+        if artifact is None:
+            return None
+        if not self.is_local and not self._ensure_local_copy(artifact):
+            return None
+        base = Path(artifact.path)
+        for name, record in artifact.files.items():
+            path = base / name
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return None
+            if stat.st_size != record.size:
+                return None
+            if (deep or stat.st_mtime_ns != record.mtime_ns) and sha256_file(path) != record.sha256:
+                return None
+        return artifact
+
+    def _ensure_local_copy(self, artifact: Artifact) -> bool:
+        """Download a remote artifact's files into the scratch mirror (only those missing or differing)."""
+        remote = self.remote_dir(artifact.stage, artifact.key)
+        base = Path(artifact.path)
+        for name, record in artifact.files.items():
+            target = base / name
+            if target.exists() and target.stat().st_size == record.size and sha256_file(target) == record.sha256:
+                continue
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open(f"{remote}/{name}", "rb") as src, atomic_file(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            except FileNotFoundError:
+                return False
+        return True
+
+    # -- writing -----------------------------------------------------------------------------------------------
+    def prepare(self, stage: str, key: str, keep_partial: bool) -> Path:
+        """The local working directory for an unfinished stage.
+
+        Leftovers of an interrupted attempt are removed unless the stage resumes from them (training). A finished
+        artifact is never handed out for writing.
+        """
+        if self.read_artifact(stage, key) is not None:
+            raise FileExistsError(f"{self.remote_dir(stage, key)} is finished; refusing to write into it")
+        work = self.local_dir(stage, key)
+        if work.exists() and not keep_partial:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        return work
+
+    def finish(self, artifact: Artifact) -> Artifact:
+        """Record every file in the working directory, upload if remote, then write artifact.json last."""
+        base = Path(artifact.path)
+        files: dict[str, FileRecord] = {}
+        for path in sorted(p for p in base.rglob("*") if p.is_file() and p.name != MANIFEST):
+            stat = path.stat()
+            files[str(path.relative_to(base))] = FileRecord(stat.st_size, sha256_file(path), stat.st_mtime_ns)
+        artifact.files = files
+        payload = json.dumps(artifact.to_json(), indent=2, sort_keys=True)
+        if self.is_local:
+            with atomic_file(base / MANIFEST, "w") as handle:
+                handle.write(payload)
+            return artifact
+        remote = self.remote_dir(artifact.stage, artifact.key)
+        for name in files:
+            self.fs.put_file(str(base / name), f"{remote}/{name}")
+        # Object stores write a whole object per PUT: the manifest appears complete or not at all.
+        with self.fs.open(f"{remote}/{MANIFEST}", "w") as handle:
+            handle.write(payload)
+        return artifact
+
+    def list_stage(self, stage: str) -> list[str]:
+        """Keys of finished artifacts of one stage."""
+        try:
+            entries = self.fs.ls(f"{self.root}/{stage}", detail=False)
+        except FileNotFoundError:
+            return []
+        keys = [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries]
+        return sorted(k for k in keys if self.read_artifact(stage, k) is not None)
+
+
+def scratch_root() -> Path:
+    return Path(os.environ.get("FINETUNE_SCRATCH", Path.home() / ".cache" / "finetune-scratch"))
+
+
+class atomic_file:
+    """Write to a temp file beside ``path`` and rename it into place on success; remove it on failure."""
+
+    def __init__(self, path: Path, mode: str = "wb"):
+        self.path = Path(path)
+        self.mode = mode
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.handle = os.fdopen(fd, self.mode)
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def hash_local_or_remote(url: str) -> str:
+    """sha256 of a file at a local path or fsspec URL."""
+    with fsspec.open(url, "rb") as handle:
+        return sha256_stream(handle)
