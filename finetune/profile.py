@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "profiles"
-_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class ProfileError(ValueError):
@@ -41,7 +41,7 @@ class DataConfig(Section):
 class ModelConfig(Section):
     source: Literal["hub", "local", "embedded"]
     repo_id: str | None = None
-    revision: str | None = Field(None, description="A 40-hex commit sha: a branch name is not reproducible.")
+    revision: str | None = Field(None, description="A 40-hex commit sha, or a branch/tag resolved to one at key time.")
     path: str | None = Field(None, description="Local directory or fsspec URL (source: local).")
     allow_patterns: list[str] | None = None
     ignore_patterns: list[str] | None = None
@@ -54,10 +54,10 @@ class ModelConfig(Section):
         if self.source == "hub":
             if not self.repo_id:
                 raise ValueError("source 'hub' needs repo_id (e.g. meta-llama/Llama-4-Scout-17B-16E-Instruct)")
-            if not self.revision or not _COMMIT_SHA.match(self.revision):
+            if not self.revision:
                 raise ValueError(
-                    f"source 'hub' needs revision pinned to a 40-hex commit sha, got {self.revision!r}; "
-                    "find it with `huggingface-cli repo info` or the hub's 'Files' tab"
+                    "source 'hub' needs a revision: a 40-hex commit sha (reproducible), or a branch/tag that the "
+                    "download stage resolves to its current commit and records"
                 )
         if self.source == "local" and not self.path:
             raise ValueError("source 'local' needs path (a directory or fsspec URL of a HF checkpoint)")

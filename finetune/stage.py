@@ -7,6 +7,7 @@ produce interchangeable outputs, so a finished artifact under that key is reused
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from typing import Any
 
 from finetune.hashing import hash_json
 from finetune.profile import Profile
-from finetune.store import Artifact, Store, now_iso
+from finetune.store import Artifact, Store, atomic_file, now_iso
+
+TABLES_FILE = "tables.json"
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +86,14 @@ def execute_stage(
     key = key or stage_key(spec, profile, inputs)
     existing = store.verified_artifact(spec.name, key)
     if existing is not None:
-        return existing, {}
+        return existing, read_tables(existing)
     workdir = store.prepare(spec.name, key, keep_partial=spec.resumable)
     ctx = StageContext(profile=profile, key=key, workdir=workdir, inputs=inputs, log=log_fn, progress=progress)
     started, clock = now_iso(), time.perf_counter()
     metrics = spec.run(ctx)
+    # Tables travel inside the artifact so a cache hit can show them in the UI again.
+    with atomic_file(workdir / TABLES_FILE, "w") as handle:
+        json.dump(ctx.tables, handle, indent=1, default=str)
     artifact = Artifact(
         stage=spec.name, key=key, path=str(workdir),
         inputs={name: inputs[name].key for name in spec.upstream},
@@ -96,3 +102,8 @@ def execute_stage(
         timings={"started": started, "finished": now_iso(), "seconds": round(time.perf_counter() - clock, 3)},
     )
     return store.finish(artifact), ctx.tables
+
+
+def read_tables(artifact: Artifact) -> dict[str, list[dict[str, Any]]]:
+    path = Path(artifact.path) / TABLES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,85 @@
+"""``finetune``: run the pipeline, list and show profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from finetune.profile import REPO_ROOT, ProfileError, list_profiles, load_profile, resolved_yaml
+
+
+def _prefect_defaults() -> None:
+    """Without a Prefect server configured, run against a project-local ephemeral API (SQLite)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
+    # The ephemeral server's first start on a small machine can exceed Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
+    _prefect_defaults()
+    from flows.finetune import finetune
+
+    started = time.perf_counter()
+    summary = finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
+    wall = round(time.perf_counter() - started, 2)
+    if args.json:
+        print(json.dumps({"profile": args.profile, "wall_seconds": wall, "stages": summary}, indent=2, default=str))
+    else:
+        for stage, info in summary.items():
+            state = "cached" if info["cached"] else f"{info['seconds']}s"
+            print(f"{stage:<20} {info['key'][:12]}  {state:<10} {info['path']}")
+        print(f"finished in {wall}s")
+    return 0
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    profiles = list_profiles()
+    width = max(map(len, profiles), default=0)
+    for name, description in profiles.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    print(resolved_yaml(load_profile(args.name, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline for a profile")
+    run.add_argument("--profile", default="tiny-cpu", help="profile name (see `finetune profiles`) or YAML path")
+    run.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
+    run.add_argument("--until", default="benchmark", help="stop after this stage")
+    run.add_argument("--json", action="store_true", help="print a JSON summary per stage")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
+    run.set_defaults(func=_cmd_run)
+
+    profiles = sub.add_parser("profiles", help="list the shipped profiles")
+    profiles.set_defaults(func=_cmd_profiles)
+
+    show = sub.add_parser("show", help="print a fully resolved profile")
+    show.add_argument("name")
+    show.add_argument("overrides", nargs="*", metavar="key.path=value")
+    show.set_defaults(func=_cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ProfileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
