@@ -1,0 +1,167 @@
+"""Llama 4 text-model hyper-parameters read from a Hugging Face config.
+
+`Llama4TextArgs` mirrors the fields of transformers' `Llama4TextConfig` that change the maths of
+the text decoder, and derives the per-layer lists (`no_rope_layers`, `moe_layers`) exactly as
+transformers 5.17 does, so our builders and HF agree layer by layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Rope types whose inverse frequencies we compute (see rope.py); others are refused by name.
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4TextArgs:
+    """Text-decoder hyper-parameters, named as in HF `Llama4TextConfig` (same defaults)."""
+
+    vocab_size: int = 202048
+    hidden_size: int = 5120
+    intermediate_size: int = 8192
+    intermediate_size_mlp: int = 16384
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096 * 32
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_dropout: float = 0.0
+    num_experts_per_tok: int = 1
+    num_local_experts: int = 16
+    moe_layers: tuple[int, ...] = ()
+    use_qk_norm: bool = True
+    rope_theta: float = 500000.0
+    # None, or the llama3 scaling dict {"rope_type": "llama3", factor, low/high_freq_factor, original_max_...}.
+    rope_scaling: Mapping[str, Any] | None = None
+    # 1 = RoPE layer (chunked local attention), 0 = NoPE layer (global attention); HF's convention.
+    no_rope_layers: tuple[int, ...] = ()
+    attention_chunk_size: int | None = 8192
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192
+    attn_scale: float = 0.1
+    attention_bias: bool = False
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx in self.moe_layers
+
+    def uses_rope(self, layer_idx: int) -> bool:
+        return bool(self.no_rope_layers[layer_idx])
+
+
+_INT_FIELDS = {f.name for f in dataclasses.fields(Llama4TextArgs) if f.type in ("int", int)}
+
+
+def _read_mapping(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    if isinstance(config, Mapping):
+        return dict(config), "<dict>"
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"Llama 4 config not found: {path}")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+
+
+def text_config_dict(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Returns (text config dict, is_multimodal) from a text or a multimodal (text_config) config."""
+    raw, source = _read_mapping(config)
+    if "text_config" in raw:
+        text = raw["text_config"]
+        if not isinstance(text, Mapping):
+            raise ValueError(f"{source}: field 'text_config' must be an object, got {type(text).__name__}")
+        text = dict(text)
+        # The multimodal config carries tie_word_embeddings at the top level.
+        text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+        return text, True
+    return raw, False
+
+
+def _rope_from_hf(cfg: Mapping[str, Any], source: str) -> tuple[float, Mapping[str, Any] | None]:
+    """Reads both the transformers-5 `rope_parameters` and the older `rope_theta` + `rope_scaling` forms."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{source}: field 'rope_parameters'/'rope_scaling' must be an object or null")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", Llama4TextArgs.rope_theta)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    if rope_type == "default":
+        return theta, None
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in params]
+    if missing:
+        raise ValueError(f"{source}: llama3 rope scaling is missing field(s) {missing}")
+    scaling = {"rope_type": "llama3", **{k: params[k] for k in LLAMA3_ROPE_KEYS}}
+    return theta, scaling
+
+
+def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> Llama4TextArgs:
+    """Builds `Llama4TextArgs` from an HF config.json path/dir, a config dict, or returns args unchanged."""
+    if isinstance(config, Llama4TextArgs):
+        return config
+    source = str(config) if not isinstance(config, Mapping) else "<dict>"
+    cfg, _ = text_config_dict(config)
+    model_type = cfg.get("model_type", "llama4_text")
+    if model_type not in ("llama4_text", "llama4"):
+        raise ValueError(f"{source}: model_type {model_type!r} is not a Llama 4 text config")
+    defaults = Llama4TextArgs()
+    known = {f.name for f in dataclasses.fields(Llama4TextArgs)}
+    values: dict[str, Any] = {}
+    for name in known - {"moe_layers", "no_rope_layers", "rope_theta", "rope_scaling"}:
+        value = cfg.get(name)
+        values[name] = getattr(defaults, name) if value is None and name != "attention_chunk_size" else value
+    if "attention_chunk_size" not in cfg:
+        values["attention_chunk_size"] = defaults.attention_chunk_size
+    if values["hidden_act"] != "silu":
+        raise ValueError(f"{source}: hidden_act {values['hidden_act']!r} is not supported (only 'silu')")
+    if cfg.get("head_dim") is None:
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    for name in _INT_FIELDS & values.keys():
+        if values[name] is not None and not isinstance(values[name], int):
+            raise ValueError(f"{source}: field {name!r} must be an integer, got {values[name]!r}")
+    # Older checkpoints store attn_temperature_tuning as an int (e.g. 4); any truthy value enables it.
+    values["attn_temperature_tuning"] = bool(values["attn_temperature_tuning"])
+    values["tie_word_embeddings"] = bool(values["tie_word_embeddings"])
+
+    n_layers = values["num_hidden_layers"]
+    interval = int(cfg.get("no_rope_layer_interval") or 4)
+    no_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if len(no_rope) < n_layers:
+        raise ValueError(f"{source}: no_rope_layers has {len(no_rope)} entries for {n_layers} layers")
+    step = int(cfg.get("interleave_moe_layer_step") or 1)
+    moe_layers = cfg.get("moe_layers")
+    if moe_layers is None:
+        moe_layers = list(range(step - 1, n_layers, step))
+    values["no_rope_layers"] = tuple(int(x) for x in no_rope[:n_layers])
+    values["moe_layers"] = tuple(int(x) for x in moe_layers)
+    values["rope_theta"], values["rope_scaling"] = _rope_from_hf(cfg, source)
+    if values["num_attention_heads"] % values["num_key_value_heads"]:
+        raise ValueError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+    if not math.isfinite(float(values["floor_scale"])) or float(values["floor_scale"]) <= 0:
+        raise ValueError(f"{source}: floor_scale must be a positive number")
+    return Llama4TextArgs(**values)
+
+
+def args_to_hf_text_config(args: Llama4TextArgs) -> dict[str, Any]:
+    """HF `llama4_text` config dict for `args` (for saving a Llama4ForCausalLM checkpoint)."""
+    out = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    out["moe_layers"] = list(args.moe_layers)
+    out["no_rope_layers"] = list(args.no_rope_layers)
+    scaling = dict(args.rope_scaling) if args.rope_scaling else {"rope_type": "default"}
+    out["rope_parameters"] = {**scaling, "rope_theta": args.rope_theta}
+    del out["rope_theta"], out["rope_scaling"]
+    out["model_type"] = "llama4_text"
+    out["architectures"] = ["Llama4ForCausalLM"]
+    return out

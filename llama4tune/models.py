@@ -1,0 +1,139 @@
+"""Named Llama 4 models: Scout 17B-16E, Maverick 17B-128E (published text configs) and a tiny one.
+
+The real sizes hold ~109B / ~400B parameters: build them under `torch.device("meta")` (as
+torchtune's distributed recipes do) and load weights with the checkpointer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from torchtune.modules import TransformerDecoder
+
+from llama4tune.builders import llama4_decoder, lora_llama4_decoder
+
+# Text configs of meta-llama/Llama-4-Scout-17B-16E(-Instruct) and Llama-4-Maverick-17B-128E(-Instruct).
+SCOUT_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        "vocab_size": 202048,
+        "hidden_size": 5120,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 10485760,
+        "rms_norm_eps": 1e-5,
+        "num_experts_per_tok": 1,
+        "num_local_experts": 16,
+        "interleave_moe_layer_step": 1,
+        "use_qk_norm": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 16.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "attention_chunk_size": 8192,
+        "attn_temperature_tuning": True,
+        "floor_scale": 8192,
+        "attn_scale": 0.1,
+        "tie_word_embeddings": False,
+    }
+)
+
+MAVERICK_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        **SCOUT_TEXT_CONFIG,
+        "max_position_embeddings": 1048576,
+        "num_local_experts": 128,
+        "interleave_moe_layer_step": 2,
+        "use_qk_norm": False,
+        "rope_scaling": None,
+    }
+)
+
+# Small enough for CPU tests and the embedded pipeline; >4 layers so NoPE and dense layers appear.
+TINY_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
+    {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "intermediate_size_mlp": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "num_experts_per_tok": 1,
+        "num_local_experts": 4,
+        "interleave_moe_layer_step": 2,
+        "use_qk_norm": True,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_chunk_size": 64,
+        "attn_temperature_tuning": True,
+        "floor_scale": 32,
+        "attn_scale": 0.1,
+        "tie_word_embeddings": False,
+    }
+)
+
+
+def _config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    return {**base, **overrides}
+
+
+def llama4_scout_17b_16e(*, max_seq_len: int = 8192, use_grouped_mm: bool = True) -> TransformerDecoder:
+    """Llama 4 Scout text decoder (MoE on every layer, 16 experts, qk-norm, llama3 rope scaling)."""
+    return llama4_decoder(max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, **SCOUT_TEXT_CONFIG)
+
+
+def llama4_maverick_17b_128e(*, max_seq_len: int = 8192, use_grouped_mm: bool = True) -> TransformerDecoder:
+    """Llama 4 Maverick text decoder (MoE every 2nd layer, 128 experts, no qk-norm)."""
+    return llama4_decoder(max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, **MAVERICK_TEXT_CONFIG)
+
+
+def llama4_tiny(*, max_seq_len: int | None = None, use_grouped_mm: bool = True, **overrides: Any) -> TransformerDecoder:
+    """Tiny Llama 4 (TINY_TEXT_CONFIG with any HF-named field overridden)."""
+    return llama4_decoder(max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, **_config(TINY_TEXT_CONFIG, overrides))
+
+
+def lora_llama4_scout_17b_16e(
+    *, lora_attn_modules: Sequence[str], max_seq_len: int = 8192, use_grouped_mm: bool = True, **lora_kwargs: Any
+) -> TransformerDecoder:
+    """LoRA Scout; lora_kwargs: apply_lora_to_mlp/output/experts, train_router, lora_rank/alpha/dropout."""
+    return lora_llama4_decoder(
+        lora_attn_modules=lora_attn_modules, max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm,
+        **lora_kwargs, **SCOUT_TEXT_CONFIG,
+    )  # fmt: skip
+
+
+def lora_llama4_maverick_17b_128e(
+    *, lora_attn_modules: Sequence[str], max_seq_len: int = 8192, use_grouped_mm: bool = True, **lora_kwargs: Any
+) -> TransformerDecoder:
+    """LoRA Maverick; lora_kwargs as for lora_llama4_scout_17b_16e."""
+    return lora_llama4_decoder(
+        lora_attn_modules=lora_attn_modules, max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm,
+        **lora_kwargs, **MAVERICK_TEXT_CONFIG,
+    )  # fmt: skip
+
+
+def lora_llama4_tiny(
+    *, lora_attn_modules: Sequence[str], max_seq_len: int | None = None, use_grouped_mm: bool = True, **kwargs: Any
+) -> TransformerDecoder:
+    """LoRA tiny model; kwargs mix LoRA options and HF-named config overrides."""
+    lora_keys = {"apply_lora_to_mlp", "apply_lora_to_output", "apply_lora_to_experts", "train_router",
+                 "lora_rank", "lora_alpha", "lora_dropout"}  # fmt: skip
+    lora_kwargs = {k: v for k, v in kwargs.items() if k in lora_keys}
+    overrides = {k: v for k, v in kwargs.items() if k not in lora_keys}
+    return lora_llama4_decoder(
+        lora_attn_modules=lora_attn_modules, max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm,
+        **lora_kwargs, **_config(TINY_TEXT_CONFIG, overrides),
+    )  # fmt: skip
