@@ -149,13 +149,25 @@ class Store:
         Leftovers of an interrupted attempt are removed unless the stage resumes from them (training). A finished
         artifact is never handed out for writing.
         """
-        if self.read_artifact(stage, key) is not None:
+        if self.verified_artifact(stage, key) is not None:
             raise FileExistsError(f"{self.remote_dir(stage, key)} is finished; refusing to write into it")
+        if self.fs.exists(f"{self.remote_dir(stage, key)}/{MANIFEST}"):
+            self._quarantine(stage, key)
         work = self.local_dir(stage, key)
         if work.exists() and not keep_partial:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         return work
+
+    def _quarantine(self, stage: str, key: str) -> None:
+        """Move a finished-but-broken artifact aside (never delete it) so the stage can be recomputed."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = f"{self.root}/{stage}/.quarantine/{key}.{stamp}"
+        if self.is_local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.remote_dir(stage, key), target)
+        else:
+            self.fs.mv(f"{self.remote_dir(stage, key)}/{MANIFEST}", f"{target}/{MANIFEST}")
 
     def finish(self, artifact: Artifact) -> Artifact:
         """Record every file in the working directory, upload if remote, then write artifact.json last."""
