@@ -21,7 +21,7 @@ from typing import Any
 
 import fsspec
 
-from finetune.hashing import hash_tree, sha256_file
+from finetune.hashing import hash_json, hash_tree, sha256_file
 from finetune.profile import COMMIT_SHA, ModelConfig, Profile, resolve_repo_path
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file, scratch_root
@@ -30,10 +30,14 @@ REQUIRED_FILES = ("config.json",)
 
 
 def embedded_model_dir(seed: int) -> Path:
-    """Build (once per seed and builder version) the embedded tiny model and return its directory."""
-    from embedded.tiny_model import BUILDER_VERSION, build_tiny_model
+    """Build (once per seed and builder source) the embedded tiny model and return its directory."""
+    import embedded
+    from embedded.tiny_model import build_tiny_model
 
-    target = scratch_root() / "embedded" / f"tiny-llama4-v{BUILDER_VERSION}-seed{seed}"
+    # The build is deterministic in the builder's code and the data its tokenizer is trained on.
+    sources = Path(embedded.__file__).parent
+    builder = hash_json([sha256_file(sources / name) for name in ("tiny_model.py", "tokenizer.py", "data/train.jsonl")])
+    target = scratch_root() / "embedded" / f"tiny-llama4-{builder[:12]}-seed{seed}"
     if not (target / "config.json").is_file():
         build_tiny_model(target, seed=seed)
     return target
