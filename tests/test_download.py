@@ -1,0 +1,88 @@
+"""download: local/fsspec/embedded sources through one verified copy path; the token never reaches the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.profile import load_profile
+from finetune.stage import PermanentError, execute_stage
+from finetune.store import Store
+from tasks import download
+
+
+def _local_model(root: Path) -> Path:
+    model = root / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["Llama4ForCausalLM"]}')
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+    (model / "original").mkdir()
+    (model / "original" / "consolidated.pth").write_bytes(b"\1" * 100)
+    return model
+
+
+def _profile(model: Path, *extra: str):
+    return load_profile("tiny-cpu", ["model.source=local", f"model.path={model}", *extra])
+
+
+def test_local_source_is_copied_with_ignore_patterns(tmp_path: Path) -> None:
+    profile = _profile(_local_model(tmp_path), "model.ignore_patterns=[original/*]")
+    artifact, tables = execute_stage(download.SPEC, profile, Store(tmp_path / "store"), {})
+    assert sorted(artifact.files) == ["config.json", "model.safetensors", "tables.json"]
+    assert artifact.metrics["files"] == 2 and {r["file"] for r in tables["model_files"]} == {
+        "config.json", "model.safetensors"}
+
+
+def test_key_follows_local_model_content(tmp_path: Path) -> None:
+    model = _local_model(tmp_path)
+    before = download.SPEC.fingerprint(_profile(model))
+    (model / "model.safetensors").write_bytes(b"\0" * 4095 + b"\1")
+    assert download.SPEC.fingerprint(_profile(model)) != before
+
+
+def test_altered_file_in_a_finished_download_is_detected_and_fetched_again(tmp_path: Path) -> None:
+    store, profile = Store(tmp_path / "store"), _profile(_local_model(tmp_path))
+    artifact, _ = execute_stage(download.SPEC, profile, store, {})
+    weights = Path(artifact.path) / "model.safetensors"
+    weights.write_bytes(b"\0" * 10)  # truncated
+    assert store.verified_artifact("download", artifact.key) is None
+    again, _ = execute_stage(download.SPEC, profile, store, {})
+    assert (Path(again.path) / "model.safetensors").stat().st_size == 4096
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path: Path) -> None:
+    model = _local_model(tmp_path)
+    (model / "config.json").unlink()
+    with pytest.raises(PermanentError, match="no config.json"):
+        execute_stage(download.SPEC, _profile(model), Store(tmp_path / "store"), {})
+
+
+def test_fsspec_url_source_goes_through_the_same_copy(tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/models/tiny/config.json": b"{}", "/models/tiny/model.safetensors": b"weights"})
+    profile = _profile(tmp_path, "model.path=memory://models/tiny")
+    artifact, _ = execute_stage(download.SPEC, profile, Store(tmp_path / "store"), {})
+    assert (Path(artifact.path) / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_hf_token_never_reaches_the_store(tmp_path: Path, monkeypatch) -> None:
+    sentinel = "hf_SENTINEL_never_written_0123456789"
+    monkeypatch.setenv("HF_TOKEN", sentinel)
+    artifact, _ = execute_stage(download.SPEC, _profile(_local_model(tmp_path)), Store(tmp_path / "store"), {})
+    for path in (tmp_path / "store").rglob("*"):
+        if path.is_file():
+            assert sentinel.encode() not in path.read_bytes(), path
+    assert sentinel not in str(artifact)
+
+
+def test_embedded_source_builds_a_transformers_loadable_llama4(tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "scratch"))
+    artifact, _ = execute_stage(download.SPEC, load_profile("tiny-cpu"), Store(tmp_path / "store"), {})
+    config = AutoConfig.from_pretrained(artifact.path)
+    assert config.architectures == ["Llama4ForCausalLM"]
+    assert {"tokenizer.json", "generation_config.json", "model.safetensors"} <= set(artifact.files)
