@@ -7,6 +7,7 @@ profile file, the field path and, where we can tell, the fix.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -315,13 +316,28 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling (see `finetune show tiny-cpu` for valid keys)"
+            message = f"unknown key; {_spelling_hint(err['loc'])}"
         elif err["type"] == "missing":
             message = "required field is missing"
         got = err.get("input")
         hint = f" (got {got!r})" if err["type"] not in ("missing",) and not isinstance(got, dict) else ""
         lines.append(f"  {where}: {message}{hint}")
     return "\n".join(lines)
+
+
+def _spelling_hint(loc: tuple[Any, ...]) -> str:
+    """Suggest the closest valid key of the section the unknown key sits in."""
+    model: type[BaseModel] = Profile
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in (annotation, *getattr(annotation, "__args__", ())) if isinstance(a, type)
+                      and issubclass(a, BaseModel)]
+        if not candidates:
+            break
+        model = candidates[0]
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(model.model_fields)}"
 
 
 def _check_files(profile: Profile, source: str) -> None:
