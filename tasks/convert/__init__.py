@@ -1,0 +1,174 @@
+"""convert: the trained checkpoint (DCP or safetensors) -> a Hugging Face checkpoint transformers and vLLM load.
+
+Output (the stage's directory): ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` in the
+profile's ``convert.dtype`` and ``convert.max_shard_size``; config, tokenizer and generation config from the base;
+for LoRA runs the adapters merged into their base weights, and the adapter also in PEFT format under ``adapter/``.
+A multimodal base keeps its vision tower and projector byte for byte.
+
+Tensors stream: each output shard is filled and written before the next one is read (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.profile import Profile
+from finetune.stage import PermanentError, StageContext, StageSpec
+from tasks.convert.checkpoint import ConvertResult, KeyMap, convert_checkpoint
+from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config
+from tasks.convert.lora import LoraModule, LoraSpec, write_peft_adapter
+from tasks.convert.shards import parse_size
+from tasks.convert.sources import DcpSource, SafetensorsSource, TensorSource
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TRAIN_META = "train_meta.json"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class TrainMeta:
+    format: str
+    method: str
+    lora: LoraSpec | None
+    step: int | None
+
+
+def read_train_meta(final_dir: Path) -> TrainMeta:
+    path = final_dir / TRAIN_META
+    if not path.is_file():
+        raise PermanentError(f"{path}: missing; the train stage did not finish this checkpoint")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    fmt, method = raw.get("format"), raw.get("method")
+    if fmt not in ("dcp", "hf"):
+        raise PermanentError(f"{path}: field 'format' must be 'dcp' or 'hf', got {fmt!r}")
+    if method not in ("lora", "full"):
+        raise PermanentError(f"{path}: field 'method' must be 'lora' or 'full', got {method!r}")
+    lora = None
+    if method == "lora":
+        section = raw.get("lora")
+        if not isinstance(section, dict) or not {"rank", "alpha"} <= section.keys():
+            raise PermanentError(f"{path}: method 'lora' needs field 'lora' with 'rank' and 'alpha', got {section!r}")
+        lora = LoraSpec(rank=int(section["rank"]), alpha=float(section["alpha"]))
+    return TrainMeta(fmt, method, lora, raw.get("step"))
+
+
+def open_trained(final_dir: Path, meta: TrainMeta) -> TensorSource:
+    if not final_dir.is_dir():
+        raise PermanentError(f"{final_dir}: the train artifact has no final checkpoint directory")
+    return DcpSource(final_dir) if meta.format == "dcp" else SafetensorsSource(final_dir)
+
+
+def hf_key_map(source_keys: list[str], config: dict[str, Any]) -> KeyMap:
+    """Key map for llama4tune-named (DCP) or HF-named (safetensors) text weights onto the base's naming."""
+    from llama4tune.config import load_text_args
+    from llama4tune.convert import hf_to_tune_key, tune_to_hf_key
+
+    args = load_text_args(config)
+    multimodal = "text_config" in config
+    hf_named = any(k.startswith(("model.", "language_model.", "lm_head.")) for k in source_keys)
+
+    def from_tune(key: str) -> str | None:
+        if key == "output.weight" and args.tie_word_embeddings:
+            return None
+        return tune_to_hf_key(key, multimodal_prefix=multimodal)
+
+    def from_hf(key: str) -> str | None:
+        tune = hf_to_tune_key(key, args)
+        return None if tune is None else tune_to_hf_key(tune, multimodal_prefix=multimodal)
+
+    return from_hf if hf_named else from_tune
+
+
+def peft_key_map(key_map: KeyMap, modules: dict[str, LoraModule]) -> KeyMap:
+    """PEFT names (``base_model.model.<hf module>.lora_A.weight``) derived from the weight key map."""
+    names: dict[str, str] = {}
+    for module in modules.values():
+        hf_module = (key_map(module.base) or "").removesuffix(".weight")
+        names[module.a] = f"base_model.model.{hf_module}.lora_A.weight"
+        names[module.b] = f"base_model.model.{hf_module}.lora_B.weight"
+    return names.__getitem__
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, KiB on Linux
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    settings = ctx.profile.convert
+    dtype = DTYPES[settings.dtype]
+    base_dir = Path(ctx.inputs["download"].path)
+    final_dir = Path(ctx.inputs["train"].path) / "final"
+    meta = read_train_meta(final_dir)
+    config = read_config(base_dir)
+    source = open_trained(final_dir, meta)
+    ctx.log(f"converting {meta.format} checkpoint {final_dir} (method {meta.method}, step {meta.step}) to "
+            f"{settings.dtype} shards of at most {settings.max_shard_size}")
+    key_map = hf_key_map(list(source.tensors()), config)
+    base = carry_keys = None
+    if "text_config" in config:  # Llama4ForConditionalGeneration: vision tower + projector come from the base
+        from llama4tune.convert import is_multimodal_only_key
+
+        base = SafetensorsSource(base_dir)
+        carry_keys = [k for k in base.tensors() if is_multimodal_only_key(k)]
+    result = convert_checkpoint(
+        source, ctx.workdir, key_map=key_map, dtype=dtype, max_shard_bytes=parse_size(settings.max_shard_size),
+        lora=meta.lora, carry=base, carry_keys=carry_keys or (), expected=expected_shapes(base_dir),
+        progress=lambda fraction, message: ctx.progress(0.95 * fraction, message),
+    )
+    if meta.method == "lora" and not result.lora_modules:
+        raise PermanentError(f"{final_dir}: {TRAIN_META} says method 'lora' but the checkpoint has no LoRA tensors")
+    files = copy_model_files(base_dir, ctx.workdir, dtype)
+    adapter = _maybe_write_adapter(ctx, source, result, meta, key_map, dtype)
+    ctx.tables["converted_shards"] = [
+        {"file": s.file, "tensors": len(s.tensors), "MB": round(s.nbytes / 1e6, 3)} for s in result.shards]
+    return {
+        "source_format": meta.format,
+        "method": meta.method,
+        "step": meta.step,
+        "dtype": settings.dtype,
+        "shards": len(result.shards),
+        "bytes": result.bytes_written,
+        "seconds": round(result.seconds, 3),
+        "mb_per_s": round(result.mb_per_s, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "lora_modules_merged": len(result.lora_modules),
+        "carried_base_tensors": len(result.carried),
+        "peft_adapter": adapter,
+        "files": files,
+    }
+
+
+def _maybe_write_adapter(
+    ctx: StageContext, source: TensorSource, result: ConvertResult, meta: TrainMeta, key_map: KeyMap,
+    dtype: torch.dtype,
+) -> str | None:
+    if meta.lora is None or not result.lora_modules or not ctx.profile.convert.keep_peft_adapter:
+        return None
+    if any(m.kind != "linear" for m in result.lora_modules.values()):
+        ctx.log("routed-expert LoRA has no PEFT equivalent: adapter/ not written (the merged model has it all)")
+        return None
+    out = write_peft_adapter(
+        source, result.lora_modules, meta.lora, ctx.workdir / ADAPTER_DIR,
+        peft_key=peft_key_map(key_map, result.lora_modules), dtype=dtype,
+        config_extra={"lora_dropout": 0.0, "base_model_name_or_path": None},
+    )
+    ctx.log(f"PEFT adapter ({len(result.lora_modules)} modules) written to {out}")
+    return ADAPTER_DIR
+
+
+def config(profile: Profile) -> dict[str, Any]:
+    return profile.convert.model_dump(mode="json")
+
+
+SPEC = StageSpec(name="convert", version="1", run=run, config=config, upstream=("download", "train"))

@@ -1,0 +1,158 @@
+"""Streaming conversion of a trained checkpoint into sharded safetensors.
+
+The output layout is planned from tensor shapes alone; then each output shard is filled and written before the next
+is read. Peak memory is one output shard plus the one stored tensor DCP or safetensors is decoding, plus, for a
+LoRA-adapted weight, that weight's fp32 copy and its two small adapter tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from finetune.stage import PermanentError
+from tasks.convert.lora import LoraModule, LoraSpec, find_lora_modules, merge_module
+from tasks.convert.shards import PlannedTensor, Shard, plan_shards, write_index, write_shard
+from tasks.convert.sources import SafetensorsSource, TensorSource, check_float
+
+KeyMap = Callable[[str], "str | None"]
+"""Trained-checkpoint key -> output (HF) key; None drops the tensor (e.g. the output weight of a tied model)."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    """How one output tensor is produced: copied from the trained checkpoint, LoRA-merged, or carried from base."""
+
+    out: PlannedTensor
+    key: str
+    merge: LoraModule | None = None
+    carried: bool = False
+
+
+@dataclass
+class ConvertResult:
+    shards: list[Shard]
+    lora_modules: dict[str, LoraModule]
+    bytes_written: int
+    seconds: float
+    carried: list[str] = field(default_factory=list)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+
+def _plan_jobs(
+    source: TensorSource,
+    key_map: KeyMap,
+    dtype: torch.dtype,
+    lora: LoraSpec | None,
+    carry: SafetensorsSource | None,
+    carry_keys: Sequence[str],
+    expected: Mapping[str, tuple[int, ...]] | None,
+) -> tuple[list[_Job], dict[str, LoraModule]]:
+    tensors = source.tensors()
+    modules = find_lora_modules(tensors, lora)
+    adapter_keys = {k for m in modules.values() for k in (m.a, m.b)}
+    jobs: list[_Job] = []
+    seen: dict[str, str] = {}
+    for key, info in tensors.items():
+        if key in adapter_keys:
+            continue
+        check_float(key, info, source.location)
+        try:
+            name = key_map(key)
+        except KeyError as exc:
+            raise PermanentError(f"{source.location}: tensor {key!r} is not a weight of this model: {exc}") from exc
+        if name is None:
+            continue
+        if name in seen:
+            raise PermanentError(f"{source.location}: tensors {seen[name]!r} and {key!r} both map to {name!r}")
+        seen[name] = key
+        jobs.append(_Job(PlannedTensor(name, info.shape, dtype), key, merge=modules.get(key)))
+    if carry is not None:
+        carry_info = carry.tensors()
+        for key in carry_keys:
+            if key in seen:
+                raise PermanentError(f"{key!r} is both a trained tensor and a carried base tensor")
+            jobs.append(_Job(PlannedTensor(key, carry_info[key].shape, carry_info[key].dtype), key, carried=True))
+    if expected is not None:
+        _check_expected(jobs, expected, source.location)
+    return jobs, modules
+
+
+def _check_expected(jobs: Sequence[_Job], expected: Mapping[str, tuple[int, ...]], where: Path) -> None:
+    """Every output tensor must exist in the model config's layout with the same shape, and none may be missing."""
+    produced = {job.out.name: job for job in jobs}
+    for name, job in produced.items():
+        if name not in expected:
+            raise PermanentError(f"{where}: tensor {job.key!r} (as {name!r}) has no place in the model described "
+                                 "by config.json: mismatched config or checkpoint")
+        if tuple(expected[name]) != job.out.shape:
+            raise PermanentError(f"{where}: tensor {job.key!r} (as {name!r}) has shape {list(job.out.shape)} but "
+                                 f"config.json implies {list(expected[name])}: mismatched config or checkpoint")
+    missing = sorted(set(expected) - set(produced))
+    if missing:
+        raise PermanentError(f"{where}: checkpoint lacks {len(missing)} weight(s) the model in config.json needs, "
+                             f"e.g. {missing[:3]}")
+
+
+def convert_checkpoint(
+    source: TensorSource,
+    out_dir: Path,
+    *,
+    key_map: KeyMap,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    lora: LoraSpec | None = None,
+    carry: SafetensorsSource | None = None,
+    carry_keys: Sequence[str] = (),
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    progress: Callable[[float, str], None] = lambda fraction, message: None,
+) -> ConvertResult:
+    """Write ``source`` (with LoRA adapters merged) as sharded safetensors + index into ``out_dir``.
+
+    ``carry_keys`` name tensors of the ``carry`` checkpoint (the base) copied untouched, in their stored dtype.
+    ``expected`` (output name -> shape, from the model config) is checked before anything is written.
+    """
+    started = time.perf_counter()
+    jobs, modules = _plan_jobs(source, key_map, dtype, lora, carry, carry_keys, expected)
+    by_name = {job.out.name: job for job in jobs}
+    shards = plan_shards([job.out for job in jobs], max_shard_bytes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(s.nbytes for s in shards)
+    done = 0
+    for shard in shards:
+        shard_jobs = [by_name[t.name] for t in shard.tensors]
+        write_shard(out_dir, shard, _fill(source, carry, shard_jobs, dtype, lora))
+        done += shard.nbytes
+        progress(done / max(total, 1), f"wrote {shard.file} ({shard.nbytes / 1e6:.1f} MB)")
+    write_index(out_dir, shards)
+    return ConvertResult(shards, modules, total, time.perf_counter() - started,
+                         carried=[job.key for job in jobs if job.carried])
+
+
+def _fill(
+    source: TensorSource,
+    carry: SafetensorsSource | None,
+    jobs: Sequence[_Job],
+    dtype: torch.dtype,
+    lora: LoraSpec | None,
+) -> dict[str, torch.Tensor]:
+    plain = [job for job in jobs if job.merge is None and not job.carried]
+    loaded = source.load([job.key for job in plain], dtype)
+    out = {job.out.name: loaded.pop(job.key) for job in plain}
+    for job in jobs:
+        if job.merge is not None:
+            assert lora is not None  # find_lora_modules refuses adapters without a spec
+            out[job.out.name] = merge_module(source, job.merge, lora).to(dtype)
+    carried = [job for job in jobs if job.carried]
+    if carried:
+        assert carry is not None
+        base = carry.load([job.key for job in carried], None)
+        out.update({job.out.name: base.pop(job.key) for job in carried})
+    return out

@@ -1,0 +1,258 @@
+"""Readers that list a checkpoint's tensors without loading them, then load chosen tensors on demand.
+
+Two layouts: torch Distributed Checkpoint (DCP: ``.metadata`` plus ``*.distcp`` files) and safetensors shards
+(with or without ``model.safetensors.index.json``). Both load only the keys asked for, so a converter can walk a
+checkpoint far larger than memory one group of tensors at a time.
+
+DCP's ``.metadata`` is a pickle: it is read with an unpickler that only admits DCP's own metadata classes, so a
+crafted checkpoint cannot run code. The tensor payloads are read by DCP itself with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from finetune.stage import PermanentError
+
+INDEX_NAME = "model.safetensors.index.json"
+DCP_METADATA = ".metadata"
+# Weights must be one of these; anything else (int, fp8, bool) is the wrong checkpoint or a corrupt header.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        return self.numel * (dtype or self.dtype).itemsize
+
+
+class TensorSource(Protocol):
+    """A checkpoint whose tensors can be listed cheaply and loaded a few at a time."""
+
+    location: Path
+
+    def tensors(self) -> dict[str, TensorInfo]: ...
+
+    def load(self, keys: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors named by ``keys``, each converted to ``dtype``."""
+        ...
+
+
+def check_float(key: str, info: TensorInfo, where: Path) -> None:
+    if info.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise PermanentError(
+            f"{where}: tensor {key!r} has dtype {str(info.dtype).removeprefix('torch.')}; "
+            f"model weights must be one of {names}"
+        )
+
+
+# -- DCP ---------------------------------------------------------------------------------------------------------
+
+# (module, name) pairs a DCP .metadata pickle may reference: DCP's dataclasses and the torch values inside them.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_SAFE_GLOBALS = {
+    (_DCP_METADATA_MODULE, name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+                 "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """The DCP ``Metadata`` of checkpoint directory ``path``, unpickled with an allow-list."""
+    meta_file = path / DCP_METADATA
+    if not meta_file.is_file():
+        raise PermanentError(f"{path}: no {DCP_METADATA} file; not a complete DCP checkpoint (interrupted save?)")
+    try:
+        with open(meta_file, "rb") as handle:
+            return _MetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        raise PermanentError(f"{meta_file}: unreadable DCP metadata: {exc}") from exc
+
+
+def _dcp_reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeMetadataReader(FileSystemReader):
+        """DCP's file reader with the metadata parsed once, by the allow-list unpickler."""
+
+        def __init__(self, path: Path, metadata: Any) -> None:
+            super().__init__(path)
+            self._metadata = metadata
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return self._metadata
+
+    return SafeMetadataReader
+
+
+class DcpSource:
+    """Single-process reader of a DCP checkpoint (no process group needed)."""
+
+    def __init__(self, location: Path) -> None:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.location = Path(location)
+        self.metadata = read_dcp_metadata(self.location)
+        self._tensors = {
+            key: TensorInfo(tuple(md.size), md.properties.dtype)
+            for key, md in self.metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
+        }
+        self._check_files()
+        self._reader = _dcp_reader_class()(self.location, self.metadata)
+
+    def _check_files(self) -> None:
+        """Every data file the metadata points at must exist and be long enough: fail before any work."""
+        needed: dict[str, int] = {}
+        for info in (self.metadata.storage_data or {}).values():
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        for name, end in sorted(needed.items()):
+            file = self.location / name
+            if not file.is_file():
+                raise PermanentError(f"{file}: DCP data file listed in {DCP_METADATA} is missing")
+            if file.stat().st_size < end:
+                raise PermanentError(
+                    f"{file}: DCP data file is truncated ({file.stat().st_size} bytes, {DCP_METADATA} needs {end})")
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return dict(self._tensors)
+
+    def load(self, keys: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+
+        # DCP copies each stored tensor into these buffers (copy_ casts), so only one source-dtype tensor is
+        # alive beside the requested ones at any moment.
+        state = {key: torch.empty(self._tensors[key].shape, dtype=dtype) for key in keys}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(state, storage_reader=self._reader, no_dist=True)
+        return state
+
+
+# -- safetensors -------------------------------------------------------------------------------------------------
+
+class SafetensorsSource:
+    """A directory of safetensors shards: the index's weight map if present, else every ``*.safetensors`` file."""
+
+    def __init__(self, location: Path, skip: Iterable[str] = ()) -> None:
+        from safetensors import safe_open
+
+        self.location = Path(location)
+        self._files = self._weight_files(set(skip))
+        self._where: dict[str, str] = {}
+        self._tensors: dict[str, TensorInfo] = {}
+        for name, expected in self._files.items():
+            try:
+                with safe_open(self.location / name, framework="pt") as handle:
+                    keys = set(handle.keys())
+                    for key in sorted(keys):
+                        piece = handle.get_slice(key)
+                        self._tensors[key] = TensorInfo(tuple(piece.get_shape()), _safetensors_dtype(piece.get_dtype()))
+                        self._where[key] = name
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise PermanentError(f"{self.location / name}: not a readable safetensors file: {exc}") from exc
+            missing = sorted(expected - keys)
+            if missing:
+                raise PermanentError(
+                    f"{self.location / name}: lacks tensor(s) {missing[:5]} that {INDEX_NAME} places in it")
+
+    def _weight_files(self, skip: set[str]) -> dict[str, set[str]]:
+        """Shard file name -> keys the index says it holds (empty when there is no index)."""
+        index = self.location / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise PermanentError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {exc}") from exc
+            files: dict[str, set[str]] = {}
+            for key, name in weight_map.items():
+                files.setdefault(name, set()).add(key)
+            for name in sorted(files):
+                if not (self.location / name).is_file():
+                    raise PermanentError(f"{self.location / name}: shard listed in {INDEX_NAME} is missing")
+            return files
+        names = sorted(p.name for p in self.location.glob("*.safetensors") if p.name not in skip)
+        if not names:
+            raise PermanentError(f"{self.location}: no *.safetensors files and no {INDEX_NAME}")
+        return {name: set() for name in names}
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return dict(self._tensors)
+
+    def file_of(self, key: str) -> Path:
+        return self.location / self._where[key]
+
+    def load(self, keys: Sequence[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """``dtype=None`` keeps each tensor's stored dtype (bytes carried untouched)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._where[key], []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for name, file_keys in by_file.items():
+            # Opened per call: the mapping (and the file pages it pulled in) is released with the handle.
+            with safe_open(self.location / name, framework="pt") as handle:
+                for key in file_keys:
+                    tensor = handle.get_tensor(key)
+                    out[key] = tensor if dtype is None else tensor.to(dtype)
+        return {key: out[key] for key in keys}
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def _safetensors_dtype(name: str) -> torch.dtype:
+    if name not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported safetensors dtype {name}")
+    return _SAFETENSORS_DTYPES[name]
+
+
+def open_source(location: Path) -> DcpSource | SafetensorsSource:
+    """DCP when ``.metadata`` is present, safetensors otherwise."""
+    location = Path(location)
+    if not location.is_dir():
+        raise PermanentError(f"{location}: checkpoint directory does not exist")
+    if (location / DCP_METADATA).is_file():
+        return DcpSource(location)
+    return SafetensorsSource(location)
