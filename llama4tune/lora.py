@@ -72,33 +72,26 @@ def adapter_to_peft(adapter_state_dict: Mapping[str, torch.Tensor], multimodal_p
     return {tune_to_peft_key(k, multimodal_prefix): v for k, v in adapter_state_dict.items()}
 
 
-def peft_adapter_config(
-    *,
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool,
-    apply_lora_to_output: bool,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_dropout: float = 0.0,
-    base_model_name_or_path: str | None = None,
-) -> dict[str, Any]:
-    """PEFT `adapter_config.json` content matching a llama4tune LoRA model's LoRALinear adapters.
+def peft_adapter_config(adapter_config: Mapping[str, Any], base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """PEFT `adapter_config.json` content from the adapter config torchtune's LoRA recipes save.
 
-    gate/up/down_proj match both dense MLPs and the shared experts (PEFT matches name suffixes),
-    exactly the modules apply_lora_to_mlp adapts; routed experts are parameters, never targeted.
+    `adapter_config` has `r`, `lora_alpha` and torchtune module names in `target_modules` (q_proj,
+    output_proj, w1, w2, w3, output). gate/up/down_proj then match both the dense MLPs and the shared
+    experts (PEFT matches name suffixes): exactly what apply_lora_to_mlp adapts.
     """
-    targets = [_PEFT_TARGETS[m] for m in lora_attn_modules]
-    if apply_lora_to_mlp:
-        targets += ["gate_proj", "up_proj", "down_proj"]
-    if apply_lora_to_output:
-        targets.append("lm_head")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in adapter_config]
+    if missing:
+        raise KeyError(f"adapter config is missing {missing}")
+    unknown = [m for m in adapter_config["target_modules"] if m not in _PEFT_TARGETS]
+    if unknown:
+        raise ValueError(f"adapter config target_modules {unknown} have no PEFT equivalent")
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": lora_rank,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
-        "target_modules": targets,
+        "r": adapter_config["r"],
+        "lora_alpha": adapter_config["lora_alpha"],
+        "lora_dropout": adapter_config.get("lora_dropout", 0.0),
+        "target_modules": sorted({_PEFT_TARGETS[m] for m in adapter_config["target_modules"]}),
         "bias": "none",
         "base_model_name_or_path": base_model_name_or_path,
     }
