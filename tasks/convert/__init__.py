@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from finetune.profile import Profile
 from finetune.stage import PermanentError, StageContext, StageSpec
+from finetune.store import atomic_file
 from tasks.convert.checkpoint import ConvertResult, KeyMap, convert_checkpoint
 from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config
 from tasks.convert.lora import LoraModule, LoraSpec, write_peft_adapter
@@ -30,6 +32,8 @@ from tasks.convert.sources import DcpSource, SafetensorsSource, TensorSource
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TRAIN_META = "train_meta.json"
 ADAPTER_DIR = "adapter"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ def read_train_meta(final_dir: Path) -> TrainMeta:
 def open_trained(final_dir: Path, meta: TrainMeta) -> TensorSource:
     if not final_dir.is_dir():
         raise PermanentError(f"{final_dir}: the train artifact has no final checkpoint directory")
-    return DcpSource(final_dir) if meta.format == "dcp" else SafetensorsSource(final_dir)
+    # An HF-format LoRA checkpoint keeps its adapter beside the (already merged) shards: not a model weight.
+    return DcpSource(final_dir) if meta.format == "dcp" else SafetensorsSource(final_dir, skip=(PEFT_WEIGHTS,))
 
 
 def hf_key_map(source_keys: list[str], config: dict[str, Any]) -> KeyMap:
@@ -126,10 +131,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         lora=meta.lora, carry=base, carry_keys=carry_keys or (), expected=expected_shapes(base_dir),
         progress=lambda fraction, message: ctx.progress(0.95 * fraction, message),
     )
-    if meta.method == "lora" and not result.lora_modules:
-        raise PermanentError(f"{final_dir}: {TRAIN_META} says method 'lora' but the checkpoint has no LoRA tensors")
     files = copy_model_files(base_dir, ctx.workdir, dtype)
-    adapter = _maybe_write_adapter(ctx, source, result, meta, key_map, dtype)
+    adapter = _write_adapter(ctx, source, result, meta, key_map, dtype, final_dir)
     ctx.tables["converted_shards"] = [
         {"file": s.file, "tensors": len(s.tensors), "MB": round(s.nbytes / 1e6, 3)} for s in result.shards]
     return {
@@ -149,19 +152,32 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _maybe_write_adapter(
+def _write_adapter(
     ctx: StageContext, source: TensorSource, result: ConvertResult, meta: TrainMeta, key_map: KeyMap,
-    dtype: torch.dtype,
+    dtype: torch.dtype, final_dir: Path,
 ) -> str | None:
-    if meta.lora is None or not result.lora_modules or not ctx.profile.convert.keep_peft_adapter:
+    """adapter/ in PEFT format: built from the checkpoint's LoRA tensors (DCP), or carried over from an HF-format
+    checkpoint whose shards the trainer already merged."""
+    if meta.lora is None or not ctx.profile.convert.keep_peft_adapter:
         return None
+    out = ctx.workdir / ADAPTER_DIR
+    if not result.lora_modules:
+        missing = [name for name in (PEFT_WEIGHTS, PEFT_CONFIG) if not (final_dir / name).is_file()]
+        if missing:
+            raise PermanentError(f"{final_dir}: {TRAIN_META} says method 'lora' but the checkpoint has neither LoRA "
+                                 f"tensors nor a PEFT adapter ({', '.join(missing)} missing)")
+        out.mkdir(exist_ok=True)
+        for name in (PEFT_WEIGHTS, PEFT_CONFIG):
+            with open(final_dir / name, "rb") as src, atomic_file(out / name) as dst:
+                shutil.copyfileobj(src, dst)
+        ctx.log(f"PEFT adapter carried over from {final_dir}")
+        return ADAPTER_DIR
     if any(m.kind != "linear" for m in result.lora_modules.values()):
         ctx.log("routed-expert LoRA has no PEFT equivalent: adapter/ not written (the merged model has it all)")
         return None
-    out = write_peft_adapter(
-        source, result.lora_modules, meta.lora, ctx.workdir / ADAPTER_DIR,
-        peft_key=peft_key_map(key_map, result.lora_modules), dtype=dtype,
-        config_extra={"lora_dropout": 0.0, "base_model_name_or_path": None},
+    write_peft_adapter(
+        source, result.lora_modules, meta.lora, out, peft_key=peft_key_map(key_map, result.lora_modules),
+        dtype=dtype, config_extra={"lora_dropout": 0.0, "base_model_name_or_path": None},
     )
     ctx.log(f"PEFT adapter ({len(result.lora_modules)} modules) written to {out}")
     return ADAPTER_DIR
