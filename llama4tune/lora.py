@@ -95,3 +95,17 @@ def peft_adapter_config(adapter_config: Mapping[str, Any], base_model_name_or_pa
         "bias": "none",
         "base_model_name_or_path": base_model_name_or_path,
     }
+
+
+def validate_base_load(model: torch.nn.Module, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    """Checks `model.load_state_dict(base, strict=False)` left only adapter parameters unloaded.
+
+    torchtune's validate_missing_and_unexpected_for_lora only knows LoRALinear names; this also
+    accepts expert adapters and a trainable router (whatever get_adapter_params reports).
+    """
+    from torchtune.modules.peft import get_adapter_params
+
+    adapter = set(get_adapter_params(model))
+    not_adapter = [k for k in missing if k not in adapter]
+    if not_adapter or unexpected:
+        raise KeyError(f"base checkpoint mismatch: missing non-adapter keys {not_adapter[:5]}, unexpected {list(unexpected)[:5]}")
