@@ -12,7 +12,6 @@ from llama4tune.config import Llama4TextArgs, load_text_args
 from llama4tune.models import (
     MAVERICK_TEXT_CONFIG,
     SCOUT_TEXT_CONFIG,
-    TINY_TEXT_CONFIG,
     llama4_maverick_17b_128e,
     llama4_scout_17b_16e,
     llama4_tiny,
@@ -26,7 +25,6 @@ __all__ = [
     "Llama4TextArgs",
     "MAVERICK_TEXT_CONFIG",
     "SCOUT_TEXT_CONFIG",
-    "TINY_TEXT_CONFIG",
     "build_llama4",
     "llama4_decoder",
     "llama4_from_hf_config",

@@ -35,7 +35,7 @@ from llama4tune.rope import Llama4RoPE
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 # HF config keys accepted by the keyword builders besides Llama4TextArgs fields (derivation inputs).
-_EXTRA_HF_KEYS = {"interleave_moe_layer_step", "no_rope_layer_interval", "rope_parameters", "rope_scaling", "model_type"}
+EXTRA_HF_KEYS = {"interleave_moe_layer_step", "no_rope_layer_interval", "rope_parameters", "rope_scaling", "model_type"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,7 @@ def build_llama4(
 
 
 def _args_from_kwargs(hf_text_config: Mapping[str, Any]) -> Llama4TextArgs:
-    allowed = {f.name for f in dataclasses.fields(Llama4TextArgs)} | _EXTRA_HF_KEYS
+    allowed = {f.name for f in dataclasses.fields(Llama4TextArgs)} | EXTRA_HF_KEYS
     unknown = set(hf_text_config) - allowed
     if unknown:
         raise TypeError(f"unknown Llama 4 config field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")

@@ -1,4 +1,4 @@
-"""Named Llama 4 models: Scout 17B-16E, Maverick 17B-128E (published text configs) and a tiny one.
+"""Named Llama 4 models: Scout 17B-16E, Maverick 17B-128E (published text configs) and the embedded tiny one.
 
 The real sizes hold ~109B / ~400B parameters: build them under `torch.device("meta")` (as
 torchtune's distributed recipes do) and load weights with the checkpointer.
@@ -6,13 +6,15 @@ torchtune's distributed recipes do) and load weights with the checkpointer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 from torchtune.modules import TransformerDecoder
 
-from llama4tune.builders import llama4_decoder, lora_llama4_decoder
+from llama4tune.builders import EXTRA_HF_KEYS, llama4_decoder, lora_llama4_decoder
+from llama4tune.config import Llama4TextArgs
 
 # Text configs of meta-llama/Llama-4-Scout-17B-16E(-Instruct) and Llama-4-Maverick-17B-128E(-Instruct).
 SCOUT_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
@@ -58,36 +60,13 @@ MAVERICK_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
     }
 )
 
-# Small enough for CPU tests and the embedded pipeline; >4 layers so NoPE and dense layers appear.
-TINY_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
-    {
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 64,
-        "intermediate_size_mlp": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "num_experts_per_tok": 1,
-        "num_local_experts": 4,
-        "interleave_moe_layer_step": 2,
-        "use_qk_norm": True,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "attention_chunk_size": 64,
-        "attn_temperature_tuning": True,
-        "floor_scale": 32,
-        "attn_scale": 0.1,
-        "tie_word_embeddings": False,
-    }
-)
+def _tiny_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The embedded tiny model's architecture (embedded.tiny_model.TINY_TEXT_CONFIG, the single source
+    of its numbers) with HF-named overrides. Imported lazily: that module pulls in transformers."""
+    from embedded.tiny_model import TINY_TEXT_CONFIG
 
-
-def _config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    return {**base, **overrides}
+    math_fields = {f.name for f in dataclasses.fields(Llama4TextArgs)} | EXTRA_HF_KEYS
+    return {**{k: v for k, v in TINY_TEXT_CONFIG.items() if k in math_fields}, **overrides}
 
 
 def llama4_scout_17b_16e(*, max_seq_len: int = 8192, use_grouped_mm: bool = True) -> TransformerDecoder:
@@ -101,8 +80,8 @@ def llama4_maverick_17b_128e(*, max_seq_len: int = 8192, use_grouped_mm: bool = 
 
 
 def llama4_tiny(*, max_seq_len: int | None = None, use_grouped_mm: bool = True, **overrides: Any) -> TransformerDecoder:
-    """Tiny Llama 4 (TINY_TEXT_CONFIG with any HF-named field overridden)."""
-    return llama4_decoder(max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, **_config(TINY_TEXT_CONFIG, overrides))
+    """The embedded tiny Llama 4 (embedded.tiny_model.TINY_TEXT_CONFIG), HF-named fields overridable."""
+    return llama4_decoder(max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, **_tiny_config(overrides))
 
 
 def lora_llama4_scout_17b_16e(
@@ -135,5 +114,5 @@ def lora_llama4_tiny(
     overrides = {k: v for k, v in kwargs.items() if k not in lora_keys}
     return lora_llama4_decoder(
         lora_attn_modules=lora_attn_modules, max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm,
-        **lora_kwargs, **_config(TINY_TEXT_CONFIG, overrides),
+        **lora_kwargs, **_tiny_config(overrides),
     )  # fmt: skip

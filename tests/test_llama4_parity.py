@@ -184,3 +184,17 @@ def test_llama4_from_hf_config_reads_multimodal_config_and_derives_layers():
         load_text_args({**text, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
     with pytest.raises(ValueError, match="num_key_value_heads"):
         load_text_args({**text, "num_attention_heads": 3, "num_key_value_heads": 2})
+
+
+def test_llama4_tiny_builds_the_embedded_tiny_model():
+    tiny_model = pytest.importorskip("embedded.tiny_model")
+    from llama4tune import llama4_tiny
+
+    hf = tiny_model.init_tiny_model(seed=0)
+    model = llama4_tiny()
+    model.load_state_dict(hf_to_tune(hf.state_dict(), tiny_model.TINY_TEXT_CONFIG), strict=True)
+    tokens = torch.randint(0, tiny_model.TINY_TEXT_CONFIG["vocab_size"], (1, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model.eval()(tokens) - hf(tokens).logits).abs().max().item()
+    print(f"parity embedded tiny len=150: max|diff|={diff:.3e}")
+    assert diff <= TOL

@@ -1,0 +1,150 @@
+"""Builds the embedded default's base model: a tiny, randomly initialised Llama 4 text model.
+
+It keeps every Llama 4 text feature the pipeline must handle (routed + shared experts, top-1
+sigmoid routing, chunked local attention on RoPE layers, a NoPE global layer every 4th layer
+with attention temperature tuning, QK L2-norm, GQA, untied lm_head) at sizes a 2-core CPU
+trains in minutes. The build is a pure function of the seed: same bytes in any process.
+
+`python -m embedded.tiny_model OUT_DIR [--seed N]` writes a Hugging Face checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
+
+from embedded import tokenizer as tiny_tokenizer
+
+_BPE_IDS = {name: i for i, name in enumerate(tiny_tokenizer.NAMED_SPECIAL_TOKENS)}
+BOS_ID = _BPE_IDS[tiny_tokenizer.BOS]
+EOS_ID = _BPE_IDS[tiny_tokenizer.EOS]
+EOT_ID = _BPE_IDS[tiny_tokenizer.EOT]
+PAD_ID = _BPE_IDS[tiny_tokenizer.PAD]
+
+# The one source of the tiny architecture's numbers (Llama4TextConfig field names), shared with
+# the torchtune builder `llama4_tiny`. Sizes chosen by measurement: see the module docstring.
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": tiny_tokenizer.VOCAB_SIZE,
+    "hidden_size": 128,
+    "intermediate_size": 256,  # per routed expert and the shared expert
+    "intermediate_size_mlp": 256,  # dense FFN layers (none while every layer is MoE)
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-5,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 1,  # every layer MoE, as in Scout
+    "use_qk_norm": True,  # L2 norm on q/k of RoPE layers only
+    "no_rope_layers": [1, 1, 1, 0],  # 1 = RoPE + chunked local attention, 0 = NoPE global attention
+    "no_rope_layer_interval": 4,
+    "attention_chunk_size": 64,  # below the packed training length so chunking is exercised
+    "attn_temperature_tuning": True,  # NoPE layers scale q by 1 + attn_scale*log1p(floor((pos+1)/floor_scale))
+    "floor_scale": 64,  # real models use 8192; 64 makes the scaling change within short sequences
+    "attn_scale": 0.1,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "router_aux_loss_coef": 0.001,
+    "router_jitter_noise": 0.0,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": [EOS_ID, EOT_ID],
+    "pad_token_id": PAD_ID,
+}
+
+
+def tiny_text_config() -> Llama4TextConfig:
+    """The tiny architecture as a transformers config (fp32 weights)."""
+    config = Llama4TextConfig(**TINY_TEXT_CONFIG)
+    config.architectures = ["Llama4ForCausalLM"]
+    config.dtype = torch.float32
+    return config
+
+
+def init_tiny_model(seed: int = 0) -> Llama4ForCausalLM:
+    """A freshly initialised tiny model; every parameter is drawn from `seed` (no torch.empty left over)."""
+    config = tiny_text_config()
+    with torch.device("cpu"):  # CPU RNG: identical weights on any machine, GPU or not
+        torch.manual_seed(seed)
+        model = Llama4ForCausalLM(config)
+        # transformers' own initialisation, re-run under the seed so that every tensor, including
+        # the experts' torch.empty parameters, is set in a fixed order from this generator.
+        torch.manual_seed(seed)
+        for module in model.modules():
+            model._init_weights(module)
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise RuntimeError(f"tiny model init left non-finite values in {name}")
+    return model.eval()
+
+
+def generation_config() -> GenerationConfig:
+    """Greedy decoding that stops at end of turn or end of text."""
+    return GenerationConfig(
+        bos_token_id=BOS_ID,
+        eos_token_id=[EOS_ID, EOT_ID],
+        pad_token_id=PAD_ID,
+        do_sample=False,
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_tiny_model(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the tiny model (config, safetensors, tokenizer, generation config) to `out_dir`.
+
+    The directory appears atomically (built beside it, then renamed); an existing `out_dir` is
+    never overwritten.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"tiny model output {out_dir} already exists; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    bpe = tiny_tokenizer.train_shipped_bpe()
+    if bpe.get_vocab_size() != TINY_TEXT_CONFIG["vocab_size"]:
+        raise RuntimeError(
+            f"tokenizer has {bpe.get_vocab_size()} tokens but TINY_TEXT_CONFIG['vocab_size'] is "
+            f"{TINY_TEXT_CONFIG['vocab_size']}"
+        )
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        model = init_tiny_model(seed)
+        model.generation_config = generation_config()
+        model.save_pretrained(tmp)
+        tiny_tokenizer.save_tokenizer(tmp, bpe)
+        # mkdtemp and the safetensors writer create owner-only files; the checkpoint is shared.
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m embedded.tiny_model", description=__doc__)
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_tiny_model(args.out_dir, seed=args.seed)
+    print(f"wrote {path} ({count_parameters(init_tiny_model(args.seed)):,} parameters)")
+
+
+if __name__ == "__main__":
+    main()
