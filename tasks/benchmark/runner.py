@@ -1,0 +1,201 @@
+"""The benchmark stage: serve the bf16 and the W4A16 checkpoint in turn and drive the same load at each concurrency.
+
+For each model: start the engine's server (its own process group), wait for ``/health``, send one warm-up request
+(lazy initialisation, e.g. compressed-tensors decompression on the first forward, must not land in the numbers), run
+every concurrency level, and stop the server whatever happens. The load generator is ``vllm bench serve`` when the
+engine is vLLM, vLLM is installed, ``benchmark.use_vllm_bench`` is on and every prompt is a single user message;
+otherwise our own OpenAI-protocol generator (tasks/benchmark/loadgen.py) with the same metric definitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from finetune.profile import BenchmarkConfig, Profile
+from finetune.stage import PermanentError, Preempted, StageContext
+from finetune.store import atomic_file
+from tasks.benchmark import loadgen, report, vllm_cli
+from tasks.benchmark.engines import ENGINES, Engine
+from tasks.benchmark.server import Server, free_port, log_tail, run_client, serving
+from tasks.benchmark.workload import BenchRequest, build_workload, describe
+
+# Which upstream artifact holds which model, in the order they are benchmarked.
+MODELS = {"bf16": "convert", "w4a16": "quantize"}
+OUR_LOADGEN = "finetune loadgen (httpx, streaming /v1/chat/completions)"
+VLLM_BENCH = "vllm bench serve"
+# A hung external client must not hang the stage: one level may take at most this long.
+LEVEL_TIMEOUT_S = 3600.0
+
+
+class BenchmarkError(PermanentError):
+    """Too many requests failed: the numbers would not describe a working server."""
+
+
+def stage_config(profile: Profile) -> dict[str, Any]:
+    return profile.benchmark.model_dump(mode="json")
+
+
+def _checkpoint(ctx: StageContext, slot: str, quantized: bool) -> Path:
+    path = Path(ctx.inputs[slot].path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise PermanentError(f"{slot} artifact {path} has no config.json: not a Hugging Face checkpoint")
+    if quantized:
+        quant = json.loads(config_path.read_text()).get("quantization_config") or {}
+        if quant.get("quant_method") != "compressed-tensors":
+            raise PermanentError(f"{config_path}: quantization_config.quant_method is "
+                                 f"{quant.get('quant_method')!r}, expected 'compressed-tensors' (W4A16)")
+    return path
+
+
+def _generator(cfg: BenchmarkConfig, requests: list[BenchRequest], log: Any) -> str:
+    if not (cfg.engine == "vllm" and cfg.use_vllm_bench):
+        return OUR_LOADGEN
+    if not vllm_cli.vllm_installed():
+        log("vllm is not installed here: using our own load generator")
+        return OUR_LOADGEN
+    if not vllm_cli.can_express(requests):
+        log("some prompts have more than one message, which vllm bench's custom dataset cannot send: "
+            "using our own load generator")
+        return OUR_LOADGEN
+    return VLLM_BENCH
+
+
+@contextlib.contextmanager
+def _sigterm_as_preempted() -> Iterator[None]:
+    """Turn SIGTERM (spot preemption) into Preempted so the server is stopped on the way out and the stage retried."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Preempted("received SIGTERM during the benchmark; the server was stopped and the stage will rerun")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_level(level: dict[str, Any], name: str, server: Server, max_error_rate: float) -> None:
+    if level["error_rate"] <= max_error_rate:
+        return
+    message = (f"{name} at concurrency {level['max_concurrency']}: {level['failed']}/{level['num_prompts']} "
+               f"requests failed (error rate {level['error_rate']:.1%} > benchmark.max_error_rate "
+               f"{max_error_rate:.1%}); errors: {level['errors']}")
+    code = server.proc.poll()
+    if code is not None:
+        tail = "\n".join(f"  | {line}" for line in log_tail(server.log_path))
+        message += f"\nthe server exited with code {code}; last lines of {server.log_path}:\n{tail}"
+    raise BenchmarkError(message)
+
+
+class _Level:
+    """Runs one concurrency level against a healthy server with the chosen generator."""
+
+    def __init__(self, engine: Engine, generator: str, requests: list[BenchRequest], workdir: Path):
+        self.engine = engine
+        self.generator = generator
+        self.requests = requests
+        self.workdir = workdir
+        self.dataset = workdir / "vllm-bench" / "requests.jsonl"
+        if generator == VLLM_BENCH:
+            vllm_cli.write_custom_dataset(requests, self.dataset)
+
+    def run(self, server: Server, model: str, name: str, concurrency: int) -> dict[str, Any]:
+        if self.generator == OUR_LOADGEN:
+            return loadgen.run_level(server.base_url, model, self.requests, concurrency, self.engine.length_body)
+        result_dir = self.workdir / "vllm-bench"
+        filename = f"{name}-c{concurrency}.json"
+        args = vllm_cli.bench_args(server.base_url, model, self.dataset, len(self.requests), concurrency,
+                                   result_dir, filename)
+        run_client([*vllm_cli.vllm_executable(), *args], result_dir / f"{name}-c{concurrency}.log",
+                   LEVEL_TIMEOUT_S, self.engine.env())
+        return vllm_cli.parse_result(result_dir / filename, concurrency)
+
+
+def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, name: str, model_dir: Path,
+                     done: list[int], total: int) -> dict[str, Any]:
+    cfg = ctx.profile.benchmark
+    port = cfg.port or free_port()
+    cmd = engine.serve_command(model_dir, port, cfg)
+    model = str(model_dir)  # both servers name the model by the path they were started with
+    ctx.log(f"{name}: starting {engine.label}: {shlex.join(cmd)}")
+    with serving(cmd, port, ctx.workdir / "logs" / f"server-{name}.log", health_path=engine.health_path,
+                 startup_timeout_s=cfg.startup_timeout_s, env=engine.env()) as server:
+        ctx.log(f"{name}: server healthy after {server.startup_s:.1f} s")
+        warmup = loadgen.run_level(server.base_url, model, level_runner.requests[:1], 1, engine.length_body)
+        _check_level(warmup, f"{name} warm-up", server, 0.0)
+        levels = []
+        for concurrency in cfg.concurrencies:
+            level = level_runner.run(server, model, name, concurrency)
+            _check_level(level, name, server, cfg.max_error_rate)
+            levels.append(level)
+            done[0] += 1
+            ctx.log(f"{name} c={concurrency}: {level['request_throughput']:.2f} req/s, "
+                    f"{level['output_throughput']:.1f} output tok/s, TTFT p50 {level['median_ttft_ms']:.1f} ms, "
+                    f"TPOT p50 {level['median_tpot_ms']:.1f} ms, errors {level['failed']}/{level['num_prompts']}")
+            ctx.progress(done[0] / total, f"{name} concurrency {concurrency} done")
+    config = json.loads((model_dir / "config.json").read_text())
+    return {"path": model, "checkpoint_dtype": config.get("dtype") or config.get("torch_dtype"),
+            "server_command": cmd, "startup_s": round(server.startup_s, 2), "levels": levels}
+
+
+def _metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers per model and concurrency (the full record is results.json)."""
+    out: dict[str, Any] = {"engine": results["engine"], "load_generator": results["load_generator"]}
+    for name, model in results["models"].items():
+        out[name] = {
+            f"c{level['max_concurrency']}": {
+                "request_throughput": round(level["request_throughput"], 4),
+                "output_throughput": round(level["output_throughput"], 3),
+                "median_ttft_ms": round(level["median_ttft_ms"], 3),
+                "median_tpot_ms": round(level["median_tpot_ms"], 3),
+                "p99_itl_ms": round(level["p99_itl_ms"], 3),
+                "error_rate": level["error_rate"],
+            }
+            for level in model["levels"]
+        }
+    return out
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.profile.benchmark
+    engine = ENGINES[cfg.engine]
+    model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()}
+    requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
+                              cfg.max_model_len)
+    generator = _generator(cfg, requests, ctx.log)
+    ctx.log(f"benchmark: {engine.label} {engine.version()}, load generator: {generator}, "
+            f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
+    level_runner = _Level(engine, generator, requests, ctx.workdir)
+    done, total = [0], len(MODELS) * len(cfg.concurrencies)
+    models: dict[str, Any] = {}
+    with _sigterm_as_preempted():
+        for name, model_dir in model_dirs.items():
+            models[name] = _benchmark_model(ctx, engine, level_runner, name, model_dir, done, total)
+    levels = {name: model["levels"] for name, model in models.items()}
+    results = {
+        "engine": engine.label,
+        "engine_version": engine.version(),
+        "engine_notes": list(engine.notes),
+        "load_generator": generator,
+        "config": stage_config(ctx.profile),
+        "workload": describe(requests),
+        "models": models,
+        "comparison": report.comparison_rows(levels),
+    }
+    with atomic_file(ctx.workdir / "results.json", "w") as handle:
+        json.dump(results, handle, indent=2)
+    report.plot_latency_vs_throughput(levels, ctx.workdir / "latency_vs_throughput.png",
+                                      f"{engine.label} {engine.version()}, {generator}")
+    ctx.tables["comparison"] = results["comparison"]
+    return _metrics(results)
