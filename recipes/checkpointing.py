@@ -1,0 +1,171 @@
+"""Mid-run checkpoints with torch.distributed.checkpoint (DCP): write, finish atomically, find, restore.
+
+Layout under the checkpoint root::
+
+    .tmp-step_<N>/   being written (never read)
+    step_<N>/        complete: renamed from its temp dir after DCP wrote ``.metadata``, which DCP writes last
+
+A directory only counts as a checkpoint when it is named ``step_<N>`` AND holds ``.metadata``: a copy that lost
+its marker, or a temp dir left by a killed run, is never resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from recipes.report import RecipeError
+
+METADATA = ".metadata"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / METADATA).is_file()
+
+
+def complete_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> tuple[int, Path] | None:
+    """The newest complete checkpoint, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_partial(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp dirs left by an interrupted save (call on one rank, before anyone saves)."""
+    root = Path(root)
+    removed = [entry for entry in root.glob(TMP_PREFIX + "*") if entry.is_dir()] if root.is_dir() else []
+    for entry in removed:
+        shutil.rmtree(entry, ignore_errors=True)
+    return removed
+
+
+def training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool
+) -> dict[str, Any]:
+    """Model and optimizer state as DCP wants it: sharded (DTensor) under FSDP, plain tensors otherwise.
+
+    ``trainable_only`` leaves frozen weights out (LoRA): they are the base checkpoint, reloaded on resume.
+    """
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    return {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, optimizer, options=options),
+    }
+
+
+def restore_training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def saved_keys(path: Path) -> set[str]:
+    """Flattened keys stored in a DCP checkpoint (``model.layers.0...``, ``trainer.step``, ...)."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load(path: Path, state: dict[str, Any]) -> None:
+    """Fill ``state`` in place from the checkpoint at ``path``; a damaged checkpoint is a clear error."""
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (FileNotFoundError, dcp.CheckpointException) as exc:
+        raise RecipeError(
+            "missing_checkpoint",
+            f"checkpoint {path} is damaged or incomplete ({exc}); delete that directory to resume from the "
+            "previous one",
+        ) from exc
+
+
+class CheckpointWriter:
+    """Writes ``step_<N>`` checkpoints (collective: every rank calls ``save``), keeping the newest ``keep_last``.
+
+    With ``async_save`` the state is staged to CPU and written in the background by DCP on its own process group
+    (sharing the training group deadlocks); the checkpoint is renamed complete once that write has finished.
+    """
+
+    def __init__(self, root: Path, *, rank: int, keep_last: int, async_save: bool,
+                 process_group: dist.ProcessGroup | None = None):
+        self.root = Path(root)
+        self.rank = rank
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.process_group = process_group
+        self._pending: tuple[int, Path, Future[Any]] | None = None
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        self.wait()
+        tmp = self.root / f"{TMP_PREFIX}step_{step}"
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.process_group)
+            self._pending = (step, tmp, future)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            self._finish(step, tmp)
+
+    def poll(self) -> None:
+        """Finish a background save if it is done (cheap; call once per step)."""
+        if self._pending is not None and self._pending[2].done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self._pending is None:
+            return
+        step, tmp, future = self._pending
+        self._pending = None
+        future.result()
+        self._finish(step, tmp)
+
+    def _finish(self, step: int, tmp: Path) -> None:
+        if self.rank != 0:
+            return
+        if not is_complete(tmp):
+            raise RuntimeError(f"DCP save to {tmp} returned without writing {METADATA}")
+        final = self.root / f"step_{step}"
+        if final.exists():  # a stale copy (e.g. a marker-less leftover): the new save wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(self.root)[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)

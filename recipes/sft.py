@@ -1,0 +1,478 @@
+"""Supervised fine-tuning (full or LoRA) of a torchtune decoder: one process, or torchrun with FSDP2.
+
+Run from the repository root as ``tune run recipes/sft.py --config CFG.yaml [key=value ...]`` (add torchrun flags
+such as ``--nproc_per_node 2`` for several processes), or as ``torchrun ... -m recipes.sft --config CFG.yaml``.
+``profiles/recipes/sft.yaml`` documents every config key.
+
+What it adds to torchtune 0.6.1's own recipes: checkpoints every N optimizer steps, mid-epoch, with DCP (model,
+optimizer, LR scheduler, data position, RNG, step), automatic resume from the newest complete one, a final
+checkpoint at ``<output_dir>/final/`` with ``train_meta.json``, one machine-readable metrics line per step, and
+clear errors for the usual ways a run goes wrong (NaN loss, CUDA OOM, vocab mismatch, damaged checkpoint).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.utils.data import DataLoader
+from torchtune import config, training, utils
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from recipes import checkpointing as ckpt
+from recipes.report import RecipeError, emit_error, emit_metrics
+from recipes.sampler import ResumableSampler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+META_FILE = "train_meta.json"
+IGNORE_INDEX = -100
+# Model-component keys that describe LoRA adapters (llama4tune's and torchtune's builder argument names).
+LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "apply_lora_to_experts",
+             "train_router", "lora_rank", "lora_alpha", "lora_dropout")
+
+
+class SFTRecipe:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.method = cfg.method
+        if self.method not in ("full", "lora"):
+            raise RecipeError("config", f"method must be 'full' or 'lora', got {self.method!r}")
+        if cfg.dtype not in DTYPES:
+            raise RecipeError("config", f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+        self.dtype = DTYPES[cfg.dtype]
+        self.batch_size = int(cfg.batch_size)
+        self.accum = int(cfg.gradient_accumulation_steps)
+        self.ckpt_cfg = cfg.checkpoint
+        self.step = 0
+        self.epoch = 0
+        self.samples_in_epoch = 0  # global samples of the current epoch already trained on
+        self.resumed_from: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self._init_distributed()
+        training.set_seed(seed=self.cfg.seed)
+        if self.is_rank_zero:
+            ckpt.remove_partial(self.ckpt_dir)
+        self.model = self._build_model()
+        self.loss_fn = config.instantiate(self.cfg.loss)
+        if hasattr(self.loss_fn, "num_output_chunks"):
+            self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
+        self.ignore_index = getattr(self.loss_fn, "ignore_index", IGNORE_INDEX)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(self.cfg.optimizer, self.params)
+        self._build_data()
+        self.total_steps = self.steps_per_epoch * int(self.cfg.epochs)
+        if self.cfg.get("max_steps"):
+            self.total_steps = min(self.total_steps, int(self.cfg.max_steps))
+        self.lr_scheduler = config.instantiate(
+            self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps
+        )
+        self.writer = ckpt.CheckpointWriter(
+            self.ckpt_dir, rank=self.rank, keep_last=int(self.ckpt_cfg.keep_last),
+            async_save=bool(self.ckpt_cfg.async_save), process_group=self.ckpt_group,
+        )
+        self._barrier()
+        if self.ckpt_cfg.resume:
+            self._resume()
+        if self.is_rank_zero:
+            self._trim_metrics_log()
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.ckpt_cfg.dir)
+
+    def _init_distributed(self) -> None:
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = utils.get_device(self.cfg.device)
+        self.ckpt_group: dist.ProcessGroup | None = None
+        if self.distributed:
+            _die_with_parent()
+            # CPU-side work (offloaded FSDP params, staged async checkpoints) needs gloo beside nccl.
+            offload = self.device.type == "cuda" and (bool(self.cfg.fsdp_cpu_offload) or bool(self.ckpt_cfg.async_save))
+            dist.init_process_group(backend=training.get_distributed_backend(self.device.type, offload))
+            if self.ckpt_cfg.async_save:
+                # Background DCP writes get their own group: sharing the training group deadlocks under gloo.
+                self.ckpt_group = dist.new_group(backend="gloo")
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self.is_rank_zero = self.rank == 0
+        if self.device.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(int(self.cfg.get("num_threads") or max(1, (os.cpu_count() or 1) // local_world)))
+
+    def _build_model(self) -> torch.nn.Module:
+        """Build on the meta device, shard (FSDP2) when distributed, then materialise from the base checkpoint.
+
+        Only adapters (absent from the base checkpoint) are initialised here; every other weight must come from the
+        checkpoint, so a checkpoint that does not match the model fails with the keys that differ.
+        """
+        cfg = self.cfg
+        with training.set_default_dtype(self.dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        adapters = set(get_adapter_params(model))
+        if self.method == "lora" and not adapters:
+            raise RecipeError("config", f"method 'lora' needs a LoRA model builder; {cfg.model._component_} has "
+                                        "no adapter parameters")
+        layers = list(getattr(model, "layers", []))
+        if cfg.enable_activation_checkpointing:
+            training.set_activation_checkpointing(model, auto_wrap_policy={type(layer) for layer in layers})
+            layers = list(model.layers)
+        if cfg.compile:
+            training.compile_model(model, verbose=self.is_rank_zero)
+        if self.distributed:
+            shard_modules = set(map(id, layers))
+            training.shard_model(
+                model, [lambda name, module: id(module) in shard_modules],
+                cpu_offload=bool(cfg.fsdp_cpu_offload),
+                reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
+            )
+        with training.set_default_dtype(self.dtype), self.device:
+            for module in model.modules():
+                if hasattr(module, "adapter_params") and hasattr(module, "initialize_parameters"):
+                    module.to_empty(device=self.device)
+                    module.initialize_parameters()
+        base = self._load_base_weights(model, adapters)
+        training.load_from_full_model_state_dict(
+            model, base, self.device, strict=False, cpu_offload=bool(cfg.fsdp_cpu_offload)
+        )
+        del base
+        with self.device:
+            for module in model.modules():
+                if hasattr(module, "rope_init"):
+                    module.rope_init()
+        training.validate_no_params_on_meta_device(model)
+        if self.method == "lora":
+            set_trainable_params(model, adapters)
+        self.vocab_size = _vocab_size(model)
+        self._check_tokenizer()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self.log(f"model {cfg.model._component_}: {total * (self.world_size if self.distributed else 1):,} "
+                 f"parameters (approx. when sharded), {trainable} trainable on this rank, dtype {cfg.dtype}")
+        return model
+
+    def _load_base_weights(self, model: torch.nn.Module, adapters: set[str]) -> dict[str, torch.Tensor]:
+        checkpointer = config.instantiate(self.cfg.checkpointer)
+        try:
+            state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        except FileNotFoundError as exc:
+            raise RecipeError("missing_checkpoint", f"base checkpoint: {exc}") from exc
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(state) - adapters)
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise RecipeError(
+                "missing_checkpoint",
+                f"base checkpoint {self.cfg.checkpointer.get('checkpoint_dir', '')} does not match "
+                f"{self.cfg.model._component_}: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}",
+            )
+        return state
+
+    def _check_tokenizer(self) -> None:
+        path = self.cfg.get("tokenizer_file")
+        if not path:
+            return
+        from tokenizers import Tokenizer
+
+        if not Path(path).is_file():
+            raise RecipeError("missing_checkpoint", f"tokenizer_file {path} does not exist")
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        if size > self.vocab_size:
+            raise RecipeError(
+                "vocab_mismatch",
+                f"tokenizer {path} has {size} tokens but the model's embedding has {self.vocab_size} rows: "
+                "the tokenizer and model.{_component_/config} come from different checkpoints",
+            )
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        dataset = config.instantiate(cfg.dataset)
+        self.max_seq_len = int(getattr(dataset, "max_seq_len", 0)) or None
+        self.sampler = ResumableSampler(
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=bool(cfg.shuffle), seed=int(cfg.seed)
+        )
+        self.dataloader = DataLoader(
+            dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+            collate_fn=_import_object(cfg.collate_fn), num_workers=int(cfg.get("num_workers", 0)),
+            pin_memory=self.device.type == "cuda",
+        )
+        self.steps_per_epoch = self.sampler.num_samples // self.batch_size // self.accum
+        self.samples_per_step = self.batch_size * self.accum * self.world_size
+        if self.steps_per_epoch == 0:
+            raise RecipeError(
+                "config",
+                f"dataset has {len(dataset)} packs, fewer than one optimizer step takes (batch_size "
+                f"{self.batch_size} x gradient_accumulation_steps {self.accum} x {self.world_size} processes)",
+            )
+
+    def _resume(self) -> None:
+        found = ckpt.latest_checkpoint(self.ckpt_dir) if self.is_rank_zero else None
+        if self.distributed:
+            holder = [found]
+            dist.broadcast_object_list(holder, src=0)
+            found = holder[0]
+        if found is None:
+            return
+        step, path = found
+        state = self._checkpoint_state()
+        rng_key = f"rng_rank{self.rank}"
+        if not any(key.startswith(rng_key + ".") for key in ckpt.saved_keys(path)):
+            self.log(f"checkpoint {path} has no RNG state for rank {self.rank} (world size changed); reseeded")
+            del state[rng_key]
+        ckpt.load(path, state)
+        ckpt.restore_training_state(self.model, self.optimizer, state)
+        self.lr_scheduler.load_state_dict(state["trainer"]["lr_scheduler"])
+        if rng_key in state:
+            ckpt.set_rng_state(state[rng_key], self.device)
+        trainer = state["trainer"]
+        self.step, self.epoch, self.samples_in_epoch = trainer["step"], trainer["epoch"], trainer["samples_in_epoch"]
+        if trainer["step"] != step:
+            raise RecipeError("missing_checkpoint", f"{path} holds step {trainer['step']}, not {step}")
+        self.resumed_from = step
+        self.log(f"resumed from {path} (step {step}, epoch {self.epoch}, {self.samples_in_epoch} samples in)")
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        state = ckpt.training_state(self.model, self.optimizer, trainable_only=self.method == "lora")
+        state["trainer"] = {
+            "step": self.step, "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+        # RNG streams differ per rank; a shared key would keep only one rank's copy.
+        state[f"rng_rank{self.rank}"] = ckpt.rng_state(self.device)
+        return state
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        final = self.output_dir / "final"
+        if (final / META_FILE).is_file():  # written last, before the atomic rename
+            self.log(f"{final} is already complete; nothing to do")
+            return
+        self.log(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch, {self.samples_per_step} "
+                 f"packs per step), starting at step {self.step}")
+        self.model.train()
+        self.started = time.perf_counter()
+        while self.step < self.total_steps:
+            self.sampler.start_epoch(self.epoch, self.samples_in_epoch)
+            batches = iter(self.dataloader)
+            while self.step < self.total_steps and self.samples_in_epoch < self.steps_per_epoch * self.samples_per_step:
+                self._train_step(batches)
+                self.writer.poll()
+                if self.step % int(self.ckpt_cfg.every_n_steps) == 0 and self.step < self.total_steps:
+                    self._save_checkpoint()
+            if self.samples_in_epoch >= self.steps_per_epoch * self.samples_per_step:
+                self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+        self.writer.wait()
+        self._save_final()
+
+    def _train_step(self, batches: Any) -> None:
+        clock = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        label_tokens = 0
+        seq_len = 0
+        try:
+            for _ in range(self.accum):
+                batch = next(batches)
+                seq_len = batch["tokens"].shape[1]
+                self._check_token_ids(batch["tokens"])
+                utils.batch_to_device(batch, self.device)
+                labels = torch.cat(
+                    [batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], self.ignore_index)], dim=1
+                )
+                count = int((labels != self.ignore_index).sum())
+                logits = self.model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+                # Sum (not mean) per micro-batch; the step divides by the supervised tokens of all ranks.
+                loss = self.loss_fn(logits, labels) * count if count else _zero_like_loss(logits)
+                loss.backward()
+                loss_sum += loss.detach()
+                label_tokens += count
+                del logits, loss
+            totals = torch.tensor([loss_sum.item(), label_tokens, self.accum * self.batch_size * seq_len],
+                                  dtype=torch.float64, device=self.device)
+            if self.distributed:
+                dist.all_reduce(totals)
+            loss_value = float(totals[0] / max(totals[1].item(), 1.0))
+            if not math.isfinite(loss_value):
+                raise RecipeError(
+                    "nan_loss",
+                    f"loss is {loss_value} at step {self.step + 1} (epoch {self.epoch}): training diverged; lower "
+                    f"the learning rate (now {training.get_lr(self.optimizer):.3g}) or use fp32",
+                )
+            # FSDP averages gradients over ranks; undo that and divide by the global supervised token count.
+            scale = (self.world_size if self.distributed else 1) / max(totals[1].item(), 1.0)
+            training.scale_grads(self.model, torch.tensor(scale))
+            grad_norm = None
+            if self.cfg.get("clip_grad_norm"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=float(self.cfg.clip_grad_norm))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = training.get_lr(self.optimizer)
+            self.lr_scheduler.step()
+        except torch.OutOfMemoryError as exc:
+            raise RecipeError(
+                "out_of_memory",
+                f"CUDA out of memory at step {self.step + 1} with batch_size {self.batch_size} x max_seq_len "
+                f"{seq_len or self.max_seq_len} per micro-batch: lower train.batch_size (raise "
+                "gradient_accumulation_steps to keep the effective batch) or data.max_seq_len, or enable "
+                f"activation_checkpointing / fsdp_cpu_offload ({str(exc).splitlines()[0]})",
+            ) from exc
+        self.step += 1
+        self.samples_in_epoch += self.samples_per_step
+        seconds = time.perf_counter() - clock
+        if self.is_rank_zero and (self.step % int(self.cfg.log_every_n_steps) == 0 or self.step == self.total_steps):
+            self._log_metrics({
+                "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "loss": loss_value,
+                "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": float(totals[2]) / seconds, "label_tokens": int(totals[1]),
+                "step_time_s": seconds, "elapsed_s": time.perf_counter() - self.started,
+                "peak_memory_gib": self._peak_memory_gib(),
+            })
+
+    def _check_token_ids(self, tokens: torch.Tensor) -> None:
+        top = int(tokens.max())
+        if top >= self.vocab_size or int(tokens.min()) < 0:
+            raise RecipeError(
+                "vocab_mismatch",
+                f"training data holds token id {top} but the model's vocabulary has {self.vocab_size} entries: the "
+                "dataset was tokenized with a different tokenizer than the model's",
+            )
+
+    def _peak_memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: peak RSS
+
+    # -- checkpoints and outputs ---------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        clock = time.perf_counter()
+        self.writer.save(self.step, self._checkpoint_state())
+        self.log(f"checkpoint step {self.step} {'staged' if self.writer.async_save else 'saved'} in "
+                 f"{time.perf_counter() - clock:.2f}s")
+
+    def _save_final(self) -> None:
+        final = self.output_dir / "final"
+        tmp = self.output_dir / f"{ckpt.TMP_PREFIX}final"
+        if self.is_rank_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        self._barrier()
+        fmt = self.cfg.final_format
+        if fmt == "dcp":
+            state = {"model": get_model_state_dict(self.model)}
+            torch.distributed.checkpoint.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
+        elif fmt == "hf":
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.is_rank_zero:
+                # full_tensor() of an unevenly sharded parameter can be a view on CPU: own the memory.
+                full = {key: value.clone() for key, value in full.items()}
+                config.instantiate(self.cfg.checkpointer).save_hf(full, tmp)
+        else:
+            raise RecipeError("config", f"final_format must be 'dcp' or 'hf', got {fmt!r}")
+        if self.is_rank_zero:
+            meta = {"format": fmt, "method": self.method, "lora": self._lora_meta(), "step": self.step,
+                    "model": OmegaConf.to_container(self.cfg.model, resolve=True)}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.log(f"final checkpoint ({fmt}) at {final}, step {self.step}")
+        self._barrier()
+
+    def _lora_meta(self) -> dict[str, Any] | None:
+        if self.method != "lora":
+            return None
+        model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
+        return {key: model_cfg[key] for key in LORA_KEYS if key in model_cfg}
+
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        emit_metrics(record)
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def _trim_metrics_log(self) -> None:
+        """Keep only the records up to the step training restarts from, so the log reads as one run."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.is_rank_zero:
+            print(f"[sft] {message}", flush=True)
+
+    def _barrier(self) -> None:
+        if not self.distributed:
+            return
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    embedding = getattr(model, "tok_embeddings", None)
+    if embedding is None:
+        embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return int(embedding.num_embeddings)
+
+
+def _zero_like_loss(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A zero loss still connected to the graph: a micro-batch without supervised tokens must still run backward
+    so that every rank takes part in FSDP's gradient collectives."""
+    chunks = logits if isinstance(logits, list) else [logits]
+    return sum(chunk.sum() for chunk in chunks) * 0.0
+
+
+def _import_object(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _die_with_parent() -> None:
+    """torchrun starts workers in sessions of their own; if the launcher is killed, they must not live on."""
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> int:
+    try:
+        recipe = SFTRecipe(cfg)
+        try:
+            recipe.setup()
+            recipe.train()
+        finally:
+            recipe.cleanup()
+    except RecipeError as error:
+        emit_error(error)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
