@@ -31,9 +31,7 @@ def default_store_url() -> str:
 def _run_name() -> str:
     params = flow_run.parameters
     profile = load_profile(params["profile"], params.get("overrides") or [])
-    from tasks.pack import fingerprint as data_fingerprint
-
-    return f"{profile.name}-data-{hash_json(data_fingerprint(profile), 8)}"
+    return f"{profile.name}-data-{hash_json(_spec('pack').fingerprint(profile), 8)}"
 
 
 def _spec(stage: str):

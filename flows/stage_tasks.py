@@ -87,7 +87,7 @@ def run_stage(
         task_run_name=f"{label}-{key[:10]}",
         retries=profile.retries,
         refresh_cache=not verified,
-        result_storage=str(store.results_dir()),
+        result_storage=store.results_dir(),
     )(spec=spec, key=key, profile=profile, store_url=store.url, inputs=inputs, return_state=True)
     payload = state.result()
     data = dict(payload["artifact"])
