@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from finetune.hashing import hash_json
-from finetune.profile import REPO_ROOT, load_profile, resolved_yaml
-from finetune.store import Store
+from finetune.profile import REPO_ROOT, Profile, load_profile, resolved_yaml
+from finetune.store import Artifact, Store
 from flows.stage_tasks import StageResult, run_stage
 
 # Stage order of the pipeline; `until` stops after the named one.
@@ -71,12 +70,48 @@ def finetune(
         results[label or name] = result
         return result
 
-    stage("download", {})
-    if "pack" in wanted:
-        stage("pack", {"download": "download"})
-    summary = {name: result.summary() for name, result in results.items()}
-    _post_lineage(resolved.name, artifacts_store, results)
-    return summary
+    chain: list[tuple[str, dict[str, str], str | None]] = [
+        ("download", {}, None),
+        ("pack", {"download": "download"}, None),
+        ("train", {"download": "download", "pack": "pack"}, None),
+        ("convert", {"download": "download", "train": "train"}, None),
+        ("evaluate", {"model": "download"}, "evaluate-base"),
+        ("evaluate", {"model": "convert"}, "evaluate-tuned"),
+        ("quantize", {"convert": "convert", "pack": "pack"}, None),
+        ("evaluate", {"model": "quantize"}, "evaluate-quantized"),
+        ("benchmark", {"convert": "convert", "quantize": "quantize", "pack": "pack"}, None),
+    ]
+    try:
+        for name, inputs, label in chain:
+            if name not in wanted:
+                break
+            stage(name, inputs, label)
+            if label == "evaluate-tuned":
+                quality_gate(resolved, results["evaluate-base"].artifact, results["evaluate-tuned"].artifact)
+            if label == "evaluate-quantized":
+                post_recovery(results["evaluate-tuned"].artifact, results["evaluate-quantized"].artifact)
+    finally:
+        _post_lineage(resolved.name, artifacts_store, results)
+    return {name: result.summary() for name, result in results.items()}
+
+
+@task(name="quality-gate")
+def quality_gate(profile: Profile, base: Artifact, tuned: Artifact) -> None:
+    """Compare tuned with base and stop the pipeline (before quantization) if the profile's gate fails."""
+    from tasks.evaluate.report import check_gate, compare, markdown_table
+
+    rows = compare(base, tuned)
+    create_markdown_artifact(f"# Tuned vs base\n\n{markdown_table(rows)}\n", key="eval-deltas",
+                             description="lm-eval scores of the tuned model against its base")
+    check_gate(rows, profile.evaluate.gate)
+
+
+def post_recovery(bf16: Artifact, w4: Artifact) -> None:
+    from tasks.evaluate.report import markdown_table, recovery, scores
+
+    rows = recovery(scores(bf16), scores(w4))
+    create_markdown_artifact(f"# 4-bit vs bf16 quality\n\n{markdown_table(rows)}\n", key="quantized-recovery",
+                             description="Share of each bf16 score the W4A16 model keeps")
 
 
 def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResult]) -> None:
@@ -86,7 +121,3 @@ def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResul
     create_markdown_artifact(
         f"# Lineage of `{profile_name}`\n\nStore: `{store.url}`\n\n{_markdown_table(rows)}\n",
         key="lineage", description="Which artifact came from which inputs")
-
-
-def artifact_dir(summary: dict[str, Any], stage: str) -> Path:
-    return Path(summary[stage]["path"])
