@@ -198,3 +198,19 @@ def test_llama4_tiny_builds_the_embedded_tiny_model():
         diff = (model.eval()(tokens) - hf(tokens).logits).abs().max().item()
     print(f"parity embedded tiny len=150: max|diff|={diff:.3e}")
     assert diff <= TOL
+
+
+def test_llama4_meta_device_build_then_load_and_rope_init_matches_transformers():
+    """The recipe path: build on meta, materialise, load weights with assign, recompute RoPE buffers."""
+    cfg = random_text_config("scout", 9)
+    hf = hf_reference_model(cfg, 9)
+    with torch.device("meta"):
+        model = llama4_from_hf_config(cfg)
+    model.to_empty(device="cpu")
+    model.load_state_dict(hf_to_tune(hf.state_dict(), cfg), strict=True, assign=True)
+    for module in model.modules():
+        if hasattr(module, "rope_init"):
+            module.rope_init()
+    tokens = torch.randint(0, cfg["vocab_size"], (1, 25), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert (model.eval()(tokens) - hf(tokens).logits).abs().max().item() <= TOL
