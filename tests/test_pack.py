@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from torchtune import config
 from torchtune.data import padded_collate_packed
 
 import tasks.pack as pack
@@ -131,14 +133,16 @@ def test_packed_dataset_items_collate_with_torchtune_into_document_masks(tmp_pat
     packed = build_packs(tokens, tokens.copy(), lengths, 10, PAD)
     write_split(tmp_path, "train", packed)
     write_meta(tmp_path, 10, PAD, {"train": packed.stats()})
-    dataset = PackedDataset(path=str(tmp_path), split="train", packed=True)
-    assert isinstance(dataset, torch.utils.data.Dataset) and len(dataset) == 3
+    component = {"_component_": "finetune.packed.PackedDataset", "path": str(tmp_path), "split": "train", "packed": True}
+    dataset = config.instantiate(OmegaConf.create(component))  # as a torchtune recipe's `dataset:` builds it
+    assert isinstance(dataset, PackedDataset) and isinstance(dataset, torch.utils.data.Dataset) and len(dataset) == 3
     items = [dataset[i] for i in range(len(dataset))]
     for item in items:
         assert item["seq_lens"].sum() == 10 and item["tokens"].dtype == torch.long
         assert item["input_pos"].tolist() == positions(item["seq_lens"].numpy()).tolist()
     batch = padded_collate_packed(items)
-    assert batch["tokens"].shape == (3, 10) and torch.equal(batch["input_pos"], torch.stack([i["input_pos"] for i in items]))
+    assert batch["tokens"].shape == (3, 10)
+    assert torch.equal(batch["input_pos"], torch.stack([item["input_pos"] for item in items]))
     for mask, item in zip(batch["mask"], items):
         segment = torch.repeat_interleave(torch.arange(len(item["seq_lens"])), item["seq_lens"])
         expected = (segment[:, None] == segment[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()

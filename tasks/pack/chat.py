@@ -54,7 +54,8 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if not getattr(tokenizer, "is_fast", False):
-        raise PermanentError(f"{model_dir}: packing needs a fast tokenizer (tokenizer.json); found {type(tokenizer).__name__}")
+        raise PermanentError(f"{model_dir}: packing needs a fast tokenizer (tokenizer.json); "
+                             f"found {type(tokenizer).__name__}")
     if not tokenizer.chat_template:
         raise PermanentError(f"{model_dir}: the tokenizer has no chat_template (tokenizer_config.json)")
     return tokenizer
