@@ -90,7 +90,7 @@ def _attention(args: Llama4TextArgs, layer_idx: int, lora: LoRAOptions | None) -
         pos_embeddings=Llama4RoPE(hd, args.rope_theta, args.rope_scaling) if rope else None,
         # HF: qk-norm only on RoPE layers, with eps = rms_norm_eps.
         qk_norm=Llama4QKNorm(args.rms_norm_eps) if rope and args.use_qk_norm else None,
-        attention_chunk_size=args.attention_chunk_size if rope else None,
+        attention_chunk_size=args.chunk_size(layer_idx),
         attn_temperature_tuning=args.attn_temperature_tuning and not rope,
         floor_scale=args.floor_scale,
         attn_scale=args.attn_scale,

@@ -46,6 +46,9 @@ class Llama4TextArgs:
     # 1 = RoPE layer (chunked local attention), 0 = NoPE layer (global attention); HF's convention.
     no_rope_layers: tuple[int, ...] = ()
     attention_chunk_size: int | None = 8192
+    # Per layer "chunked_attention" (local, chunk mask) or "full_attention"; HF derives it from
+    # no_rope_layers (RoPE layers are chunked) unless the config lists it.
+    layer_types: tuple[str, ...] = ()
     attn_temperature_tuning: bool = True
     floor_scale: float = 8192
     attn_scale: float = 0.1
@@ -56,6 +59,10 @@ class Llama4TextArgs:
 
     def uses_rope(self, layer_idx: int) -> bool:
         return bool(self.no_rope_layers[layer_idx])
+
+    def chunk_size(self, layer_idx: int) -> int | None:
+        """Local attention chunk of this layer, None for global attention."""
+        return self.attention_chunk_size if self.layer_types[layer_idx] == "chunked_attention" else None
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Llama4TextArgs) if f.type in ("int", int)}
@@ -119,7 +126,7 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     defaults = Llama4TextArgs()
     known = {f.name for f in dataclasses.fields(Llama4TextArgs)}
     values: dict[str, Any] = {}
-    for name in known - {"moe_layers", "no_rope_layers", "rope_theta", "rope_scaling"}:
+    for name in known - {"moe_layers", "no_rope_layers", "layer_types", "rope_theta", "rope_scaling"}:
         value = cfg.get(name)
         values[name] = getattr(defaults, name) if value is None and name != "attention_chunk_size" else value
     if "attention_chunk_size" not in cfg:
@@ -145,6 +152,10 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     if moe_layers is None:
         moe_layers = list(range(step - 1, n_layers, step))
     values["no_rope_layers"] = tuple(int(x) for x in no_rope[:n_layers])
+    layer_types = cfg.get("layer_types") or ["chunked_attention" if x else "full_attention" for x in values["no_rope_layers"]]
+    if len(layer_types) != n_layers or set(layer_types) - {"chunked_attention", "full_attention"}:
+        raise ValueError(f"{source}: layer_types must list 'chunked_attention'/'full_attention' for each of {n_layers} layers")
+    values["layer_types"] = tuple(layer_types)
     values["moe_layers"] = tuple(int(x) for x in moe_layers)
     values["rope_theta"], values["rope_scaling"] = _rope_from_hf(cfg, source)
     if values["num_attention_heads"] % values["num_key_value_heads"]:
@@ -159,6 +170,7 @@ def args_to_hf_text_config(args: Llama4TextArgs) -> dict[str, Any]:
     out = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
     out["moe_layers"] = list(args.moe_layers)
     out["no_rope_layers"] = list(args.no_rope_layers)
+    out["layer_types"] = list(args.layer_types)
     scaling = dict(args.rope_scaling) if args.rope_scaling else {"rope_type": "default"}
     out["rope_parameters"] = {**scaling, "rope_theta": args.rope_theta}
     del out["rope_theta"], out["rope_scaling"]

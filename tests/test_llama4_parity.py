@@ -37,6 +37,8 @@ PARITY_CASES = [
         ("maverick", 1, 29, {}, ""),
         ("maverick", 2, 40, {"use_qk_norm": True}, "qknorm"),
         ("maverick", 3, 31, {"num_hidden_layers": 8, "no_rope_layer_interval": 2}, "nope-every-2"),
+        ("scout", 4, 30, {"num_hidden_layers": 5, "layer_types": ["chunked_attention", "full_attention",
+                          "chunked_attention", "full_attention", "full_attention"]}, "explicit-layer-types"),
     ]
 ]
 
