@@ -38,6 +38,15 @@ class DataConfig(Section):
     on_bad_record: Literal["drop", "fail"] = "drop"
     train_on_input: bool = False
 
+    @model_validator(mode="after")
+    def _hub_revision(self) -> DataConfig:
+        if self.source.startswith("hf://datasets/") and not (self.revision and COMMIT_SHA.match(self.revision)):
+            raise ValueError(
+                f"hub dataset {self.source} needs revision: a 40-hex commit sha (a branch moves, and the pack "
+                "stage would reuse a stale pack); see the dataset's 'Files and versions' tab"
+            )
+        return self
+
 
 class ModelConfig(Section):
     source: Literal["hub", "local", "embedded"]

@@ -79,3 +79,10 @@ def test_profile_file_outside_the_repo_can_extend_a_shipped_one(tmp_path: Path) 
     path.write_text("extends: tiny-cpu\ndescription: mine\ntrain: {max_steps: 3}\n")
     profile = load_profile(str(path))
     assert profile.name == "mine" and profile.train.max_steps == 3 and profile.model.family == "tiny"
+
+
+def test_hub_dataset_needs_a_commit_sha() -> None:
+    with pytest.raises(ProfileError, match=r"data: hub dataset hf://datasets/org/chats needs revision"):
+        load_profile("tiny-cpu", ["data.source=hf://datasets/org/chats", "data.revision=main"])
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    assert load_profile("tiny-cpu", ["data.source=hf://datasets/org/chats", f"data.revision={sha}"]).data.revision
