@@ -152,3 +152,17 @@ def test_bench_result_without_latency_percentiles_is_rejected(tmp_path: Path) ->
     path.write_text(json.dumps(data))
     with pytest.raises(RuntimeError, match="p99_tpot_ms"):
         vllm_cli.parse_result(path, concurrency=1)
+
+
+@pytest.mark.skipif(vllm_cli.vllm_installed(), reason="vllm is installed here")
+def test_vllm_engine_without_vllm_installed_is_a_permanent_error(tmp_path: Path) -> None:
+    from finetune.profile import load_profile
+    from finetune.stage import PermanentError, StageContext
+    from finetune.store import Artifact
+    from tasks.benchmark import run
+
+    profile = load_profile("scout-lora")
+    assert profile.benchmark.engine == "vllm"
+    inputs = {slot: Artifact(stage=slot, key="k", path=str(tmp_path)) for slot in ("convert", "quantize", "pack")}
+    with pytest.raises(PermanentError, match="vllm is not installed"):
+        run(StageContext(profile=profile, key="k", workdir=tmp_path, inputs=inputs))

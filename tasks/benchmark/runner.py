@@ -22,7 +22,7 @@ from finetune.profile import BenchmarkConfig, Profile
 from finetune.stage import PermanentError, Preempted, StageContext
 from finetune.store import atomic_file
 from tasks.benchmark import loadgen, report, vllm_cli
-from tasks.benchmark.engines import ENGINES, Engine
+from tasks.benchmark.engines import ENGINES, VLLM, Engine
 from tasks.benchmark.server import Server, free_port, log_tail, run_client, serving
 from tasks.benchmark.workload import BenchRequest, build_workload, describe
 
@@ -170,6 +170,9 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
     engine = ENGINES[cfg.engine]
+    if engine is VLLM and not vllm_cli.vllm_installed():
+        raise PermanentError("benchmark.engine is 'vllm' but vllm is not installed in this environment: install it "
+                             "in the GPU image, or use engine 'transformers-serve' (the CPU stand-in)")
     model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()}
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)
