@@ -128,9 +128,9 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     values: dict[str, Any] = {}
     for name in known - {"moe_layers", "no_rope_layers", "layer_types", "rope_theta", "rope_scaling"}:
         value = cfg.get(name)
-        values[name] = getattr(defaults, name) if value is None and name != "attention_chunk_size" else value
-    if "attention_chunk_size" not in cfg:
-        values["attention_chunk_size"] = defaults.attention_chunk_size
+        # An explicit null attention_chunk_size means "no chunking"; other nulls mean "HF default".
+        keep_null = name == "attention_chunk_size" and name in cfg
+        values[name] = value if value is not None or keep_null else getattr(defaults, name)
     if values["hidden_act"] != "silu":
         raise ValueError(f"{source}: hidden_act {values['hidden_act']!r} is not supported (only 'silu')")
     if cfg.get("head_dim") is None:
@@ -163,17 +163,3 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     if not math.isfinite(float(values["floor_scale"])) or float(values["floor_scale"]) <= 0:
         raise ValueError(f"{source}: floor_scale must be a positive number")
     return Llama4TextArgs(**values)
-
-
-def args_to_hf_text_config(args: Llama4TextArgs) -> dict[str, Any]:
-    """HF `llama4_text` config dict for `args` (for saving a Llama4ForCausalLM checkpoint)."""
-    out = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    out["moe_layers"] = list(args.moe_layers)
-    out["no_rope_layers"] = list(args.no_rope_layers)
-    out["layer_types"] = list(args.layer_types)
-    scaling = dict(args.rope_scaling) if args.rope_scaling else {"rope_type": "default"}
-    out["rope_parameters"] = {**scaling, "rope_theta": args.rope_theta}
-    del out["rope_theta"], out["rope_scaling"]
-    out["model_type"] = "llama4_text"
-    out["architectures"] = ["Llama4ForCausalLM"]
-    return out
