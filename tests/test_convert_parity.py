@@ -1,24 +1,27 @@
 """convert on the real tiny Llama 4: the HF checkpoint it writes computes what the trained torchtune model computed.
 
-A "trained" model is the tiny base loaded into llama4tune and perturbed (every weight moved, LoRA B non-zero), saved
-as the train stage saves it (DCP + train_meta.json); the stage's run() converts it and transformers / peft load it.
+A "trained" model is the tiny base loaded into llama4tune and perturbed (every weight moved, or LoRA A/B moved),
+saved as recipes/sft.py saves its final checkpoint (DCP of {"model": state_dict}, or llama4tune's HF checkpointer
+with LoRA merged) plus train_meta.json; the stage's run() converts it and transformers / peft load the result.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from finetune.profile import load_profile
-from finetune.stage import StageContext
+from finetune.stage import PermanentError, StageContext
 from finetune.store import Artifact
 
 TOKENS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 12, 88, 5, 31, 77, 2, 140, 9] * 6])  # 96 > chunk size 64
-LORA = {"rank": 4, "alpha": 8.0}
+LORA = {"rank": 4, "alpha": 8.0, "attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_to_mlp": True}
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +40,14 @@ def _hf_weights(base_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _trained_model(base_dir: Path, lora: bool, lora_experts: bool = False) -> torch.nn.Module:
+def trained_model(base_dir: Path, lora: bool, lora_experts: bool = False) -> torch.nn.Module:
     from llama4tune.builders import llama4_from_hf_config, lora_llama4_from_hf_config
     from llama4tune.convert import hf_to_tune
 
     torch.manual_seed(1)
     if lora:
         model = lora_llama4_from_hf_config(
-            base_dir, lora_attn_modules=["q_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+            base_dir, lora_attn_modules=LORA["attn_modules"], apply_lora_to_mlp=LORA["apply_to_mlp"],
             apply_lora_to_experts=lora_experts, lora_rank=LORA["rank"], lora_alpha=LORA["alpha"])
     else:
         model = llama4_from_hf_config(base_dir)
@@ -58,20 +61,42 @@ def _trained_model(base_dir: Path, lora: bool, lora_experts: bool = False) -> to
     return model.eval()
 
 
+def _meta(method: str, fmt: str) -> dict[str, Any]:
+    return {"format": fmt, "method": method, "lora": LORA if method == "lora" else None, "step": 7}
 
-def _save_train_artifact(model: torch.nn.Module, root: Path, method: str) -> Artifact:
+
+def save_dcp_final(model: torch.nn.Module, root: Path, method: str) -> Artifact:
     import torch.distributed.checkpoint as dcp
 
     final = root / "final"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(model.state_dict(), checkpoint_id=final)
-    meta = {"format": "dcp", "method": method, "lora": LORA if method == "lora" else None, "step": 7}
-    (final / "train_meta.json").write_text(json.dumps(meta))
+        dcp.save({"model": model.state_dict()}, checkpoint_id=final)  # as recipes/sft.py saves its final
+    (final / "train_meta.json").write_text(json.dumps(_meta(method, "dcp")))
     return Artifact(stage="train", key="t", path=str(root))
 
 
-def _convert(base_dir: Path, train: Artifact, out: Path, overrides: list[str]) -> dict:
+def _save_hf_final(model: torch.nn.Module, base_dir: Path, root: Path, method: str) -> Artifact:
+    from torchtune import training
+    from torchtune.modules.peft import get_adapter_state_dict
+
+    from llama4tune.checkpointer import Llama4HFCheckpointer
+    from llama4tune.lora import merge_lora_state_dict
+
+    full = model.state_dict()
+    state: dict[str, Any] = {training.MODEL_KEY: full}
+    if method == "lora":
+        state = {training.MODEL_KEY: merge_lora_state_dict(full, LORA["rank"], LORA["alpha"]),
+                 training.ADAPTER_KEY: get_adapter_state_dict(full),
+                 training.ADAPTER_CONFIG: {"r": LORA["rank"], "lora_alpha": LORA["alpha"],
+                                           "target_modules": ["q_proj", "v_proj", "output_proj", "w1", "w2", "w3"]}}
+    Llama4HFCheckpointer(base_dir, output_dir=root / "staging").save_checkpoint(state, epoch=0)
+    (root / "staging" / "epoch_0").rename(root / "final")
+    (root / "final" / "train_meta.json").write_text(json.dumps(_meta(method, "hf")))
+    return Artifact(stage="train", key="t", path=str(root))
+
+
+def convert(base_dir: Path, train: Artifact, out: Path, overrides: list[str] = ()) -> dict[str, Any]:
     from tasks.convert import run
 
     profile = load_profile("tiny-cpu", ["convert.dtype=fp32", *overrides])
@@ -81,17 +106,58 @@ def _convert(base_dir: Path, train: Artifact, out: Path, overrides: list[str]) -
     return run(ctx)
 
 
-def _tune_logits(model: torch.nn.Module) -> torch.Tensor:
+def tune_logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(TOKENS).float()
 
 
-def _hf_logits(path: Path) -> torch.Tensor:
+def hf_logits(path: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(TOKENS).logits.float()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, dict]:
+    root = tmp_path_factory.mktemp("lora")
+    model = trained_model(base_dir, lora=True)
+    metrics = convert(base_dir, save_dcp_final(model, root / "train", "lora"), root / "out")
+    return model, root / "out", metrics
+
+
+def test_convert_full_run_dcp_matches_torchtune_logits(base_dir: Path, tmp_path: Path) -> None:
+    model = trained_model(base_dir, lora=False)
+    metrics = convert(base_dir, save_dcp_final(model, tmp_path / "train", "full"), tmp_path / "out",
+                      ["convert.max_shard_size=1MB"])
+    out = tmp_path / "out"
+    assert metrics["shards"] > 3 and metrics["peft_adapter"] is None
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(metrics["files"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert _max_diff(hf_logits(out), tune_logits(model)) <= 1e-4
+
+
+def test_convert_full_run_hf_format_matches_torchtune_logits(base_dir: Path, tmp_path: Path) -> None:
+    model = trained_model(base_dir, lora=False)
+    convert(base_dir, _save_hf_final(model, base_dir, tmp_path / "train", "full"), tmp_path / "out")
+    assert _max_diff(hf_logits(tmp_path / "out"), tune_logits(model)) <= 1e-4
+
+
+def test_convert_lora_run_merged_model_matches_adapter_applied_model(
+        lora_run: tuple[torch.nn.Module, Path, dict], base_dir: Path) -> None:
+    model, out, metrics = lora_run
+    assert metrics["lora_modules_merged"] == 4 * 6  # per layer: q, v, output_proj, shared expert w1, w2, w3
+    expected = tune_logits(model)
+    assert _max_diff(hf_logits(out), expected) <= 1e-4
+    # The adapters moved the model: the comparison above is not base-vs-base.
+    assert _max_diff(hf_logits(base_dir), expected) > 1e-3
 
 
 def _require_peft_loads_lora() -> None:
@@ -105,44 +171,113 @@ def _require_peft_loads_lora() -> None:
         pytest.skip(f"peft {peft.__version__} cannot inject LoRA beside this torchao (pin peft<0.18.1): {exc}")
 
 
-def test_convert_full_run_dcp_matches_torchtune_logits(base_dir: Path, tmp_path: Path) -> None:
-    model = _trained_model(base_dir, lora=False)
-    train = _save_train_artifact(model, tmp_path / "train", "full")
-    metrics = _convert(base_dir, train, tmp_path / "out", ["convert.max_shard_size=1MB"])
-    out = tmp_path / "out"
-    assert metrics["shards"] > 3 and metrics["peft_adapter"] is None
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(metrics["files"])
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
-    diff = (_hf_logits(out) - _tune_logits(model)).abs().max().item()
-    assert diff <= 1e-4, diff
-
-
-def test_convert_lora_run_merges_and_writes_peft_adapter_matching_torchtune(base_dir: Path, tmp_path: Path) -> None:
+def _peft_logits(base_dir: Path, adapter: Path) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = _trained_model(base_dir, lora=True)
-    train = _save_train_artifact(model, tmp_path / "train", "lora")
-    metrics = _convert(base_dir, train, tmp_path / "out", [])
-    out = tmp_path / "out"
-    assert metrics["lora_modules_merged"] > 0 and metrics["peft_adapter"] == "adapter"
-    expected = _tune_logits(model)
-    assert (_hf_logits(out) - expected).abs().max().item() <= 1e-4
-
     _require_peft_loads_lora()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
-        peft_logits = peft_model(TOKENS).logits.float()
-    assert (peft_logits - expected).abs().max().item() <= 1e-4
-    # The adapter moved the model: the comparison above is not base-vs-base.
-    assert (_hf_logits(base_dir) - expected).abs().max().item() > 1e-3
+        return PeftModel.from_pretrained(base, adapter).eval()(TOKENS).logits.float()
+
+
+def test_convert_lora_peft_adapter_on_base_matches_adapter_applied_model(
+        lora_run: tuple[torch.nn.Module, Path, dict], base_dir: Path) -> None:
+    model, out, metrics = lora_run
+    assert metrics["peft_adapter"] == "adapter"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == LORA["rank"] and config["lora_alpha"] == LORA["alpha"]
+    assert _max_diff(_peft_logits(base_dir, out / "adapter"), tune_logits(model)) <= 1e-4
+
+
+def test_convert_lora_hf_format_keeps_merged_weights_and_carries_adapter(base_dir: Path, tmp_path: Path) -> None:
+    model = trained_model(base_dir, lora=True)
+    metrics = convert(base_dir, _save_hf_final(model, base_dir, tmp_path / "train", "lora"), tmp_path / "out")
+    out = tmp_path / "out"
+    assert metrics["lora_modules_merged"] == 0 and metrics["peft_adapter"] == "adapter"
+    expected = tune_logits(model)
+    assert _max_diff(hf_logits(out), expected) <= 1e-4
+    assert _max_diff(_peft_logits(base_dir, out / "adapter"), expected) <= 1e-4
 
 
 def test_convert_expert_lora_merges_without_peft_adapter(base_dir: Path, tmp_path: Path) -> None:
-    model = _trained_model(base_dir, lora=True, lora_experts=True)
-    train = _save_train_artifact(model, tmp_path / "train", "lora")
-    metrics = _convert(base_dir, train, tmp_path / "out", [])
+    model = trained_model(base_dir, lora=True, lora_experts=True)
+    metrics = convert(base_dir, save_dcp_final(model, tmp_path / "train", "lora"), tmp_path / "out")
     assert metrics["peft_adapter"] is None and not (tmp_path / "out" / "adapter").exists()
-    assert (_hf_logits(tmp_path / "out") - _tune_logits(model)).abs().max().item() <= 1e-4
+    assert _max_diff(hf_logits(tmp_path / "out"), tune_logits(model)) <= 1e-4
+
+
+def _multimodal_base(base_dir: Path, out: Path) -> Path:
+    """A tiny Llama4ForConditionalGeneration whose language model is the tiny text base."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4VisionConfig
+
+    from embedded.tiny_model import TINY_TEXT_CONFIG
+
+    vision = Llama4VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                image_size=56, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                                projector_output_dim=TINY_TEXT_CONFIG["hidden_size"])
+    config = Llama4Config(text_config=TINY_TEXT_CONFIG, vision_config=vision.to_dict())
+    config.architectures = ["Llama4ForConditionalGeneration"]
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(config)
+    text = {f"language_model.{k}": v for k, v in _hf_weights(base_dir).items()}
+    assert not model.load_state_dict(text, strict=False).unexpected_keys
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(base_dir / name, out / name)
+    return out
+
+
+def test_convert_multimodal_base_keeps_vision_weights_and_matches_text_logits(base_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import Llama4ForConditionalGeneration
+
+    mm_base = _multimodal_base(base_dir, tmp_path / "mm")
+    model = trained_model(mm_base, lora=False)
+    metrics = convert(mm_base, save_dcp_final(model, tmp_path / "train", "full"), tmp_path / "out")
+    base, converted = _hf_weights(mm_base), {}
+    for shard in sorted((tmp_path / "out").glob("model-*.safetensors")):
+        converted.update(load_file(shard))
+    assert set(converted) == set(base)
+    carried = [k for k in base if k.startswith(("vision_model.", "multi_modal_projector."))]
+    assert carried and metrics["carried_base_tensors"] == len(carried)
+    for key in carried:  # byte for byte, NaN-safe
+        assert converted[key].dtype == base[key].dtype
+        assert torch.equal(converted[key].view(torch.uint8), base[key].view(torch.uint8)), key
+    hf = Llama4ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=TOKENS).logits.float()
+    assert _max_diff(logits, tune_logits(model)) <= 1e-4
+
+
+# -- bad input through the stage --------------------------------------------------------------------------------
+
+def test_convert_stage_refuses_config_that_does_not_match_the_checkpoint(base_dir: Path, tmp_path: Path) -> None:
+    model = trained_model(base_dir, lora=False)
+    train = save_dcp_final(model, tmp_path / "train", "full")
+    other = tmp_path / "base"
+    shutil.copytree(base_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PermanentError, match=r"model.layers.0.mlp.experts.gate_up_proj.*config.json implies"):
+        convert(other, train, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_convert_stage_names_missing_train_meta_and_missing_dcp_metadata(base_dir: Path, tmp_path: Path) -> None:
+    train = save_dcp_final(trained_model(base_dir, lora=False), tmp_path / "train", "full")
+    final = Path(train.path) / "final"
+    (final / ".metadata").unlink()
+    with pytest.raises(PermanentError, match=r"final: no \.metadata file"):
+        convert(base_dir, train, tmp_path / "out1")
+    (final / "train_meta.json").unlink()
+    with pytest.raises(PermanentError, match=r"train_meta.json: missing"):
+        convert(base_dir, train, tmp_path / "out2")
+
+
+def test_convert_stage_refuses_lora_meta_without_adapters(base_dir: Path, tmp_path: Path) -> None:
+    train = save_dcp_final(trained_model(base_dir, lora=False), tmp_path / "train", "full")
+    (Path(train.path) / "final" / "train_meta.json").write_text(json.dumps(_meta("lora", "dcp")))
+    with pytest.raises(PermanentError, match=r"says method 'lora' but the checkpoint has neither LoRA tensors"):
+        convert(base_dir, train, tmp_path / "out")

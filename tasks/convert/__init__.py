@@ -34,6 +34,7 @@ TRAIN_META = "train_meta.json"
 ADAPTER_DIR = "adapter"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+DCP_MODEL_PREFIX = "model."
 
 
 @dataclass(frozen=True)
@@ -73,25 +74,31 @@ def open_trained(final_dir: Path, meta: TrainMeta) -> TensorSource:
     return DcpSource(final_dir) if meta.format == "dcp" else SafetensorsSource(final_dir, skip=(PEFT_WEIGHTS,))
 
 
-def hf_key_map(source_keys: list[str], config: dict[str, Any]) -> KeyMap:
-    """Key map for llama4tune-named (DCP) or HF-named (safetensors) text weights onto the base's naming."""
+def trained_key_map(fmt: str, config: dict[str, Any]) -> KeyMap:
+    """Trained-checkpoint key -> the base's HF naming (``language_model.`` prefixed for a multimodal base).
+
+    DCP: the trainer saves ``{"model": state_dict}``, which DCP flattens to ``model.<llama4tune key>``; anything
+    outside that namespace is not a model weight. HF format: the checkpointer's HF names (text or multimodal).
+    """
     from llama4tune.config import load_text_args
     from llama4tune.convert import hf_to_tune_key, tune_to_hf_key
 
     args = load_text_args(config)
     multimodal = "text_config" in config
-    hf_named = any(k.startswith(("model.", "language_model.", "lm_head.")) for k in source_keys)
 
-    def from_tune(key: str) -> str | None:
-        if key == "output.weight" and args.tie_word_embeddings:
+    def from_dcp(key: str) -> str | None:
+        if not key.startswith(DCP_MODEL_PREFIX):
             return None
-        return tune_to_hf_key(key, multimodal_prefix=multimodal)
+        tune = key.removeprefix(DCP_MODEL_PREFIX)
+        if tune == "output.weight" and args.tie_word_embeddings:
+            return None
+        return tune_to_hf_key(tune, multimodal_prefix=multimodal)
 
     def from_hf(key: str) -> str | None:
         tune = hf_to_tune_key(key, args)
         return None if tune is None else tune_to_hf_key(tune, multimodal_prefix=multimodal)
 
-    return from_hf if hf_named else from_tune
+    return from_dcp if fmt == "dcp" else from_hf
 
 
 def peft_key_map(key_map: KeyMap, modules: dict[str, LoraModule]) -> KeyMap:
@@ -119,7 +126,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     source = open_trained(final_dir, meta)
     ctx.log(f"converting {meta.format} checkpoint {final_dir} (method {meta.method}, step {meta.step}) to "
             f"{settings.dtype} shards of at most {settings.max_shard_size}")
-    key_map = hf_key_map(list(source.tensors()), config)
+    key_map = trained_key_map(meta.format, config)
     base = carry_keys = None
     if "text_config" in config:  # Llama4ForConditionalGeneration: vision tower + projector come from the base
         from llama4tune.convert import is_multimodal_only_key

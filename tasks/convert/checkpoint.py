@@ -81,13 +81,13 @@ def _plan_jobs(
     for key, info in tensors.items():
         if key in adapter_keys:
             continue
-        check_float(key, info, source.location)
         try:
             name = key_map(key)
         except KeyError as exc:
             raise PermanentError(f"{source.location}: tensor {key!r} is not a weight of this model: {exc}") from exc
         if name is None:
             continue
+        check_float(key, info, source.location)
         if name in seen:
             raise PermanentError(f"{source.location}: tensors {seen[name]!r} and {key!r} both map to {name!r}")
         seen[name] = key
