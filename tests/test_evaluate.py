@@ -1,4 +1,4 @@
-"""evaluate: lm-eval's Python API on a real tiny Llama 4; bad tasks fail before any model load; deltas, gate, recovery."""
+"""evaluate: lm-eval on a real tiny Llama 4; bad tasks fail before any model load; deltas, gate and recovery."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_local_tasks_score_a_tiny_llama4_through_its_chat_template(tmp_path: Pat
     assert 0.0 <= artifact.metrics["scores"]["tiny_synth_mc/acc"] <= 100.0
     assert "tiny_synth_mc/acc" in artifact.metrics["stderr"]
     assert {(r["task"], r["metric"]) for r in tables["evaluate"]} == {
-        ("tiny_synth_em", "exact_match"), ("tiny_synth_mc", "acc"), ("tiny_synth_mc", "acc_norm")}
+        ("tiny_synth_em", "exact_match"), ("tiny_synth_mc", "acc"), ("tiny_synth_mc", "brier_score")}
+    assert not next(r for r in tables["evaluate"] if r["metric"] == "brier_score")["higher_is_better"]
 
     with gzip.open(Path(artifact.path) / "samples" / "tiny_synth_em.jsonl.gz", "rt") as handle:
         first = json.loads(handle.readline())

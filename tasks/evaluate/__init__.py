@@ -5,8 +5,8 @@ key includes that model's artifact key, so the base is scored once per revision 
 gate and 4-bit recovery are plain functions over two evaluate artifacts (tasks.evaluate.report).
 
 Task choice. Tiny default: the project's own tasks in embedded/lm_eval_tasks on the shipped held-out split
-(tiny_synth_em: exact match of generated answers; tiny_synth_mc: four-way log-likelihood choice). Real Llama 4
-Instruct profiles, all in lm-eval 0.4.13's registry and scored through the chat template:
+(tiny_synth_em: exact match of generated answers; tiny_synth_mc: four-way log-likelihood choice, acc and Brier
+score). Real Llama 4 Instruct profiles, all in lm-eval 0.4.13's registry and scored through the chat template:
 - mmlu (group, 14k questions, acc): broad knowledge the tune must not erase; its size gives a ~0.4-point stderr, the
   tightest regression signal for a max_drop gate.
 - arc_challenge (acc_norm): grade-school science reasoning, a second, independent forgetting check.
