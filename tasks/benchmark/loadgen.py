@@ -101,8 +101,9 @@ async def drive(base_url: str, model: str, requests: list[BenchRequest], concurr
     url = base_url.rstrip("/") + CHAT_PATH
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         async def limited(request: BenchRequest) -> RequestOutcome:
+            payload = chat_payload(model, request, length_body(request.output_tokens))
             async with semaphore:
-                return await stream_request(client, url, chat_payload(model, request, length_body(request.output_tokens)))
+                return await stream_request(client, url, payload)
 
         start = time.perf_counter()
         outcomes = await asyncio.gather(*(limited(r) for r in requests))
