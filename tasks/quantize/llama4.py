@@ -1,0 +1,167 @@
+"""What AWQ must know about Llama 4 in transformers: model classes, expert linearization, mappings, what to skip.
+
+Routed experts. transformers keeps them fused as 3-D parameters (``experts.gate_up_proj [E, D, 2I]``,
+``experts.down_proj [E, I, D]``), which are not ``nn.Linear`` and so invisible to quantization. llm-compressor's
+``Llama4LinearExperts`` (llmcompressor/modeling/moe/llama4.py) unpacks them into per-expert ``gate_proj``/``up_proj``/
+``down_proj`` Linears; the checkpoint is then saved per expert (``experts.<i>.gate_proj.weight_packed``), which is
+the layout vLLM's Llama 4 loader maps onto its fused MoE kernels and transformers loads back through its own
+``SequentialLlama4TextExperts``. llm-compressor's automatic path (``linearize_moe``) reads ``config.text_config``
+and so only works for ``Llama4ForConditionalGeneration``; for the text-only ``Llama4ForCausalLM`` we hand it a
+``Llama4Config`` that wraps the text config.
+
+AWQ mappings. llm-compressor registers mappings for ``Llama4ForConditionalGeneration`` only, as unanchored regexes.
+Those break on models that interleave dense and MoE layers (Maverick): ``post_attention_layernorm -> router +
+gate/up`` then groups norms of several layers into one set and fails. So the mappings here are built per layer
+kind, every pattern anchored to the layers it is meant for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.stage import PermanentError
+
+ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+DECODER_LAYER = "Llama4TextDecoderLayer"
+
+
+@dataclass(frozen=True)
+class IgnoreRule:
+    pattern: str
+    """A compressed-tensors target: a module name, a class name, or 're:<regex>' matched from the start."""
+    reason: str
+
+
+# Layers kept in 16 bits whatever the profile says.
+ALWAYS_IGNORE = (
+    IgnoreRule(
+        r"re:(.*\.)?self_attn\.[qkv]_proj$",
+        "vLLM's Llama 4 loader permutes q/k rows for its rotary embedding only for tensors named '.weight' "
+        "(llama4.py permute_qk_weight_for_rotary); int4 'weight_packed'/'weight_scale' would load unpermuted, and "
+        "v_proj shares the fused qkv_proj, which must be all-quantized or all-not",
+    ),
+)
+MULTIMODAL_IGNORE = (
+    IgnoreRule(r"re:^vision_model\.", "vision tower: calibration is text-only, so its activations are never seen"),
+    IgnoreRule(r"re:^multi_modal_projector\.", "vision projector: calibration is text-only"),
+)
+
+
+def profile_rules(entries: list[str]) -> list[IgnoreRule]:
+    """The profile's ``quantize.ignore``. A plain name also matches as a dotted suffix: ``lm_head`` must cover
+    ``language_model.lm_head`` in a multimodal checkpoint, and compressed-tensors matches plain names exactly."""
+    rules: list[IgnoreRule] = []
+    for entry in entries:
+        reason = f"quantize.ignore entry {entry!r}"
+        rules.append(IgnoreRule(entry, reason))
+        if not entry.startswith("re:"):
+            rules.append(IgnoreRule(rf"re:(.*\.)?{re.escape(entry)}$", reason))
+    return rules
+
+
+def ignore_rules(entries: list[str], multimodal: bool) -> list[IgnoreRule]:
+    return [*profile_rules(entries), *ALWAYS_IGNORE, *(MULTIMODAL_IGNORE if multimodal else ())]
+
+
+def architecture(model_dir: Path) -> str:
+    import json
+
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PermanentError(f"{path}: missing; the convert artifact is not a Hugging Face checkpoint") from None
+    except json.JSONDecodeError as exc:
+        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch not in ARCHITECTURES:
+        raise PermanentError(f"{path}: field 'architectures' must be one of {list(ARCHITECTURES)}, got {archs!r}")
+    if isinstance(config.get("quantization_config"), dict):
+        raise PermanentError(f"{path}: has a 'quantization_config'; quantize expects a bf16/fp32 checkpoint")
+    return arch
+
+
+def model_class(arch: str) -> type[torch.nn.Module]:
+    import transformers
+
+    return getattr(transformers, arch)
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    return model.config.get_text_config()
+
+
+def linearize_experts(model: torch.nn.Module) -> int:
+    """Replace every fused ``Llama4TextExperts`` by llm-compressor's per-expert Linears; returns how many."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+    from transformers import Llama4Config
+
+    fused = get_non_linearized_moes(model)
+    if not fused:
+        return 0
+    # Llama4LinearExperts.from_experts_module reads config.text_config (the multimodal config's layout).
+    config = model.config if hasattr(model.config, "text_config") else Llama4Config(text_config=model.config)
+    for name, experts in fused:
+        linear_cls = LinearExperts2D.get_linear_experts_cls(type(experts))
+        model.set_submodule(name, linear_cls.from_experts_module(experts, config))
+    return len(fused)
+
+
+@dataclass(frozen=True)
+class DecoderLayers:
+    prefix: str
+    """Name of the ModuleList holding the text decoder layers, e.g. 'model.layers' or 'language_model.model.layers'."""
+    moe: tuple[int, ...]
+    dense: tuple[int, ...]
+
+    @property
+    def all(self) -> tuple[int, ...]:
+        return tuple(sorted(self.moe + self.dense))
+
+
+def decoder_layers(model: torch.nn.Module) -> DecoderLayers:
+    names = [name for name, module in model.named_modules() if type(module).__name__ == DECODER_LAYER]
+    if not names:
+        raise PermanentError(f"{type(model).__name__} has no {DECODER_LAYER} modules: not a Llama 4 text model")
+    prefix = names[0].rsplit(".", 1)[0]
+    moe, dense = [], []
+    for name in names:
+        index = int(name.rsplit(".", 1)[1])
+        (moe if hasattr(model.get_submodule(name).feed_forward, "router") else dense).append(index)
+    return DecoderLayers(prefix=prefix, moe=tuple(moe), dense=tuple(dense))
+
+
+def awq_mappings(layers: DecoderLayers) -> list[Any]:
+    """smooth layer -> balance layers, per Llama 4 decoder layer kind (see the module docstring)."""
+    from llmcompressor.modifiers.transform.awq import AWQMapping
+
+    def at(indices: tuple[int, ...], suffix: str) -> str:
+        return rf"re:^{re.escape(layers.prefix)}\.({'|'.join(map(str, indices))})\.{suffix}$"
+
+    every = layers.all
+    # No input_layernorm -> q/k/v mapping: q/k/v stay 16-bit (ALWAYS_IGNORE), so there is nothing to protect.
+    # v_proj -> o_proj applies where the shapes allow it (llm-compressor skips it under GQA).
+    mappings = [AWQMapping(at(every, r"self_attn\.v_proj"), [at(every, r"self_attn\.o_proj")])]
+    if layers.moe:
+        # The router reads the same normed input as the experts: it is balanced (its weight rescaled) so its
+        # logits stay exact, though it is never quantized.
+        mappings.append(AWQMapping(at(layers.moe, "post_attention_layernorm"), [
+            at(layers.moe, r"feed_forward\.router"),
+            at(layers.moe, r"feed_forward\.(experts\.\d+|shared_expert)\.gate_proj"),
+            at(layers.moe, r"feed_forward\.(experts\.\d+|shared_expert)\.up_proj"),
+        ]))
+    if layers.dense:
+        mappings.append(AWQMapping(at(layers.dense, "post_attention_layernorm"), [
+            at(layers.dense, r"feed_forward\.gate_proj"), at(layers.dense, r"feed_forward\.up_proj"),
+        ]))
+    # Each MLP (dense, shared expert, every routed expert): up_proj's output feeds its own down_proj.
+    mappings.append(AWQMapping(at(every, r"feed_forward\.((experts\.\d+|shared_expert)\.)?up_proj"),
+                               [at(every, r"feed_forward\.((experts\.\d+|shared_expert)\.)?down_proj")]))
+    return mappings
