@@ -22,9 +22,9 @@ import torch
 
 from embedded import tokenizer as tiny_tokenizer
 from finetune.profile import BenchmarkConfig, load_profile
-from finetune.stage import Preempted, execute_stage
+from finetune.stage import PermanentError, Preempted, StageContext, execute_stage
 from finetune.store import Artifact, Store
-from tasks.benchmark import SPEC, loadgen
+from tasks.benchmark import SPEC, loadgen, run
 from tasks.benchmark.engines import TRANSFORMERS_SERVE
 from tasks.benchmark.runner import BenchmarkError, _check_level, _sigterm_as_preempted
 from tasks.benchmark.server import Server, ServerError, free_port, serving
@@ -206,15 +206,20 @@ def test_benchmark_stage_serves_both_models_and_writes_results(checkpoints: dict
 
 # -- server faults ---------------------------------------------------------------------------------------------------
 
-def test_missing_model_dir_fails_startup_with_server_log_and_no_orphan(tmp_path: Path) -> None:
-    port = free_port()
-    missing = tmp_path / "no-such-model"
-    cmd = TRANSFORMERS_SERVE.serve_command(missing, port, BenchmarkConfig())
-    with pytest.raises(ServerError, match=r"exited with code [1-9]\d* before it became healthy") as info:
-        with serving(cmd, port, tmp_path / "server.log", startup_timeout_s=300, env=TRANSFORMERS_SERVE.env()):
-            pytest.fail("server must not become healthy")
-    assert "no-such-model" in str(info.value).split("last", 1)[1]  # the server's own words, from its log
-    assert_group_gone(info.value.pgid)
+def test_stage_refuses_inputs_that_are_not_the_expected_checkpoints(checkpoints: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """A missing or wrong model directory is bad input: caught before any server starts, never retried."""
+    profile = load_profile("tiny-cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [({"convert": empty, "quantize": checkpoints["w4a16"]}, "has no config.json"),
+             ({"convert": checkpoints["bf16"], "quantize": checkpoints["bf16"]}, "expected 'compressed-tensors'")]
+    for models, message in cases:
+        inputs = {slot: Artifact(stage=slot, key="k", path=str(path)) for slot, path in models.items()}
+        inputs["pack"] = Artifact(stage="pack", key="k", path=str(checkpoints["pack"]))
+        with pytest.raises(PermanentError, match=message):
+            run(StageContext(profile=profile, key="k", workdir=tmp_path / "work", inputs=inputs))
+    assert not (tmp_path / "work" / "logs").exists()
 
 
 def test_corrupt_weights_crash_the_server_with_its_log_in_the_error(checkpoints: dict[str, Path],
