@@ -270,7 +270,7 @@ def test_text_metrics_record_sizes_kinds_reasons_calibration_and_time(text: Quan
     total = metrics["quantized_params"] + metrics["unquantized_params"]
     assert total == sum(math.prod(t.shape) for t in load_file(text.source / "model.safetensors").values())
     rows = text.tables["quantize"]
-    assert {r["stored"] for r in rows} == {"int4 (W4A16)", "16-bit"} and all("why" in r for r in rows)
+    assert {r["stored"] for r in rows} == {"int4 (W4A16)", "as in the source"} and all("why" in r for r in rows)
     assert text.tables["quantize_summary"][0]["metric"].startswith("weights MB")
 
 
@@ -297,6 +297,19 @@ def test_multimodal_model_quantizes_the_language_model_only_and_reloads(multimod
         got, want = model(input_ids=prompt).logits, original(input_ids=prompt).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
     assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] > prompt.shape[1]
+
+
+def test_multimodal_4bit_checkpoint_also_loads_as_the_text_only_model_lm_eval_uses(multimodal: Quantized) -> None:
+    from transformers import AutoModelForCausalLM, Llama4ForConditionalGeneration
+
+    ignore = multimodal.config()["quantization_config"]["ignore"]
+    assert {"lm_head", "model.layers.1.feed_forward.router", "model.layers.0.self_attn.q_proj"} <= set(ignore)
+    text_only = AutoModelForCausalLM.from_pretrained(multimodal.path, dtype=torch.float32)
+    full = Llama4ForConditionalGeneration.from_pretrained(multimodal.path, dtype=torch.float32)
+    assert type(text_only).__name__ == "Llama4ForCausalLM"
+    prompt = torch.tensor([[0, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(text_only(prompt).logits, full(input_ids=prompt).logits)
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------

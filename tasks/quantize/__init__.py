@@ -6,7 +6,7 @@ Upstream: ``convert`` (a bf16/fp32 Hugging Face checkpoint of ``Llama4ForCausalL
 Output (the stage's directory): ``model-*.safetensors`` (+ index) in compressed-tensors ``pack-quantized`` format with
 ``quantization_config`` in ``config.json``, llm-compressor's ``recipe.yaml``, and the tokenizer/generation config
 files of the converted model, byte for byte. Routed experts, the shared expert, dense MLPs and attention output
-projections are int4; what stays 16-bit and why is in the metrics and the ``quantize`` table (llama4.py explains the
+projections are int4; what stays unquantized and why is in the metrics and the ``quantize`` table (llama4.py explains the
 Llama 4 specifics).
 
 Calibration runs llm-compressor's sequential pipeline: one decoder layer at a time on the execution device. With
@@ -17,6 +17,7 @@ to the GPU only while it is calibrated, so one GPU that holds a single layer suf
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from finetune.store import MANIFEST, atomic_file
 from tasks.quantize.calibration import Calibration, load_calibration
 from tasks.quantize.llama4 import (
     DECODER_LAYER, IgnoreRule, architecture, awq_mappings, decoder_layers, ignore_rules, linearize_experts,
-    model_class,
+    model_class, text_only_aliases,
 )
 from tasks.quantize.report import dir_bytes, inventory, weights_bytes
 
@@ -165,11 +166,22 @@ def _unquantized_linears(model: Any, rules: list[IgnoreRule]) -> dict[str, str]:
     return reasons
 
 
-def _save(model: Any, source_dir: Path, out_dir: Path) -> list[str]:
+def _add_text_only_ignore_names(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    quant = config["quantization_config"]
+    quant["ignore"] = text_only_aliases(quant["ignore"])
+    with atomic_file(config_path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _save(model: Any, source_dir: Path, out_dir: Path, multimodal: bool) -> list[str]:
     """Write the compressed checkpoint plus the source's tokenizer/generation files; each file lands atomically."""
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".saving-"))
     try:
         model.save_pretrained(staging, save_compressed=True, max_shard_size=MAX_SHARD_SIZE)
+        if multimodal:
+            _add_text_only_ignore_names(staging / "config.json")
         for path in sorted(source_dir.iterdir()):
             name = path.name
             if (path.is_file() and not name.startswith(".") and name not in (MANIFEST, "config.json")
@@ -213,7 +225,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loaded = time.perf_counter()
     experts_linearized = linearize_experts(model)
     layers = decoder_layers(model)
-    rules = ignore_rules(settings.ignore, multimodal=arch == "Llama4ForConditionalGeneration")
+    multimodal = arch == "Llama4ForConditionalGeneration"
+    rules = ignore_rules(settings.ignore, multimodal)
     _check_group_size(model, rules, settings.group_size)
     recipe = _recipe(settings, rules, awq_mappings(layers))
     device = _execution_device()
@@ -227,7 +240,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     linear_reasons = _unquantized_linears(model, rules)
 
     ctx.progress(0.9, "writing the compressed checkpoint")
-    files = _save(model, model_dir, ctx.workdir)
+    files = _save(model, model_dir, ctx.workdir, multimodal)
     saved = time.perf_counter()
 
     found = inventory(ctx.workdir, linear_reasons)
@@ -243,7 +256,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
     ctx.tables["quantize"] = found.table()
     ctx.tables["quantize_summary"] = [
-        {"metric": "weights MB (16-bit -> int4)", "value": f"{before / 1e6:.3f} -> {after / 1e6:.3f}"},
+        {"metric": "weights MB (source -> W4A16)", "value": f"{before / 1e6:.3f} -> {after / 1e6:.3f}"},
         {"metric": "compression", "value": sizes["weights_compression"]},
         {"metric": "int4 share of parameters", "value": found.metrics()["quantized_param_fraction"]},
         {"metric": "calibration", "value": f"{calibration.samples} x {calibration.seq_len} tokens"},

@@ -37,7 +37,7 @@ class IgnoreRule:
     reason: str
 
 
-# Layers kept in 16 bits whatever the profile says.
+# Layers left unquantized whatever the profile says.
 ALWAYS_IGNORE = (
     IgnoreRule(
         r"re:(.*\.)?self_attn\.[qkv]_proj$",
@@ -66,6 +66,20 @@ def profile_rules(entries: list[str]) -> list[IgnoreRule]:
 
 def ignore_rules(entries: list[str], multimodal: bool) -> list[IgnoreRule]:
     return [*profile_rules(entries), *ALWAYS_IGNORE, *(MULTIMODAL_IGNORE if multimodal else ())]
+
+
+MULTIMODAL_TEXT_PREFIX = "language_model."
+
+
+def text_only_aliases(ignore: list[str]) -> list[str]:
+    """The ignore list plus each multimodal language-model name as ``Llama4ForCausalLM`` names it.
+
+    ``AutoModelForCausalLM`` (lm-eval's hf backend) loads a multimodal checkpoint as the text-only model, renaming
+    ``language_model.model.*`` to ``model.*`` for the weights but not for compressed-tensors' ignore list; an ignored
+    layer would then be set up as int4 and left uninitialised. Extra names are harmless to vLLM.
+    """
+    aliases = [name.removeprefix(MULTIMODAL_TEXT_PREFIX) for name in ignore if name.startswith(MULTIMODAL_TEXT_PREFIX)]
+    return ignore + [alias for alias in aliases if alias not in ignore]
 
 
 def architecture(model_dir: Path) -> str:
@@ -146,7 +160,7 @@ def awq_mappings(layers: DecoderLayers) -> list[Any]:
         return rf"re:^{re.escape(layers.prefix)}\.({'|'.join(map(str, indices))})\.{suffix}$"
 
     every = layers.all
-    # No input_layernorm -> q/k/v mapping: q/k/v stay 16-bit (ALWAYS_IGNORE), so there is nothing to protect.
+    # No input_layernorm -> q/k/v mapping: q/k/v stay unquantized (ALWAYS_IGNORE), so there is nothing to protect.
     # v_proj -> o_proj applies where the shapes allow it (llm-compressor skips it under GQA).
     mappings = [AWQMapping(at(every, r"self_attn\.v_proj"), [at(every, r"self_attn\.o_proj")])]
     if layers.moe:

@@ -1,4 +1,4 @@
-"""What the 4-bit checkpoint holds: sizes, which weights are int4 and which stayed 16-bit, and why.
+"""What the 4-bit checkpoint holds: sizes, which weights are int4 and which stayed unquantized, and why.
 
 Read back from the written safetensors headers (plus the tiny ``weight_shape`` tensors), so the report describes
 the files vLLM and transformers will load, not the in-memory model.
@@ -71,13 +71,13 @@ class Inventory:
     def table(self) -> list[dict[str, Any]]:
         rows = [{"weights": kind, "stored": "int4 (W4A16)", "count": entry["modules"], "params": entry["params"],
                  "why": ""} for kind, entry in sorted(self.quantized.items())]
-        rows += [{"weights": kind, "stored": "16-bit", "count": entry["tensors"], "params": entry["params"],
+        rows += [{"weights": kind, "stored": "as in the source", "count": entry["tensors"], "params": entry["params"],
                   "why": reason} for (kind, reason), entry in sorted(self.kept.items())]
         return rows
 
 
 def inventory(model_dir: Path, linear_reasons: dict[str, str]) -> Inventory:
-    """Sort every tensor of the checkpoint into int4 modules and 16-bit tensors.
+    """Sort every tensor of the checkpoint into int4 modules and unquantized tensors.
 
     ``linear_reasons`` maps each Linear module left unquantized to why (an ignore rule); any other unquantized
     tensor belongs to a module that is not a Linear.
