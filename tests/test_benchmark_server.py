@@ -68,7 +68,12 @@ def build_tiny_llama4(out: Path) -> None:
         max_position_embeddings=512, tie_word_embeddings=False, **special)
     config.architectures = ["Llama4ForCausalLM"]
     torch.manual_seed(0)
-    Llama4ForCausalLM(config).save_pretrained(out)
+    model = Llama4ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "experts" in name:  # transformers leaves expert weights as torch.empty
+                param.normal_(std=0.05)
+    model.save_pretrained(out)
     GenerationConfig(**special).save_pretrained(out)
     tiny_tokenizer.save_tokenizer(out)
 
