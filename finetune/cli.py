@@ -1,4 +1,4 @@
-"""``finetune``: run the pipeline, list and show profiles."""
+"""``finetune``: run the pipeline, list and show profiles, render launch specs."""
 
 from __future__ import annotations
 
@@ -50,6 +50,27 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_render(args: argparse.Namespace) -> int:
+    from finetune.render import RenderError, render
+
+    try:
+        text = render(load_profile(args.profile, args.overrides), args.overrides, args.target,
+                      store=args.store, spot=args.spot)
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.output:
+        from pathlib import Path
+
+        from finetune.store import atomic_file
+
+        with atomic_file(Path(args.output), "w") as handle:
+            handle.write(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("overrides", nargs="*", metavar="key.path=value")
     show.set_defaults(func=_cmd_show)
+
+    render = sub.add_parser("render", help="render a SkyPilot task or a Kubernetes JobSet for a profile's run")
+    render.add_argument("--target", required=True, choices=["skypilot", "jobset"])
+    render.add_argument("--profile", default="tiny-cpu", help="profile name or YAML path")
+    render.add_argument("--store", default="/store/artifacts",
+                        help="artifact store the nodes share: a path on the shared volume, or (skypilot) an "
+                             "object store URL mounted at /store")
+    render.add_argument("--spot", action="store_true", help="(skypilot) spot instances with managed recovery")
+    render.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    render.add_argument("overrides", nargs="*", metavar="key.path=value")
+    render.set_defaults(func=_cmd_render)
     return parser
 
 
