@@ -35,18 +35,12 @@ class Engine:
     name: str
     label: str
     """What results.json names as the engine."""
-    package: str
+    version: Callable[[], str]
     notes: tuple[str, ...]
     serve_command: Callable[[Path, int, BenchmarkConfig], list[str]]
     length_body: Callable[[int], dict[str, Any]]
     """Request fields that make the server generate exactly n tokens."""
     health_path: str = "/health"
-
-    def version(self) -> str:
-        try:
-            return metadata.version(self.package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
 
     def env(self) -> dict[str, str]:
         return {**os.environ, **_QUIET_ENV}
@@ -67,13 +61,13 @@ def _transformers_length_body(output_tokens: int) -> dict[str, Any]:
 
 
 def _vllm_serve_command(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
-    return [*vllm_cli.vllm_executable(), *vllm_cli.serve_args(model_dir, port, cfg)]
+    return [*vllm_cli.vllm_command(), *vllm_cli.serve_args(model_dir, port, cfg)]
 
 
 VLLM = Engine(
     name="vllm",
     label="vllm",
-    package="vllm",
+    version=vllm_cli.vllm_version,
     notes=(),
     serve_command=_vllm_serve_command,
     length_body=vllm_cli.length_body,
@@ -82,7 +76,7 @@ VLLM = Engine(
 TRANSFORMERS_SERVE = Engine(
     name="transformers-serve",
     label="transformers-serve (CPU stand-in for vLLM)",
-    package="transformers",
+    version=lambda: metadata.version("transformers"),
     notes=(
         "transformers serve is a real OpenAI-compatible server used to test the benchmark's client and server "
         "lifecycle where vLLM cannot run (no GPU); its numbers are not vLLM's.",

@@ -58,9 +58,6 @@ def _checkpoint(ctx: StageContext, slot: str, quantized: bool) -> Path:
 def _generator(cfg: BenchmarkConfig, requests: list[BenchRequest], log: Any) -> str:
     if not (cfg.engine == "vllm" and cfg.use_vllm_bench):
         return OUR_LOADGEN
-    if not vllm_cli.vllm_installed():
-        log("vllm is not installed here: using our own load generator")
-        return OUR_LOADGEN
     if not vllm_cli.can_express(requests):
         log("some prompts have more than one message, which vllm bench's custom dataset cannot send: "
             "using our own load generator")
@@ -117,7 +114,7 @@ class _Level:
         filename = f"{name}-c{concurrency}.json"
         args = vllm_cli.bench_args(server.base_url, model, self.dataset, len(self.requests), concurrency,
                                    result_dir, filename)
-        run_client([*vllm_cli.vllm_executable(), *args], result_dir / f"{name}-c{concurrency}.log",
+        run_client([*vllm_cli.vllm_command(), *args], result_dir / f"{name}-c{concurrency}.log",
                    LEVEL_TIMEOUT_S, self.engine.env())
         return vllm_cli.parse_result(result_dir / filename, concurrency)
 
@@ -170,14 +167,14 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
     engine = ENGINES[cfg.engine]
-    if engine is VLLM and not vllm_cli.vllm_installed():
-        raise PermanentError("benchmark.engine is 'vllm' but vllm is not installed in this environment: install it "
-                             "in the GPU image, or use engine 'transformers-serve' (the CPU stand-in)")
+    if engine is VLLM:
+        vllm_cli.vllm_command()  # fails at once, before any work, when there is no vllm to run
     model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()}
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)
     generator = _generator(cfg, requests, ctx.log)
-    ctx.log(f"benchmark: {engine.label} {engine.version()}, load generator: {generator}, "
+    version = engine.version()
+    ctx.log(f"benchmark: {engine.label} {version}, load generator: {generator}, "
             f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
     level_runner = _Level(engine, generator, requests, ctx.workdir)
     done, total = [0], len(MODELS) * len(cfg.concurrencies)
@@ -188,7 +185,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     levels = {name: model["levels"] for name, model in models.items()}
     results = {
         "engine": engine.label,
-        "engine_version": engine.version(),
+        "engine_version": version,
         "engine_notes": list(engine.notes),
         "load_generator": generator,
         "config": stage_config(ctx.profile),
@@ -199,6 +196,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     with atomic_file(ctx.workdir / "results.json", "w") as handle:
         json.dump(results, handle, indent=2)
     report.plot_latency_vs_throughput(levels, ctx.workdir / "latency_vs_throughput.png",
-                                      f"{engine.label} {engine.version()}, {generator}")
+                                      f"{engine.label} {version}, {generator}")
     ctx.tables["comparison"] = results["comparison"]
     return _metrics(results)

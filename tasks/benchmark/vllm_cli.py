@@ -12,11 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from finetune.profile import BenchmarkConfig
+from finetune.stage import PermanentError
 from finetune.store import atomic_file
 from tasks.benchmark.metrics import LATENCY_METRICS, PERCENTILES
 from tasks.benchmark.workload import BenchRequest
@@ -24,17 +26,37 @@ from tasks.benchmark.workload import BenchRequest
 CHAT_ENDPOINT = "/v1/chat/completions"
 
 
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+def vllm_executable() -> list[str] | None:
+    """How to run the vLLM CLI: this environment's ``vllm`` script, else one on PATH, else the importable module.
 
-
-def vllm_executable() -> list[str]:
-    """The ``vllm`` console script of this interpreter's environment (or on PATH), else the module behind it."""
+    vLLM pins its own torch and compressed-tensors, so it often lives in an environment of its own (a separate venv
+    or image); putting that environment's ``vllm`` on PATH is enough, since we only ever run it as a subprocess.
+    """
     beside = Path(sys.executable).parent / "vllm"
     if beside.is_file():
         return [str(beside)]
-    found = shutil.which("vllm")
-    return [found] if found else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    if found := shutil.which("vllm"):
+        return [found]
+    if importlib.util.find_spec("vllm") is not None:
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    return None
+
+
+def vllm_command() -> list[str]:
+    command = vllm_executable()
+    if command is None:
+        raise PermanentError("benchmark.engine is 'vllm' but no vllm CLI is found (not in this environment, not on "
+                             "PATH): install vllm in the GPU image, or use engine 'transformers-serve' (the CPU "
+                             "stand-in)")
+    return command
+
+
+def vllm_version() -> str:
+    command = vllm_executable()
+    if command is None:
+        return "not installed"
+    done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=300)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
 def serve_args(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
