@@ -1,9 +1,11 @@
-"""Run a long-lived child process (a trainer) with its output streamed line by line.
+"""Run long-lived child processes (trainers, one per node process) with their output streamed line by line.
 
-The child starts in its own session so that it and everything it spawns can be signalled as a group. SIGTERM sent to
-us (how spot preemption arrives) is forwarded to the child's group and surfaces as ``Preempted`` once the child has
-exited, so the stage is retried and resumes from its checkpoints. Any other non-zero exit raises ``ProcessFailed``
-with the child's last log lines. Whatever happens, no descendant outlives the call.
+Each child starts in its own session so that it and everything it spawns can be signalled as a group. SIGTERM sent
+to us (how spot preemption arrives) is forwarded to every child's group and surfaces as ``Preempted`` once they have
+exited, so the stage is retried and resumes from its checkpoints. A non-zero exit raises ``ProcessFailed`` with the
+last log lines. Whatever happens, no descendant outlives the call: every child carries a per-call cookie in its
+environment, which its descendants inherit, so even a worker that moved to a session of its own (torchrun starts
+workers that way) and was orphaned is found and killed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,10 +26,15 @@ import psutil
 from finetune.stage import Preempted
 
 TAIL_LINES = 40
+COOKIE_VAR = "FINETUNE_PROCS_COOKIE"
+# After one child fails, how long the others get to notice and exit on their own before they are killed.
+PEER_GRACE_S = 15.0
+# After every child exited, how long a descendant may keep their output pipe open before it is killed as an orphan.
+ORPHAN_GRACE_S = 2.0
 
 
 class ProcessFailed(RuntimeError):
-    """The child exited non-zero (not because we were preempted). ``tail`` holds its last log lines."""
+    """A child exited non-zero (not because we were preempted). ``tail`` holds the last log lines of all children."""
 
     def __init__(self, cmd: Sequence[str], returncode: int, tail: list[str]):
         self.cmd = list(cmd)
@@ -34,11 +42,11 @@ class ProcessFailed(RuntimeError):
         self.tail = tail
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
         lines = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
-        super().__init__(f"{Path(cmd[0]).name} failed with {how}; last {len(tail)} log lines:\n{lines}")
+        super().__init__(f"{' '.join(self.cmd[:3])} ... failed with {how}; last {len(tail)} log lines:\n{lines}")
 
 
 def run_streaming(
-    cmd: Sequence[str],
+    commands: Sequence[Sequence[str]],
     on_line: Callable[[str], None],
     *,
     cwd: str | os.PathLike[str] | None = None,
@@ -46,74 +54,84 @@ def run_streaming(
     term_grace_s: float = 30.0,
     tail_lines: int = TAIL_LINES,
 ) -> None:
-    """Run ``cmd``, calling ``on_line`` (in this thread) for every line of its merged stdout/stderr.
+    """Run ``commands`` side by side, calling ``on_line`` (in this thread) for every line of their merged
+    stdout/stderr; lines of the second and later commands are tagged ``[proc N]``.
 
-    Raises ``Preempted`` if we received SIGTERM while it ran, ``ProcessFailed`` if it exited non-zero.
-    ``term_grace_s`` is how long a SIGTERMed child gets to exit before its group is killed.
+    Raises ``Preempted`` if we received SIGTERM meanwhile, else ``ProcessFailed`` if any exited non-zero.
+    ``term_grace_s`` is how long SIGTERMed children get to exit before their groups are killed.
     """
+    if not commands:
+        raise ValueError("run_streaming needs at least one command")
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    proc = subprocess.Popen(
-        list(cmd), cwd=cwd, env=None if env is None else dict(env), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, bufsize=1, text=True,
-        errors="replace",
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True, name=f"pump-{proc.pid}")
-    reader.start()
+    lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
+    procs: list[subprocess.Popen[str]] = []
+    cookie = uuid.uuid4().hex
+    child_env = {**(os.environ if env is None else env), COOKIE_VAR: cookie}
     terminated = threading.Event()
-    descendants: dict[int, psutil.Process] = {}
 
     def forward_sigterm(signum: int, frame: object) -> None:
         terminated.set()
-        _signal_group(proc.pid, signal.SIGTERM)
+        for process in _marked(cookie):
+            _signal(process, signal.SIGTERM)
 
     previous = _install_sigterm(forward_sigterm)
     try:
-        kill_at: float | None = None
-        last_scan = 0.0
-        while True:
+        for index, cmd in enumerate(commands):
+            proc = subprocess.Popen(
+                list(cmd), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+            )
+            procs.append(proc)
+            threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()
+        open_streams = len(procs)
+        first_failed: int | None = None  # the first to fail is the cause; the others usually went down with it
+        deadlines: dict[str, float] = {}  # reason -> when everything left gets SIGKILL
+        while open_streams:
             try:
-                line = lines.get(timeout=0.5)
+                index, line = lines.get(timeout=0.5)
             except queue.Empty:
-                line = ""
+                index, line = -1, ""
             if line is None:
-                break
-            if line:
-                tail.append(line)
-                on_line(line)
+                open_streams -= 1
+            elif line:
+                tagged = line if index == 0 else f"[proc {index}] {line}"
+                tail.append(tagged)
+                on_line(tagged)
             now = time.monotonic()
-            if now - last_scan > 2.0:
-                # Launchers such as torchrun put their workers in sessions of their own: remember them so they can
-                # be killed even after their parent is gone.
-                _remember_descendants(proc.pid, descendants)
-                last_scan = now
-            if terminated.is_set() and kill_at is None:
-                kill_at = now + term_grace_s
-            if proc.poll() is not None and kill_at is None:
-                # Exited, yet someone still holds the pipe open: an orphaned worker. Give it a moment, then kill it.
-                kill_at = now + 5.0
-            if kill_at is not None and now > kill_at:
-                _kill_all(proc.pid, descendants)
-        returncode = proc.wait()
+            if first_failed is None:
+                first_failed = next((i for i, proc in enumerate(procs) if proc.poll() not in (None, 0)), None)
+            if terminated.is_set():
+                deadlines.setdefault("preempted", now + term_grace_s)
+            if first_failed is not None:
+                deadlines.setdefault("peer failed", now + PEER_GRACE_S)
+            if all(proc.poll() is not None for proc in procs):
+                deadlines.setdefault("orphans", now + ORPHAN_GRACE_S)  # exited, yet a pipe is still held open
+            if deadlines and now > min(deadlines.values()):
+                _kill_marked(cookie)
+        codes = [proc.wait() for proc in procs]
         if terminated.is_set():
-            raise Preempted(f"received SIGTERM; {Path(cmd[0]).name} stopped (exit {returncode}) and will resume")
-        if returncode != 0:
-            raise ProcessFailed(cmd, returncode, list(tail))
+            raise Preempted(f"received SIGTERM; the trainer stopped (exit {codes}) and resumes when retried")
+        failed = [i for i, code in enumerate(codes) if code != 0]
+        if failed:
+            first = first_failed if first_failed is not None else failed[0]
+            raise ProcessFailed(commands[first], codes[first], list(tail))
     finally:
         _restore_sigterm(previous)
-        _remember_descendants(proc.pid, descendants)
-        _kill_all(proc.pid, descendants)
-        proc.wait()
-        reader.join(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        _kill_marked(cookie)
+        for proc in procs:
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
-def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+def _pump(index: int, proc: subprocess.Popen[str], lines: queue.Queue[tuple[int, str | None]]) -> None:
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.put(line.rstrip("\r\n"))
-    lines.put(None)
+    try:
+        for line in proc.stdout:
+            lines.put((index, line.rstrip("\r\n")))
+    except ValueError:  # stdout closed under us during teardown
+        pass
+    lines.put((index, None))
 
 
 _NOT_INSTALLED = object()
@@ -131,28 +149,25 @@ def _restore_sigterm(previous: object) -> None:
         signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _marked(cookie: str) -> list[psutil.Process]:
+    """Every live process carrying our cookie: the children and all their descendants, orphaned or not."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(COOKIE_VAR) == cookie:
+                found.append(process)
+        except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+            continue
+    return found
 
 
-def _remember_descendants(pid: int, seen: dict[int, psutil.Process]) -> None:
+def _signal(process: psutil.Process, sig: signal.Signals) -> None:
     try:
-        for child in psutil.Process(pid).children(recursive=True):
-            seen.setdefault(child.pid, child)
+        process.send_signal(sig)  # psutil checks the pid still names the same process
     except psutil.Error:
         pass
 
 
-def _kill_all(pgid: int, descendants: dict[int, psutil.Process]) -> None:
-    _signal_group(pgid, signal.SIGKILL)
-    for process in descendants.values():
-        try:
-            if process.is_running():  # also checks the pid was not reused by an unrelated process
-                if os.getpgid(process.pid) == process.pid:
-                    _signal_group(process.pid, signal.SIGKILL)  # a session leader: its own children go with it
-                process.kill()
-        except (psutil.Error, ProcessLookupError):
-            pass
+def _kill_marked(cookie: str) -> None:
+    for process in _marked(cookie):
+        _signal(process, signal.SIGKILL)
