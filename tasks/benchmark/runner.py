@@ -10,11 +10,12 @@ otherwise our own OpenAI-protocol generator (tasks/benchmark/loadgen.py) with th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shlex
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def _checkpoint(ctx: StageContext, slot: str, quantized: bool) -> Path:
     return path
 
 
-def _generator(cfg: BenchmarkConfig, requests: list[BenchRequest], log: Any) -> str:
+def _generator(cfg: BenchmarkConfig, requests: list[BenchRequest], log: Callable[[str], None]) -> str:
     if not (cfg.engine == "vllm" and cfg.use_vllm_bench):
         return OUR_LOADGEN
     if not vllm_cli.can_express(requests):
@@ -120,7 +121,7 @@ class _Level:
 
 
 def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, name: str, model_dir: Path,
-                     done: list[int], total: int) -> dict[str, Any]:
+                     level_done: Callable[[str], None]) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
     port = cfg.port or free_port()
     cmd = engine.serve_command(model_dir, port, cfg)
@@ -136,11 +137,10 @@ def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, na
             level = level_runner.run(server, model, name, concurrency)
             _check_level(level, name, server, cfg.max_error_rate)
             levels.append(level)
-            done[0] += 1
             ctx.log(f"{name} c={concurrency}: {level['request_throughput']:.2f} req/s, "
                     f"{level['output_throughput']:.1f} output tok/s, TTFT p50 {level['median_ttft_ms']:.1f} ms, "
                     f"TPOT p50 {level['median_tpot_ms']:.1f} ms, errors {level['failed']}/{level['num_prompts']}")
-            ctx.progress(done[0] / total, f"{name} concurrency {concurrency} done")
+            level_done(f"{name} concurrency {concurrency} done")
     config = json.loads((model_dir / "config.json").read_text())
     return {"path": model, "checkpoint_dtype": config.get("dtype") or config.get("torch_dtype"),
             "server_command": cmd, "startup_s": round(server.startup_s, 2), "levels": levels}
@@ -177,11 +177,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.log(f"benchmark: {engine.label} {version}, load generator: {generator}, "
             f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
     level_runner = _Level(engine, generator, requests, ctx.workdir)
-    done, total = [0], len(MODELS) * len(cfg.concurrencies)
+    steps, total = itertools.count(1), len(MODELS) * len(cfg.concurrencies)
+
+    def level_done(message: str) -> None:
+        ctx.progress(next(steps) / total, message)
+
     models: dict[str, Any] = {}
     with _sigterm_as_preempted():
         for name, model_dir in model_dirs.items():
-            models[name] = _benchmark_model(ctx, engine, level_runner, name, model_dir, done, total)
+            models[name] = _benchmark_model(ctx, engine, level_runner, name, model_dir, level_done)
     levels = {name: model["levels"] for name, model in models.items()}
     results = {
         "engine": engine.label,
