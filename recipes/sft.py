@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader
 from torchtune import config, training, utils
-from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from torchtune.modules.peft import (
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_lora_module_names,
+    set_trainable_params,
+)
 
 from recipes import checkpointing as ckpt
 from recipes.report import RecipeError, emit_error, emit_metrics
@@ -40,9 +46,11 @@ from recipes.sampler import ResumableSampler
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 META_FILE = "train_meta.json"
 IGNORE_INDEX = -100
-# Model-component keys that describe LoRA adapters (llama4tune's and torchtune's builder argument names).
-LORA_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "apply_lora_to_experts",
-             "train_router", "lora_rank", "lora_alpha", "lora_dropout")
+# train_meta.json "lora" field <- model builder argument (llama4tune's and torchtune's names).
+LORA_META = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+             "attn_modules": "lora_attn_modules", "apply_to_mlp": "apply_lora_to_mlp",
+             "apply_to_output": "apply_lora_to_output", "apply_to_experts": "apply_lora_to_experts",
+             "train_router": "train_router"}
 
 
 class SFTRecipe:
@@ -66,6 +74,9 @@ class SFTRecipe:
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         self._init_distributed()
+        if not self.distributed:
+            # DCP warns on every single-process save/load that it assumes a single process: it is right.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         training.set_seed(seed=self.cfg.seed)
         if self.is_rank_zero:
             ckpt.remove_partial(self.ckpt_dir)
@@ -125,9 +136,9 @@ class SFTRecipe:
         with training.set_default_dtype(self.dtype), torch.device("meta"):
             model = config.instantiate(cfg.model)
         adapters = set(get_adapter_params(model))
-        if self.method == "lora" and not adapters:
-            raise RecipeError("config", f"method 'lora' needs a LoRA model builder; {cfg.model._component_} has "
-                                        "no adapter parameters")
+        if self.method == "lora" and not (adapters and "lora_rank" in cfg.model and "lora_alpha" in cfg.model):
+            raise RecipeError("config", f"method 'lora' needs a LoRA model builder with lora_rank and lora_alpha "
+                                        f"set; {cfg.model._component_} has {len(adapters)} adapter parameters")
         layers = list(getattr(model, "layers", []))
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={type(layer) for layer in layers})
@@ -160,15 +171,16 @@ class SFTRecipe:
             set_trainable_params(model, adapters)
         self.vocab_size = _vocab_size(model)
         self._check_tokenizer()
+        # numel() of a sharded (DTensor) parameter is its full size, so these are whole-model counts.
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        self.log(f"model {cfg.model._component_}: {total * (self.world_size if self.distributed else 1):,} "
-                 f"parameters (approx. when sharded), {trainable} trainable on this rank, dtype {cfg.dtype}")
+        self.log(f"model {cfg.model._component_}: {total:,} parameters, {trainable:,} trainable, dtype {cfg.dtype}"
+                 f"{f', FSDP over {self.world_size} processes' if self.distributed else ''}")
         return model
 
     def _load_base_weights(self, model: torch.nn.Module, adapters: set[str]) -> dict[str, torch.Tensor]:
-        checkpointer = config.instantiate(self.cfg.checkpointer)
         try:
+            checkpointer = config.instantiate(self.cfg.checkpointer, output_dir=str(self.ckpt_dir))
             state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         except FileNotFoundError as exc:
             raise RecipeError("missing_checkpoint", f"base checkpoint: {exc}") from exc
@@ -311,7 +323,8 @@ class SFTRecipe:
                 raise RecipeError(
                     "nan_loss",
                     f"loss is {loss_value} at step {self.step + 1} (epoch {self.epoch}): training diverged; lower "
-                    f"the learning rate (now {training.get_lr(self.optimizer):.3g}) or use fp32",
+                    f"the learning rate (now {training.get_lr(self.optimizer):.3g}), use fp32, or check the optimizer "
+                    "settings (e.g. eps > 0)",
                 )
             # FSDP averages gradients over ranks; undo that and divide by the global supervised token count.
             scale = (self.world_size if self.distributed else 1) / max(totals[1].item(), 1.0)
@@ -378,9 +391,7 @@ class SFTRecipe:
         elif fmt == "hf":
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.is_rank_zero:
-                # full_tensor() of an unevenly sharded parameter can be a view on CPU: own the memory.
-                full = {key: value.clone() for key, value in full.items()}
-                config.instantiate(self.cfg.checkpointer).save_hf(full, tmp)
+                self._save_hf(full, tmp)
         else:
             raise RecipeError("config", f"final_format must be 'dcp' or 'hf', got {fmt!r}")
         if self.is_rank_zero:
@@ -393,11 +404,34 @@ class SFTRecipe:
             self.log(f"final checkpoint ({fmt}) at {final}, step {self.step}")
         self._barrier()
 
+    def _save_hf(self, full: dict[str, torch.Tensor], target: Path) -> None:
+        """HF safetensors through the checkpointer; LoRA adapters merged, and also kept beside as an adapter."""
+        # full_tensor() of an unevenly sharded parameter can be a view on CPU: own the memory.
+        full = {key: value.clone() for key, value in full.items()}
+        state: dict[str, Any] = {training.MODEL_KEY: full}
+        if self.method == "lora":
+            lora = self._lora_meta()
+            state = {
+                training.MODEL_KEY: _import_object(self.cfg.merge_lora_fn)(full, lora["rank"], lora["alpha"]),
+                training.ADAPTER_KEY: get_adapter_state_dict(full, device="cpu"),
+                training.ADAPTER_CONFIG: {
+                    "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora.get("dropout", 0.0),
+                    "target_modules": get_lora_module_names(
+                        lora.get("attn_modules", []), lora.get("apply_to_mlp", False),
+                        lora.get("apply_to_output", False)),
+                },
+            }
+        staging = target.with_name(target.name + "-hf")
+        shutil.rmtree(staging, ignore_errors=True)
+        config.instantiate(self.cfg.checkpointer, output_dir=str(staging)).save_checkpoint(state, epoch=0)
+        os.replace(staging / "epoch_0", target)
+        shutil.rmtree(staging)
+
     def _lora_meta(self) -> dict[str, Any] | None:
         if self.method != "lora":
             return None
         model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
-        return {key: model_cfg[key] for key in LORA_KEYS if key in model_cfg}
+        return {field: model_cfg[arg] for field, arg in LORA_META.items() if arg in model_cfg}
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         emit_metrics(record)

@@ -1,0 +1,156 @@
+"""The train stage's parts, without launching a trainer: checkpoint discovery and writing, the resumable sampler,
+config rendering from a profile and the launch commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.profile import load_profile
+from finetune.stage import PermanentError
+from recipes import checkpointing as ckpt
+from recipes.report import ERROR_PREFIX, METRICS_PREFIX, parse_error, parse_metrics
+from recipes.sampler import ResumableSampler
+from tasks import train
+
+
+def write_fake_complete(path: Path) -> None:
+    path.mkdir(parents=True)
+    (path / "__0_0.distcp").write_bytes(b"x")
+    (path / ckpt.METADATA).write_bytes(b"m")
+
+
+def test_latest_checkpoint_skips_half_written_and_temporary_dirs(tmp_path: Path) -> None:
+    write_fake_complete(tmp_path / "step_2")
+    write_fake_complete(tmp_path / "step_10")
+    (tmp_path / "step_12").mkdir()  # a save killed before DCP wrote .metadata
+    (tmp_path / "step_12" / "__0_0.distcp").write_bytes(b"partial")
+    write_fake_complete(tmp_path / f"{ckpt.TMP_PREFIX}step_14")  # complete data, never renamed
+    (tmp_path / "step_x").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path) == (10, tmp_path / "step_10")
+    assert [step for step, _ in ckpt.complete_checkpoints(tmp_path)] == [2, 10]
+    assert ckpt.latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_remove_partial_deletes_only_temporary_dirs(tmp_path: Path) -> None:
+    write_fake_complete(tmp_path / "step_2")
+    write_fake_complete(tmp_path / f"{ckpt.TMP_PREFIX}step_4")
+    assert ckpt.remove_partial(tmp_path) == [tmp_path / f"{ckpt.TMP_PREFIX}step_4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+
+
+def test_checkpoint_writer_renames_complete_saves_keeps_newest_and_restores_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    writer = ckpt.CheckpointWriter(tmp_path, rank=0, keep_last=1, async_save=False)
+    for step in (1, 2):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        writer.save(step, {**ckpt.training_state(model, optimizer, trainable_only=False), "trainer": {"step": step}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+    assert ckpt.is_complete(tmp_path / "step_2")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh = torch.nn.Linear(4, 3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    state = {**ckpt.training_state(fresh, fresh_opt, trainable_only=False), "trainer": {"step": 0}}
+    ckpt.load(tmp_path / "step_2", state)
+    ckpt.restore_training_state(fresh, fresh_opt, state)
+    assert state["trainer"]["step"] == 2
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key])
+    assert fresh_opt.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt.CheckpointWriter(tmp_path, rank=0, keep_last=1, async_save=False).save(
+        3, ckpt.training_state(model, optimizer, trainable_only=False))
+    for data in (tmp_path / "step_3").glob("*.distcp"):
+        data.unlink()
+    with pytest.raises(ckpt.RecipeError, match="step_3 is damaged or incomplete") as info:
+        ckpt.load(tmp_path / "step_3", ckpt.training_state(model, optimizer, trainable_only=False))
+    assert info.value.kind == "missing_checkpoint"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_resumable_sampler_skips_the_same_leading_samples_for_any_world_size(world: int) -> None:
+    data = list(range(40))
+    epoch_order = list(ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7))
+    remaining = []
+    for rank in range(world):
+        sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=7)
+        sampler.start_epoch(0, global_offset=8)
+        assert len(sampler) == (40 - 8) // world
+        remaining += list(sampler)
+    assert sorted(remaining) == sorted(epoch_order[8:])
+
+
+def test_resumable_sampler_refuses_an_offset_that_does_not_divide() -> None:
+    with pytest.raises(ValueError, match="must divide evenly"):
+        ResumableSampler(list(range(10)), num_replicas=4, rank=0, shuffle=False, seed=0).start_epoch(0, 6)
+
+
+def test_report_lines_are_found_behind_launcher_prefixes() -> None:
+    assert parse_metrics(f"[proc 1] [rank0]: {METRICS_PREFIX}" + '{"step": 3, "loss": 1.5}') == {"step": 3, "loss": 1.5}
+    assert parse_error(ERROR_PREFIX + '{"kind": "nan_loss", "message": "m"}')["kind"] == "nan_loss"
+    assert parse_metrics("step 3 loss 1.5") is None and parse_metrics(METRICS_PREFIX + "{broken") is None
+
+
+def tiny(*overrides: str):
+    return load_profile("tiny-cpu", list(overrides))
+
+
+def test_render_config_maps_the_profile_and_applies_overrides(tmp_path: Path) -> None:
+    profile = tiny("train.method=lora", "train.lora={rank: 4, alpha: 8, attn_modules: [q_proj, v_proj]}",
+                   "train.enable_dcp=false", "train.max_steps=7", "data.max_seq_len=64",
+                   "train.recipe_overrides={optimizer.betas: [0.9, 0.95], checkpoint: {keep_last: 3}, num_threads: 1}")
+    model_dir, pack_dir = tmp_path / "model", tmp_path / "pack"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.json").write_text("{}")
+    cfg = train.render_config(profile.train, 64, tmp_path / "work", model_dir, pack_dir)
+    assert cfg["model"] == {
+        "_component_": "llama4tune.lora_llama4_from_hf_config", "config": str(model_dir), "max_seq_len": 64,
+        "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True, "apply_lora_to_experts": False,
+        "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+    }
+    assert cfg["method"] == "lora" and cfg["final_format"] == "hf" and cfg["max_steps"] == 7
+    assert cfg["optimizer"] == {"_component_": "torch.optim.AdamW", "lr": profile.train.lr, "weight_decay": 0.0,
+                                "betas": [0.9, 0.95]}
+    assert cfg["checkpoint"]["keep_last"] == 3 and cfg["checkpoint"]["every_n_steps"] == 50
+    assert cfg["checkpoint"]["dir"] == "${output_dir}/checkpoints"
+    assert cfg["num_threads"] == 1
+    assert cfg["dataset"]["path"] == str(pack_dir) and cfg["tokenizer_file"] == str(model_dir / "tokenizer.json")
+
+
+@pytest.mark.parametrize("override, complaint", [
+    ("{optimiser.lr: 0.1}", "'optimiser' is not a key"),
+    ("{checkpoint.every_steps: 3}", "'every_steps' is not a key of 'checkpoint'"),
+])
+def test_render_config_rejects_misspelt_overrides(tmp_path: Path, override: str, complaint: str) -> None:
+    profile = tiny(f"train.recipe_overrides={override}")
+    with pytest.raises(PermanentError, match=complaint):
+        train.render_config(profile.train, 64, tmp_path, tmp_path, tmp_path)
+
+
+def test_launch_commands_per_launcher(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    single = train.launch_commands(tiny().train, config, "run1")
+    assert single == [[single[0][0], "run", train.RECIPE, "--config", str(config)]]
+    [two] = train.launch_commands(tiny("train.nproc_per_node=2").train, config, "run1")
+    assert two[1:6] == ["run", "--nnodes", "1", "--nproc_per_node", "2"]
+    nodes = train.launch_commands(tiny("train.launcher=local-nodes", "train.nnodes=2").train, config, "run1")
+    assert len(nodes) == 2 and nodes[0] == nodes[1]
+    joined = " ".join(nodes[0])
+    assert "--nnodes 2 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in joined and "--rdzv_id run1" in joined
+
+
+@pytest.mark.parametrize("launcher", ["prefect-pool", "skypilot", "jobset"])
+def test_engine_launchers_are_refused_by_name_until_implemented(tmp_path: Path, launcher: str) -> None:
+    with pytest.raises(PermanentError, match=f"'{launcher}' is not implemented yet.*issue 5"):
+        train.launch_commands(tiny(f"train.launcher={launcher}", "train.nnodes=2").train, tmp_path, "run1")
