@@ -5,6 +5,10 @@ sigmoid routing, chunked local attention on RoPE layers, a NoPE global layer eve
 with attention temperature tuning, QK L2-norm, GQA, untied lm_head) at sizes a 2-core CPU
 trains in minutes. The build is a pure function of the seed: same bytes in any process.
 
+Sizes were picked by measurement (2.30M parameters; plain AdamW loop on this HF model, 2 torch
+threads, lr 3e-3 cosine, 64 chats per step, loss on assistant tokens): train loss 6.25 -> 0.003
+in 200 steps (~167 s of 2-core CPU time) and greedy exact match on the test split 0% -> 100%.
+
 `python -m embedded.tiny_model OUT_DIR [--seed N]` writes a Hugging Face checkpoint directory.
 """
 
@@ -29,7 +33,7 @@ EOT_ID = _BPE_IDS[tiny_tokenizer.EOT]
 PAD_ID = _BPE_IDS[tiny_tokenizer.PAD]
 
 # The one source of the tiny architecture's numbers (Llama4TextConfig field names), shared with
-# the torchtune builder `llama4_tiny`. Sizes chosen by measurement: see the module docstring.
+# the torchtune builder `llama4_tiny`. Sizes chosen by measurement (module docstring).
 TINY_TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": tiny_tokenizer.VOCAB_SIZE,
     "hidden_size": 128,
