@@ -36,7 +36,8 @@ def embedded_model_dir(seed: int) -> Path:
 
     # The build is deterministic in the builder's code and the data its tokenizer is trained on.
     sources = Path(embedded.__file__).parent
-    builder = hash_json([sha256_file(sources / name) for name in ("tiny_model.py", "tokenizer.py", "data/train.jsonl")])
+    builder = hash_json([sha256_file(sources / name) for name in (
+        "tiny_model.py", "tokenizer.py", "dataset.py", "data/train.jsonl")])
     target = scratch_root() / "embedded" / f"tiny-llama4-{builder[:12]}-seed{seed}"
     if not (target / "config.json").is_file():
         build_tiny_model(target, seed=seed)
