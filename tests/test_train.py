@@ -1,0 +1,184 @@
+"""The train stage end to end on the tiny Llama 4 (CPU): real `tune run` launches of recipes/sft.py, single process,
+two processes (gloo, FSDP2) and two torchrun "nodes" over loopback; kill-and-resume; preemption; divergence.
+
+Runs are short (6 optimizer steps of 2 packs of 64 tokens, a checkpoint every 2 steps) because the cost is in
+starting the trainer processes, not in the steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from finetune.procs import ProcessFailed
+from finetune.profile import Profile, load_profile
+from finetune.stage import PermanentError, Preempted, StageContext, execute_stage
+from finetune.store import Artifact, Store
+from recipes.checkpointing import latest_checkpoint
+from recipes.report import parse_metrics
+from tasks import download, pack, train
+
+STEPS, EVERY = 6, 2
+BASE = [
+    "data.max_seq_len=64", f"train.max_steps={STEPS}", "train.batch_size=2", "train.warmup_steps=1",
+    f"train.checkpoint_every_steps={EVERY}", "train.recipe_overrides={num_threads: 1}",
+]
+LORA = ["train.method=lora", "train.lora={rank: 8, alpha: 16}", "train.lr=1.0e-2"]
+TWO_PROCS = ["train.nproc_per_node=2", "train.batch_size=1"]  # same global batch as one process with 2
+TWO_NODES = ["train.launcher=local-nodes", "train.nnodes=2", "train.batch_size=1"]
+
+
+def profile(*overrides: str) -> Profile:
+    return load_profile("tiny-cpu", [*BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Artifact]]:
+    """The real upstream artifacts: the embedded tiny model (download) and its packed training data (pack)."""
+    root = tmp_path_factory.mktemp("train-inputs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_SCRATCH", str(root / "scratch"))
+        store = Store(root / "store")
+        model, _ = execute_stage(download.SPEC, profile(), store, {})
+        packed, _ = execute_stage(pack.SPEC, profile(), store, {"download": model})
+        yield {"download": model, "pack": packed}
+
+
+class Run:
+    """One attempt of the train stage in ``workdir`` (reused by a retry, as the store does for resumable stages)."""
+
+    def __init__(self, inputs: dict[str, Artifact], workdir: Path, *overrides: str,
+                 on_line: Callable[[str], None] = lambda line: None):
+        self.lines: list[str] = []
+        self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.metrics: dict[str, Any] = {}
+
+        def log(line: str) -> None:
+            self.lines.append(line)
+            on_line(line)
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ctx = StageContext(profile=profile(*overrides), key="test" + workdir.name, workdir=workdir,
+                                inputs=inputs, log=log, tables=self.tables)
+        self.workdir = workdir
+
+    def __call__(self) -> dict[str, Any]:
+        self.metrics = train.run(self.ctx)
+        return self.metrics
+
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (self.workdir / "metrics.jsonl").read_text().splitlines())}
+
+    def logged_steps(self) -> list[int]:
+        return [record["step"] for record in filter(None, map(parse_metrics, self.lines))]
+
+
+def no_trainer_left() -> bool:
+    return not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module")
+def full_run(inputs: dict[str, Artifact], tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run = Run(inputs, tmp_path_factory.mktemp("full") / "work")
+    run()
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_run(inputs: dict[str, Artifact], tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run = Run(inputs, tmp_path_factory.mktemp("lora") / "work", *LORA)
+    run()
+    return run
+
+
+def test_full_single_process_learns_and_writes_the_train_artifact(full_run: Run) -> None:
+    metrics, work = full_run.metrics, full_run.workdir
+    assert metrics["method"] == "full" and metrics["format"] == "dcp" and metrics["steps"] == STEPS
+    assert metrics["last_loss"] < metrics["first_loss"] - 0.5, metrics
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_gib"] > 0 and metrics["resumed_from_step"] is None
+    meta = json.loads((work / "final" / "train_meta.json").read_text())
+    assert meta["format"] == "dcp" and meta["method"] == "full" and meta["lora"] is None and meta["step"] == STEPS
+    assert (work / "final" / ".metadata").is_file()
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [f"step_{STEPS - EVERY}"]
+    assert (work / "torchtune_config.yaml").is_file() and (work / "loss_curve.png").stat().st_size > 1000
+    assert [row["step"] for row in full_run.tables["train_metrics"]] == list(range(1, STEPS + 1))
+    assert sorted(full_run.losses()) == list(range(1, STEPS + 1))
+
+
+def test_lora_single_process_trains_only_adapters_and_records_them(lora_run: Run) -> None:
+    metrics = lora_run.metrics
+    assert metrics["method"] == "lora" and metrics["last_loss"] < metrics["first_loss"] - 0.2, metrics
+    meta = json.loads((lora_run.workdir / "final" / "train_meta.json").read_text())
+    assert meta["lora"]["rank"] == 8 and meta["lora"]["alpha"] == 16.0
+    assert any("59,392 trainable" in line for line in lora_run.lines), "only the LoRA adapters should train"
+
+
+def test_full_two_processes_with_fsdp_match_one_process(inputs: dict[str, Artifact], full_run: Run,
+                                                        tmp_path: Path) -> None:
+    run = Run(inputs, tmp_path / "work", *TWO_PROCS)
+    metrics = run()
+    assert metrics["world_size"] == 2 and metrics["steps"] == STEPS
+    assert any("FSDP over 2 processes" in line for line in run.lines)
+    for step, loss in full_run.losses().items():
+        assert run.losses()[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_lora_on_two_local_nodes_matches_two_processes_on_one_node(inputs: dict[str, Artifact],
+                                                                   tmp_path: Path) -> None:
+    one_node = Run(inputs, tmp_path / "one-node", *LORA, *TWO_PROCS)
+    one_node()
+    two_nodes = Run(inputs, tmp_path / "two-nodes", *LORA, *TWO_NODES)
+    metrics = two_nodes()
+    assert metrics["world_size"] == 2 and metrics["last_loss"] < metrics["first_loss"]
+    assert two_nodes.losses() == pytest.approx(one_node.losses(), rel=1e-6)
+
+
+def test_killed_run_resumes_from_its_newest_complete_checkpoint(inputs: dict[str, Artifact], lora_run: Run,
+                                                                tmp_path: Path) -> None:
+    work = tmp_path / "work"
+
+    def kill_at_step_5(line: str) -> None:
+        record = parse_metrics(line)
+        if record and record["step"] == 5:  # a checkpoint was written at step 4
+            for child in psutil.Process().children():
+                os.killpg(child.pid, signal.SIGKILL)
+
+    killed = Run(inputs, work, *LORA, on_line=kill_at_step_5)
+    with pytest.raises(ProcessFailed, match="signal 9"):
+        killed()
+    assert no_trainer_left()
+    resume_step, _ = latest_checkpoint(work / "checkpoints")
+    reached = max(killed.logged_steps())
+    assert reached - resume_step <= EVERY, "more than one checkpoint interval would be redone"
+
+    resumed = Run(inputs, work, *LORA)
+    metrics = resumed()
+    assert metrics["resumed_from_step"] == resume_step
+    assert resumed.logged_steps() == list(range(resume_step + 1, STEPS + 1))
+    assert sorted(resumed.losses()) == list(range(1, STEPS + 1)), "metrics.jsonl should read as one run"
+    assert metrics["last_loss"] == pytest.approx(lora_run.metrics["last_loss"], abs=1e-6)
+    assert resumed.losses() == pytest.approx(lora_run.losses(), abs=1e-6)
+
+
+def test_sigterm_stops_the_trainer_and_raises_preempted(inputs: dict[str, Artifact], tmp_path: Path) -> None:
+    def preempt_on_first_step(line: str) -> None:
+        if parse_metrics(line):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        Run(inputs, tmp_path / "work", on_line=preempt_on_first_step)()
+    assert no_trainer_left()
+
+
+def test_diverging_loss_stops_with_a_clear_permanent_error(inputs: dict[str, Artifact], tmp_path: Path) -> None:
+    # eps 0 makes Adam divide 0 by 0 for weights that got no gradient: NaN weights, NaN loss on the next step.
+    run = Run(inputs, tmp_path / "work", "train.recipe_overrides={num_threads: 1, optimizer.eps: 0.0}")
+    with pytest.raises(PermanentError, match=r"nan_loss.*loss is nan at step 2"):
+        run()
+    assert not (tmp_path / "work" / "final").exists()
