@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 
 from finetune.profile import Profile
-from finetune.stage import PermanentError, StageSpec, execute_stage, stage_key
+from finetune.stage import PermanentError, StageSpec, execute_stage, read_tables, stage_key
 from finetune.store import Artifact, Store
 
 
@@ -79,9 +79,15 @@ def run_stage(
     spec: StageSpec, profile: Profile, store: Store, inputs: dict[str, Artifact], label: str | None = None
 ) -> StageResult:
     """Run (or reuse) one stage from inside the flow and post its tables to the UI."""
+    from flows.stage_flow import dispatch_to_gpu_pool  # imports this module
+
     label = label or spec.name
     key = stage_key(spec, profile, inputs)
     verified = store.verified_artifact(spec.name, key) is not None
+    # GPU-bound stages of a deployed pipeline run as their own flow run in the GPU pool (flows/stage_flow.py).
+    remote = None if verified else dispatch_to_gpu_pool(spec, profile, store, inputs, key, label)
+    if remote is not None:
+        return _post_tables(StageResult(artifact=remote, cached=False, tables=read_tables(remote)), label)
     state = run_stage_task.with_options(
         name=label,
         task_run_name=f"{label}-{key[:10]}",
@@ -96,7 +102,11 @@ def run_stage(
         artifact = store.verified_artifact(spec.name, key) or artifact
     # A Prefect cache hit never re-ran the task; a store hit ran it but found the artifact finished.
     cached = state.name == "Cached" or verified
-    for name, rows in payload["tables"].items():
+    return _post_tables(StageResult(artifact=artifact, cached=cached, tables=payload["tables"]), label)
+
+
+def _post_tables(result: StageResult, label: str) -> StageResult:
+    for name, rows in result.tables.items():
         if rows:
             create_table_artifact(rows, key=_artifact_key(f"{label}-{name}"), description=f"{label}: {name}")
-    return StageResult(artifact=artifact, cached=cached, tables=payload["tables"])
+    return result

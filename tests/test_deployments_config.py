@@ -23,8 +23,8 @@ def _deployments() -> dict[str, dict[str, Any]]:
     config = yaml.safe_load(PREFECT_YAML.read_text())
     out = {}
     for deployment in config["deployments"]:
-        flow = {"flows/finetune.py:finetune": "finetune", "flows/stage_flow.py:finetune_stage": "finetune-stage",
-                "flows/stage_flow.py:train_node": "finetune-train-node"}[deployment["entrypoint"]]
+        flow = {"flows.finetune:finetune": "finetune", "flows.stage_flow:finetune_stage": "finetune-stage",
+                "flows.stage_flow:train_node": "finetune-train-node"}[deployment["entrypoint"]]
         out[f"{flow}/{deployment['name']}"] = deployment
     return out
 

@@ -1,0 +1,260 @@
+"""Multi-node training whose nodes an engine places, never hand-rolled SSH.
+
+``train.launcher: prefect-pool``: the train stage (running in the CPU orchestration flow) writes the training config
+into its directory in the store, then submits one ``finetune-train-node/<gpu pool>`` flow run per node with
+``run_deployment``. Node 0 publishes its ``host:port`` in a Prefect Variable named after the rendezvous id (one per
+attempt of the stage); the other nodes read it there, and all of them start ``tune run`` with torchrun's c10d
+rendezvous at that endpoint (elastic node range and max restarts from ``train.elastic``). The stage waits for every
+node run: one that ends Failed, Crashed or Cancelled fails the stage and the others are cancelled. A node run that is
+rescheduled after a SIGTERM (spot preemption, see deployments/kubernetes-gpu-pool.json) starts its trainer again,
+which rejoins the rendezvous; the recipe resumes from the newest checkpoint in the shared store.
+
+``train.launcher: skypilot | jobset`` (see finetune/render.py): the launcher placed the nodes and says where node 0
+is. Node 0 runs the pipeline; ``python -m flows.multinode join`` runs the trainer of every other node.
+
+The store must be a directory every node mounts at the same path (a shared volume): the trainers write their
+checkpoints into the train stage's directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from finetune.profile import Profile, TrainConfig
+from finetune.render import ENDPOINT_ENV, RDZV_ID_ENV, node_command
+from finetune.stage import PermanentError, StageContext
+from finetune.store import Artifact, Store
+
+NODE_FLOW = "finetune-train-node"
+NODE_ADDR_ENV = "FINETUNE_NODE_ADDR"
+# How long a node waits for node 0's endpoint (GPU nodes may have to be provisioned first).
+ENDPOINT_TIMEOUT_S = float(os.environ.get("FINETUNE_RDZV_TIMEOUT_S", "1800"))
+POLL_S = 1.0
+FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
+
+
+class NodeFailed(RuntimeError):
+    """A node run of a multi-node training ended without completing (the stage is retried as a whole)."""
+
+
+def node_deployment(profile: Profile) -> str:
+    return f"{NODE_FLOW}/{profile.deploy.gpu_work_pool}"
+
+
+def variable_name(rdzv_id: str) -> str:
+    return f"finetune-rdzv-{rdzv_id}"
+
+
+def pool_job_variables(profile: Profile) -> dict[str, Any]:
+    """Job variables a GPU run of this profile asks its pool for (image, GPUs, node selector, ...)."""
+    variables = dict(profile.deploy.job_variables)
+    if profile.deploy.image:
+        variables["image"] = profile.deploy.image
+    return variables
+
+
+def _tune() -> str:
+    return str(Path(sys.executable).with_name("tune"))
+
+
+# -- coordinator: the train stage ---------------------------------------------------------------------------------
+def train_on_pool(ctx: StageContext, config_path: Path) -> None:
+    """Run the training described by ``config_path`` (in ctx.workdir) as one flow run per node in the GPU pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
+    from prefect.variables import Variable
+
+    profile = ctx.profile
+    params = flow_run.parameters or {}
+    if "profile" not in params:
+        raise PermanentError("train.launcher 'prefect-pool' runs inside the finetune flow (it names the profile "
+                             "for the node runs)")
+    rdzv_id = f"{ctx.key[:12]}-{uuid.uuid4().hex[:8]}"  # fresh per attempt: a retry never meets stale nodes
+    deployment = node_deployment(profile)
+    ctx.log(f"submitting {profile.train.nnodes} node runs to {deployment} (rendezvous {rdzv_id})")
+    runs = []
+    try:
+        for rank in range(profile.train.nnodes):
+            runs.append(run_deployment(
+                deployment,
+                parameters={"profile": params["profile"], "overrides": params.get("overrides") or [],
+                            "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id},
+                flow_run_name=f"{profile.name}-train-{ctx.key[:8]}-node-{rank}",
+                job_variables=pool_job_variables(profile),
+                tags=["finetune-train-node", f"rdzv-{rdzv_id}"],
+                timeout=0,
+            ))
+        with get_client(sync_client=True) as client:
+            _wait_for_nodes(ctx, client, [run.id for run in runs], config_path.parent)
+    finally:
+        with get_client(sync_client=True) as client:
+            _cancel_unfinished(client, [run.id for run in runs])
+        Variable.unset(variable_name(rdzv_id))
+
+
+def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path) -> None:
+    seen: dict[uuid.UUID, str] = {}
+    while True:
+        states = {}
+        for rank, run_id in enumerate(run_ids):
+            run = client.read_flow_run(run_id)
+            states[run_id] = run.state
+            name = run.state.name if run.state else "Unknown"
+            if seen.get(run_id) != name:
+                ctx.log(f"node {rank} ({run.name}): {name}")
+                seen[run_id] = name
+            if run.state is not None and run.state.type.value in FAILED_STATES:
+                raise NodeFailed(f"node {rank} of {len(run_ids)} ({run.name}, flow run {run_id}) ended "
+                                 f"{name}: {run.state.message or 'no message'}; cancelling the other nodes")
+        if all(state is not None and state.is_completed() for state in states.values()):
+            return
+        _report_progress(ctx, workdir)
+        time.sleep(POLL_S)
+
+
+def _report_progress(ctx: StageContext, workdir: Path) -> None:
+    """The coordinator has no trainer output of its own: follow rank 0's metrics file in the shared store."""
+    from tasks.train import METRICS_FILE
+
+    path = workdir / METRICS_FILE
+    try:
+        last = path.read_text().strip().rsplit("\n", 1)[-1]
+    except (FileNotFoundError, IndexError):
+        return
+    import json
+
+    try:
+        record = json.loads(last)
+    except json.JSONDecodeError:
+        return  # a line being written
+    total = record.get("total_steps") or 1
+    ctx.progress(min(1.0, record.get("step", 0) / total), f"step {record.get('step')}/{total} loss {record.get('loss')}")
+
+
+def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
+    from prefect.states import Cancelled, Cancelling
+
+    for run_id in run_ids:
+        state = client.read_flow_run(run_id).state
+        if state is None or state.is_final():
+            continue
+        # A run no worker has started yet has nothing to stop; a running one is stopped by its worker.
+        new = Cancelled() if state.is_scheduled() or state.is_pending() else Cancelling()
+        client.set_flow_run_state(run_id, new, force=True)
+
+
+# -- one node -----------------------------------------------------------------------------------------------------
+def run_node(ctx: StageContext, node_rank: int, rdzv_id: str) -> None:
+    """This node's trainer for the training whose config is in ctx.workdir; node 0 publishes the endpoint."""
+    from tasks.train import CONFIG_FILE, _check_device, _launch
+
+    _check_device(ctx.profile.train)
+    config_path = Path(ctx.workdir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise PermanentError(f"{config_path} not found: every node must mount the artifact store at the same path "
+                             "(a shared volume) as the train stage that wrote it")
+    endpoint = publish_endpoint(rdzv_id) if node_rank == 0 else await_endpoint(rdzv_id)
+    ctx.log(f"node {node_rank}: rendezvous {rdzv_id} at {endpoint}")
+    _launch(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=_tune())])
+
+
+def node_address() -> str:
+    """The address other nodes reach this one at: the pod IP on Kubernetes (FINETUNE_NODE_ADDR), else the host's."""
+    if addr := os.environ.get(NODE_ADDR_ENV):
+        return addr
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return int(sock.getsockname()[1])
+
+
+def publish_endpoint(rdzv_id: str) -> str:
+    from prefect.variables import Variable
+
+    addr = node_address()
+    endpoint = f"{addr}:{_free_port(addr)}"
+    # Overwrite: a rescheduled node 0 may come back on another host.
+    Variable.set(variable_name(rdzv_id), endpoint, overwrite=True, tags=["finetune-rendezvous"])
+    return endpoint
+
+
+def await_endpoint(rdzv_id: str, timeout_s: float = ENDPOINT_TIMEOUT_S) -> str:
+    from prefect.variables import Variable
+
+    deadline = time.monotonic() + timeout_s
+    while (endpoint := Variable.get(variable_name(rdzv_id))) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node 0 of rendezvous {rdzv_id} did not publish its endpoint within {timeout_s:.0f}s")
+        time.sleep(POLL_S)
+    return str(endpoint)
+
+
+# -- nodes placed by SkyPilot / JobSet ------------------------------------------------------------------------------
+def external_node_command(train: TrainConfig, config_path: Path) -> list[str]:
+    """This node's trainer command when a launcher placed the nodes and exported node 0's endpoint."""
+    endpoint, rdzv_id = os.environ.get(ENDPOINT_ENV), os.environ.get(RDZV_ID_ENV)
+    if not endpoint or not rdzv_id:
+        raise PermanentError(f"train.launcher '{train.launcher}' runs inside a job rendered by `finetune render "
+                             f"--target {train.launcher}`, which sets {ENDPOINT_ENV} and {RDZV_ID_ENV}; they are unset")
+    return node_command(train, config_path, endpoint, rdzv_id, tune=_tune())
+
+
+def train_key(profile: Profile) -> str:
+    """The train stage's key as the pipeline computes it (keys depend on the upstream keys, not their files)."""
+    from finetune.stage import stage_key
+    from tasks import download, pack, train
+
+    download_key = stage_key(download.SPEC, profile, {})
+    upstream = {"download": Artifact("download", download_key, "")}
+    upstream["pack"] = Artifact("pack", stage_key(pack.SPEC, profile, upstream), "")
+    return stage_key(train.SPEC, profile, upstream)
+
+
+def join(profile: Profile, store: Store, timeout_s: float = ENDPOINT_TIMEOUT_S) -> None:
+    """Wait until node 0's pipeline has written the training config to the shared store, then train with it."""
+    from tasks.train import CONFIG_FILE, _launch
+
+    workdir = store.local_dir("train", train_key(profile))
+    config_path = workdir / CONFIG_FILE
+    deadline = time.monotonic() + timeout_s
+    while not config_path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{config_path} did not appear within {timeout_s:.0f}s (is node 0's pipeline running "
+                               "against the same shared store?)")
+        time.sleep(5 * POLL_S)
+    ctx = StageContext(profile=profile, key=workdir.name, workdir=workdir, inputs={}, log=print)
+    _launch(ctx, [external_node_command(profile.train, config_path)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune.profile import load_profile
+
+    parser = argparse.ArgumentParser(prog="python -m flows.multinode", description="Nodes placed by SkyPilot/JobSet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    joiner = sub.add_parser("join", help="train as a non-zero node of a rendered SkyPilot task / JobSet")
+    joiner.add_argument("--profile", required=True)
+    joiner.add_argument("--store", default=None)
+    joiner.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_args(argv)
+    from flows.finetune import default_store_url
+
+    join(load_profile(args.profile, args.overrides), Store(args.store or default_store_url()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

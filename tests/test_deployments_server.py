@@ -1,0 +1,236 @@
+"""The deployments on a real Prefect server (SQLite) with two process workers, as a user runs them.
+
+One session fixture starts the server on a free loopback port, creates the work pools from deployments/, starts two
+workers on the local pool and runs `prefect deploy --all`; every test shares it, and every process it started is
+stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from finetune.profile import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FINETUNE_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(root / "prefect-home"),
+        PREFECT_API_URL=api_url,
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        FINETUNE_STORE=str(root / "store"),
+        FINETUNE_SCRATCH=str(root / "scratch"),
+        FINETUNE_NODE_ADDR="127.0.0.1",
+        PYTHONUNBUFFERED="1",
+        **(extra or {}),
+    )
+    return env
+
+
+@dataclass
+class Cluster:
+    root: Path
+    api_url: str
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def prefect(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO_ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"prefect {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-3000:]}\n--- worker logs ---\n{self.logs('worker-1')[-4000:]}")
+        return proc
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def logs(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def run_deployment(self, name: str, params: dict[str, Any], env: dict[str, str] | None = None,
+                       ) -> tuple[dict[str, Any], float]:
+        """`prefect deployment run NAME --watch`: the flow run as the API reports it, and the seconds it took."""
+        args = ["deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-interval", "1"]
+        if env:
+            args += ["--job-variable", f"env={json.dumps(env)}"]
+        started = time.perf_counter()
+        proc = self.prefect(*args, check=False)
+        seconds = time.perf_counter() - started
+        run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
+        run = self.api("GET", f"/flow_runs/{run_id}")
+        assert proc.returncode == 0, f"{name} ended {run['state']['name']}: {run['state'].get('message')}\n" \
+                                     f"{proc.stdout[-3000:]}\n--- worker ---\n{self.logs('worker-1')[-6000:]}" \
+                                     f"\n{self.logs('worker-2')[-6000:]}"
+        return run, seconds
+
+    def children(self, parent_id: str, flow_name: str | None = None) -> list[dict[str, Any]]:
+        runs = self.api("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}})
+        if flow_name is None:
+            return runs
+        flows = {f["id"]: f["name"] for f in self.api("POST", "/flows/filter", {})}
+        return [r for r in runs if flows[r["flow_id"]] == flow_name]
+
+    def stop(self) -> None:
+        """Workers get SIGINT twice (an idle worker needs both), then the server SIGTERM; stragglers are killed."""
+        workers = [p for n, p in self.procs.items() if n.startswith("worker")]
+        for sig in (signal.SIGINT, signal.SIGINT):
+            for proc in workers:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, sig)
+            time.sleep(1)
+        for name, proc in self.procs.items():
+            if proc.poll() is None and not name.startswith("worker"):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_healthy(cluster: Cluster, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cluster.procs["server"].poll() is not None:
+            raise AssertionError(f"prefect server exited:\n{cluster.logs('server')[-4000:]}")
+        try:
+            if httpx.get(f"{cluster.api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"prefect server not healthy after {timeout_s}s:\n{cluster.logs('server')[-4000:]}")
+
+
+def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: int = 2) -> Cluster:
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    cluster = Cluster(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env))
+    try:
+        cluster.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        wait_healthy(cluster)
+        subprocess.run(["bash", str(REPO_ROOT / "deployments" / "create-pools.sh")], cwd=REPO_ROOT, env=cluster.env,
+                       check=True, capture_output=True, timeout=300)
+        for index in range(1, workers + 1):
+            cluster.start(f"worker-{index}", "worker", "start", "--pool", "local-process", "--type", "process",
+                          "--name", f"worker-{index}")
+        cluster.prefect("deploy", "--all")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    started = start_cluster(tmp_path_factory.mktemp("prefect-cluster"))
+    yield started
+    started.stop()
+    leftovers = [n for n, p in started.procs.items() if p.returncode is None]
+    assert not leftovers, f"still running after shutdown: {leftovers}"
+
+
+def expected_deployments() -> set[str]:
+    flows = {"flows.finetune:finetune": "finetune", "flows.stage_flow:finetune_stage": "finetune-stage",
+             "flows.stage_flow:train_node": "finetune-train-node"}
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    return {f"{flows[d['entrypoint']]}/{d['name']}" for d in config["deployments"]}
+
+
+def test_deploy_all_registers_every_deployment_with_pools_and_inactive_schedules(cluster: Cluster) -> None:
+    flows = {f["id"]: f["name"] for f in cluster.api("POST", "/flows/filter", {})}
+    deployments = cluster.api("POST", "/deployments/filter", {})
+    by_name = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments}
+    assert set(by_name) == expected_deployments()
+    assert by_name["finetune/maverick-sft"]["work_pool_name"] == "cpu-pool"
+    assert by_name["finetune-stage/gpu-h200"]["work_pool_name"] == "gpu-h200"
+    schedules = by_name["finetune/scout-lora"]["schedules"]
+    assert len(schedules) == 1 and schedules[0]["active"] is False
+    assert schedules[0]["schedule"]["cron"] == "0 3 * * 1"
+    assert by_name["finetune/tiny-cpu"]["parameters"] == {"profile": "tiny-cpu", "overrides": []}
+    pools = {p["name"]: p for p in cluster.api("POST", "/work_pools/filter", {})}
+    gpu = pools["gpu-h100"]["base_job_template"]["variables"]["properties"]
+    assert {"gpu_count", "node_selector", "tolerations", "store_pvc", "hf_token_secret"} <= set(gpu)
+
+
+TINY = {"overrides": ["train.max_steps=4"], "until": "train"}
+
+
+def test_tiny_cpu_runs_through_server_and_worker_with_train_in_the_gpu_pool(cluster: Cluster) -> None:
+    # FINETUNE_GPU_DISPATCH=always: the embedded default's two pools are one, so force the GPU-stage path.
+    run, seconds = cluster.run_deployment("finetune/tiny-cpu", TINY, env={"FINETUNE_GPU_DISPATCH": "always"})
+    assert run["state"]["type"] == "COMPLETED"
+    assert run["name"].startswith("tiny-cpu-data-")  # profile and data version
+    (stage_run,) = cluster.children(run["id"], "finetune-stage")
+    assert stage_run["state"]["type"] == "COMPLETED" and stage_run["parameters"]["stage"] == "train"
+    assert stage_run["work_queue_name"] and stage_run["deployment_id"]
+    # The UI API shows states, logs and artifacts of both runs.
+    history = cluster.api("GET", f"/flow_runs/{run['id']}/graph-v2")
+    assert history["nodes"]
+    logs = cluster.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [stage_run["id"]]}}, "limit": 200})
+    assert any("launching 1 trainer process" in log["message"] for log in logs)
+    keys = {a["key"] for a in cluster.api("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {
+        "any_": [run["id"], stage_run["id"]]}}}) if a["key"]}
+    assert {"resolved-profile", "lineage", "train-train-metrics"} <= keys
+    print(f"\ntiny-cpu until=train via deployment: {seconds:.1f}s")
+
+
+def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: Cluster) -> None:
+    params = {"overrides": ["train.max_steps=4", "train.nnodes=2", "train.launcher=prefect-pool"], "until": "train"}
+    run, seconds = cluster.run_deployment("finetune/tiny-cpu", params)
+    nodes = cluster.children(run["id"], "finetune-train-node")
+    assert sorted(n["parameters"]["node_rank"] for n in nodes) == [0, 1]
+    assert all(n["state"]["type"] == "COMPLETED" for n in nodes)
+    assert nodes[0]["parameters"]["rendezvous"] == nodes[1]["parameters"]["rendezvous"]
+    # Both trainers joined one c10d rendezvous at the endpoint node 0 published, so the job had two ranks.
+    logs = cluster.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [n["id"] for n in nodes]}},
+                                                "limit": 200})
+    endpoints = {log["message"].rsplit(" at ", 1)[1] for log in logs if "rendezvous" in log["message"]
+                 and log["message"].startswith("node ")}
+    assert len(endpoints) == 1 and next(iter(endpoints)).startswith("127.0.0.1:")
+    summary = cluster.api("GET", f"/flow_runs/{run['id']}")
+    workdir = Path(nodes[0]["parameters"]["workdir"])
+    meta = json.loads((workdir / "final" / "train_meta.json").read_text())
+    assert meta["step"] == 4
+    artifact = json.loads((workdir / "artifact.json").read_text())
+    assert artifact["metrics"]["world_size"] == 2 and summary["state"]["type"] == "COMPLETED"
+    # The rendezvous variable is gone once the stage is done.
+    rendezvous = nodes[0]["parameters"]["rendezvous"]
+    assert not cluster.api("POST", "/variables/filter", {"variables": {"name": {"like_": rendezvous}}})
+    print(f"\n2-node tiny train via pool: {seconds:.1f}s")
