@@ -43,7 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
 META_FILE = "train_meta.json"
 # Launchers that place node processes through another engine (issue 5): refused by name until they exist.
-NOT_IMPLEMENTED_LAUNCHERS = {"prefect-pool", "skypilot", "jobset"}
+NOT_IMPLEMENTED_LAUNCHERS = {"skypilot", "jobset"}
 # Recipe config sections whose keys are a component's keyword arguments: overrides may add new ones.
 COMPONENT_SECTIONS = {"model", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss"}
 TABLE_ROWS = 200
@@ -139,6 +139,8 @@ def launch_commands(train: TrainConfig, config_path: Path, run_id: str) -> list[
             "SkyPilot and JobSet is issue 5); use 'process' (one node) or 'local-nodes' (node processes on this "
             "machine)"
         )
+    if train.launcher == "prefect-pool":
+        return []  # the nodes are flow runs in the GPU pool (flows/multinode.py), none runs here
     tune = [str(Path(sys.executable).with_name("tune"))]
     recipe = [RECIPE, "--config", str(config_path)]
     if train.launcher == "process" and train.world_size == 1:
@@ -179,7 +181,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     rendered = render_config(train, ctx.profile.data.max_seq_len, workdir, Path(ctx.inputs["download"].path),
                              Path(ctx.inputs["pack"].path))
     commands = launch_commands(train, config_path, run_id=ctx.key[:16])
-    _check_device(train)
+    if commands:  # node runs in a GPU pool check their own devices
+        _check_device(train)
     with atomic_file(config_path, "w") as handle:
         yaml.safe_dump(rendered, handle, sort_keys=False)
 
@@ -190,7 +193,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         if resumed is not None:
             ctx.log(f"resuming from checkpoint step {resumed[0]} ({resumed[1]})")
-        _launch(ctx, commands)
+        if train.launcher == "prefect-pool":
+            from flows.multinode import train_on_pool
+
+            train_on_pool(ctx, config_path)
+        else:
+            _launch(ctx, commands)
     wall = time.perf_counter() - started
 
     records = _read_metrics(workdir / METRICS_FILE)
