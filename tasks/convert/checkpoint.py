@@ -1,8 +1,9 @@
 """Streaming conversion of a trained checkpoint into sharded safetensors.
 
-The output layout is planned from tensor shapes alone; then each output shard is filled and written before the next
-is read. Peak memory is one output shard plus the one stored tensor DCP or safetensors is decoding, plus, for a
-LoRA-adapted weight, that weight's fp32 copy and its two small adapter tensors.
+The output layout (shards, each file's header) is planned from tensor shapes alone; then each shard file is written
+tensor by tensor, straight from the checkpoint's files. No shard is ever held in memory: peak memory is the cast
+buffers (two chunks), or for a LoRA-adapted weight that weight's fp32 copy and its two small adapter tensors, or
+one decoded tensor for a stored layout whose bytes cannot be copied (see TensorSource.byte_ranges).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 
 from finetune.stage import PermanentError
+from tasks.convert.bytecopy import ByteMover
 from tasks.convert.lora import LoraModule, LoraSpec, find_lora_modules, merge_module
-from tasks.convert.shards import PlannedTensor, Shard, plan_shards, write_index, write_shard
+from tasks.convert.shards import PlannedTensor, Shard, open_shard, plan_shards, write_index
 from tasks.convert.sources import SafetensorsSource, TensorSource, check_float
 
 KeyMap = Callable[[str], "str | None"]
@@ -47,6 +49,7 @@ class _Job:
 
     out: PlannedTensor
     key: str
+    stored: torch.dtype  # the dtype the checkpoint holds it in
     merge: LoraModule | None = None
     carried: bool = False
 
@@ -91,13 +94,14 @@ def _plan_jobs(
         if name in seen:
             raise PermanentError(f"{source.location}: tensors {seen[name]!r} and {key!r} both map to {name!r}")
         seen[name] = key
-        jobs.append(_Job(PlannedTensor(name, info.shape, dtype), key, merge=modules.get(key)))
+        jobs.append(_Job(PlannedTensor(name, info.shape, dtype), key, info.dtype, merge=modules.get(key)))
     if carry is not None:
         carry_info = carry.tensors()
         for key in carry_keys:
             if key in seen:
                 raise PermanentError(f"{key!r} is both a trained tensor and a carried base tensor")
-            jobs.append(_Job(PlannedTensor(key, carry_info[key].shape, carry_info[key].dtype), key, carried=True))
+            info = carry_info[key]
+            jobs.append(_Job(PlannedTensor(key, info.shape, info.dtype), key, info.dtype, carried=True))
     if expected is not None:
         _check_expected(jobs, expected, source.location)
     return jobs, modules
@@ -144,14 +148,16 @@ def convert_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(s.nbytes for s in shards)
     done = 0
+    mover = ByteMover()
     threads = torch.get_num_threads()
-    # Copies and casts are memory-bound: intra-op threads only add wake-up latency (10-100x slower measured on
-    # 2 shared cores), and the rank-r merge products are small.
+    # Casts are memory-bound: intra-op threads only add wake-up latency (10-100x slower measured on 2 shared
+    # cores), and the rank-r merge products are small.
     torch.set_num_threads(1)
     try:
         for shard in shards:
-            shard_jobs = [by_name[t.name] for t in shard.tensors]
-            write_shard(out_dir, shard, _fill(source, carry, shard_jobs, dtype, lora))
+            with open_shard(out_dir, shard) as (fd, order):
+                for planned in order:
+                    _write_tensor(fd, mover, by_name[planned.name], source, carry, lora)
             _trim_heap()
             done += shard.nbytes
             progress(done / max(total, 1), f"wrote {shard.file} ({shard.nbytes / 1e6:.1f} MB)")
@@ -162,23 +168,26 @@ def convert_checkpoint(
                          carried=[job.key for job in jobs if job.carried])
 
 
-def _fill(
+def _write_tensor(
+    fd: int,
+    mover: ByteMover,
+    job: _Job,
     source: TensorSource,
     carry: SafetensorsSource | None,
-    jobs: Sequence[_Job],
-    dtype: torch.dtype,
     lora: LoraSpec | None,
-) -> dict[str, torch.Tensor]:
-    plain = [job for job in jobs if job.merge is None and not job.carried]
-    loaded = source.load([job.key for job in plain], dtype)
-    out = {job.out.name: loaded.pop(job.key) for job in plain}
-    for job in jobs:
-        if job.merge is not None:
-            assert lora is not None  # find_lora_modules refuses adapters without a spec
-            out[job.out.name] = merge_module(source, job.merge, lora).to(dtype)
-    carried = [job for job in jobs if job.carried]
-    if carried:
-        assert carry is not None
-        base = carry.load([job.key for job in carried], None)
-        out.update({job.out.name: base.pop(job.key) for job in carried})
-    return out
+) -> None:
+    """Append one output tensor's bytes: stored bytes copied by the kernel when they stay as they are, cast a chunk
+    at a time when only the dtype changes, computed in memory for a LoRA merge (or a layout we cannot copy)."""
+    if job.merge is not None:
+        assert lora is not None  # find_lora_modules refuses adapters without a spec
+        mover.write(fd, merge_module(source, job.merge, lora).to(job.out.dtype))
+        return
+    origin = carry if job.carried else source
+    assert origin is not None
+    ranges = origin.byte_ranges(job.key)
+    if ranges is None:
+        mover.write(fd, origin.load([job.key], job.out.dtype)[job.key])
+    elif job.stored == job.out.dtype:
+        mover.copy(fd, ranges)
+    else:
+        mover.cast(fd, ranges, job.stored, job.out.dtype)

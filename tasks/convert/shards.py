@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,31 +76,52 @@ def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[
     return [Shard(f"model-{i:05d}-of-{total:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
 
 
-def write_shard(out_dir: Path, shard: Shard, tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Write one planned shard atomically; the tensors must match the plan exactly (names, shapes, dtypes)."""
-    from safetensors.torch import save_file
+# safetensors lays a file's tensors out by dtype (its Rust ``Dtype`` enum, highest first), then by name; the header
+# lists them in that order. Following it makes our shards byte-identical to safetensors' own output.
+_DTYPE_ORDER = (torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16,
+                torch.float16, torch.bfloat16, torch.int32, torch.float32, torch.float64, torch.int64)
+_DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+                torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+SHARD_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes; its loaders expect it
 
-    planned = {t.name: t for t in shard.tensors}
-    if set(tensors) != set(planned):
-        raise ValueError(f"{shard.file}: got tensors {sorted(set(tensors) ^ set(planned))[:5]} outside the plan")
-    for name, tensor in tensors.items():
-        want = planned[name]
-        if tuple(tensor.shape) != want.shape or tensor.dtype != want.dtype:
-            raise ValueError(f"{shard.file}: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {want.shape} "
-                             f"{want.dtype}")
-    target = out_dir / shard.file
-    tmp = out_dir / f".{shard.file}.tmp"
-    try:
-        # Zero-copy: safetensors writes straight from the tensors' memory (contiguous CPU tensors only).
-        ordered = {t.name: tensors[t.name].contiguous().cpu() for t in shard.tensors}
-        save_file(ordered, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+
+def file_order(shard: Shard) -> list[PlannedTensor]:
+    unknown = sorted({str(t.dtype) for t in shard.tensors if t.dtype not in _DTYPE_NAMES})
+    if unknown:
+        raise ValueError(f"{shard.file}: dtype(s) {unknown} have no safetensors name")
+    return sorted(shard.tensors, key=lambda t: (-_DTYPE_ORDER.index(t.dtype), t.name.encode()))
+
+
+def safetensors_header(tensors: Sequence[PlannedTensor]) -> bytes:
+    """8-byte little-endian length + the JSON header (compact, space-padded to 8 bytes so the data that follows
+    is 8-byte aligned) for ``tensors`` stored back to back in this order."""
+    entries: dict[str, object] = {"__metadata__": SHARD_METADATA}
+    offset = 0
+    for tensor in tensors:
+        entries[tensor.name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+@contextmanager
+def open_shard(out_dir: Path, shard: Shard) -> Iterator[tuple[int, list[PlannedTensor]]]:
+    """Create ``shard`` atomically: yields the file's descriptor, positioned after the header, and the tensors in
+    the order their bytes must be written to it. On exit the file must hold exactly the planned bytes; it is then
+    fsynced and renamed into place (on any error the temp file is removed)."""
+    order = file_order(shard)
+    header = safetensors_header(order)
+    with atomic_file(out_dir / shard.file) as handle:
+        handle.write(header)
+        handle.flush()
+        fd = handle.fileno()
+        yield fd, order
+        written = os.lseek(fd, 0, os.SEEK_CUR)
+        if written != len(header) + shard.nbytes:
+            raise ValueError(f"{shard.file}: wrote {written} bytes, planned {len(header) + shard.nbytes}")
 
 
 def write_index(out_dir: Path, shards: Sequence[Shard]) -> Path:

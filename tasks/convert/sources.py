@@ -2,7 +2,8 @@
 
 Two layouts: torch Distributed Checkpoint (DCP: ``.metadata`` plus ``*.distcp`` files) and safetensors shards
 (with or without ``model.safetensors.index.json``). Both load only the keys asked for, so a converter can walk a
-checkpoint far larger than memory one group of tensors at a time.
+checkpoint far larger than memory one group of tensors at a time. Both also tell where a tensor's raw bytes lie in
+their files (``byte_ranges``), so a converter can copy or cast them without decoding the tensor into memory.
 
 DCP's ``.metadata`` is a pickle: it is read with an unpickler that only admits DCP's own metadata classes, so a
 crafted checkpoint cannot run code. The tensor payloads are read by DCP itself with ``torch.load(weights_only=True)``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +46,15 @@ class TensorInfo:
         return self.numel * (dtype or self.dtype).itemsize
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """``length`` bytes at ``offset`` of ``path``: (part of) a tensor's little-endian, row-major data."""
+
+    path: Path
+    offset: int
+    length: int
+
+
 class TensorSource(Protocol):
     """A checkpoint whose tensors can be listed cheaply and loaded a few at a time."""
 
@@ -53,6 +64,11 @@ class TensorSource(Protocol):
 
     def load(self, keys: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tensors named by ``keys``, each converted to ``dtype``."""
+        ...
+
+    def byte_ranges(self, key: str) -> list[ByteRange] | None:
+        """The file ranges whose concatenation is the tensor's data in its stored dtype; None when the stored form
+        is not plain bytes (then ``load`` it)."""
         ...
 
 
@@ -136,6 +152,7 @@ class DcpSource:
         }
         self._check_files()
         self._reader = _dcp_reader_class()(self.location, self.metadata)
+        self._stored = {(index.fqn, tuple(index.offset)): info for index, info in self.metadata.storage_data.items()}
 
     def _check_files(self) -> None:
         """Every data file the metadata points at must exist and be long enough: fail before any work."""
@@ -154,6 +171,27 @@ class DcpSource:
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._tensors)
 
+    def byte_ranges(self, key: str) -> list[ByteRange] | None:
+        """Raw bytes of an unsharded tensor, or of one sharded in row blocks (FSDP's dim-0 shards), in order."""
+        from tasks.convert.torchsave import raw_tensor_offset
+
+        info = self._tensors[key]
+        chunks = _row_blocks(info.shape, self.metadata.state_dict_metadata[key].chunks)
+        if chunks is None:
+            return None
+        ranges = []
+        for offsets, sizes in chunks:
+            stored = self._stored.get((key, offsets))
+            if stored is None or stored.transform_descriptors:
+                return None
+            path = self.location / stored.relative_path
+            with open(path, "rb") as handle:
+                start = raw_tensor_offset(handle, stored.offset, stored.length, info.dtype, sizes)
+            if start is None:
+                return None
+            ranges.append(ByteRange(path, start, TensorInfo(sizes, info.dtype).nbytes()))
+        return ranges
+
     def load(self, keys: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
 
@@ -164,6 +202,22 @@ class DcpSource:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             dcp.load(state, storage_reader=self._reader, no_dist=True)
         return state
+
+
+def _row_blocks(shape: tuple[int, ...], chunks: Sequence[Any]) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
+    """(offsets, sizes) of the non-empty chunks in order when they tile ``shape`` as whole-row blocks along dim 0
+    (so their bytes concatenate to the tensor's); None for any other sharding."""
+    blocks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks if TensorInfo(tuple(c.sizes), torch.uint8).numel)
+    if not shape:
+        return blocks if blocks == [((), ())] else None
+    if TensorInfo(shape, torch.uint8).numel == 0:
+        return []
+    row = 0
+    for offsets, sizes in blocks:
+        if len(sizes) != len(shape) or offsets[0] != row or any(offsets[1:]) or sizes[1:] != shape[1:]:
+            return None
+        row += sizes[0]
+    return blocks if row == shape[0] else None
 
 
 # -- safetensors -------------------------------------------------------------------------------------------------
@@ -178,6 +232,7 @@ class SafetensorsSource:
         self._files = self._weight_files(set(skip))
         self._where: dict[str, str] = {}
         self._tensors: dict[str, TensorInfo] = {}
+        self._ranges: dict[str, ByteRange] = {}
         for name, expected in self._files.items():
             try:
                 with safe_open(self.location / name, framework="pt") as handle:
@@ -186,6 +241,8 @@ class SafetensorsSource:
                         piece = handle.get_slice(key)
                         self._tensors[key] = TensorInfo(tuple(piece.get_shape()), _safetensors_dtype(piece.get_dtype()))
                         self._where[key] = name
+                # safe_open validated the header (offsets cover the data exactly); record where each tensor lies.
+                self._ranges.update(_data_ranges(self.location / name))
             except Exception as exc:  # safetensors raises its own error types for bad headers
                 raise PermanentError(f"{self.location / name}: not a readable safetensors file: {exc}") from exc
             missing = sorted(expected - keys)
@@ -219,6 +276,9 @@ class SafetensorsSource:
     def file_of(self, key: str) -> Path:
         return self.location / self._where[key]
 
+    def byte_ranges(self, key: str) -> list[ByteRange]:
+        return [self._ranges[key]]
+
     def load(self, keys: Sequence[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """``dtype=None`` keeps each tensor's stored dtype (bytes carried untouched)."""
         from safetensors import safe_open
@@ -234,6 +294,17 @@ class SafetensorsSource:
                     tensor = handle.get_tensor(key)
                     out[key] = tensor if dtype is None else tensor.to(dtype)
         return {key: out[key] for key in keys}
+
+
+def _data_ranges(path: Path) -> dict[str, ByteRange]:
+    """Tensor name -> its bytes in a safetensors file (8-byte header length, JSON header, then the data)."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    start = 8 + size
+    return {key: ByteRange(path, start + begin, end - begin)
+            for key, entry in header.items() if key != "__metadata__"
+            for begin, end in [entry["data_offsets"]]}
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
