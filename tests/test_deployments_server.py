@@ -234,3 +234,46 @@ def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: Clust
     rendezvous = nodes[0]["parameters"]["rendezvous"]
     assert not cluster.api("POST", "/variables/filter", {"variables": {"name": {"like_": rendezvous}}})
     print(f"\n2-node tiny train via pool: {seconds:.1f}s")
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: Cluster) -> None:
+    import psutil
+
+    params = {"overrides": ["train.epochs=50", "train.nnodes=2", "train.launcher=prefect-pool", "retries=0"],
+              "until": "train"}
+    proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
+    run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
+
+    def both_training() -> list[dict[str, Any]] | None:
+        nodes = cluster.children(run_id, "finetune-train-node")
+        ids = [n["id"] for n in nodes]
+        logs = cluster.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}, "limit": 200}) if ids else []
+        joined = {log["flow_run_id"] for log in logs if "trainer process" in log["message"]}
+        return nodes if len(nodes) == 2 and len(joined) == 2 else None
+
+    nodes = sorted(_wait(both_training, 240, "both node runs to start their trainers"),
+                   key=lambda n: n["parameters"]["node_rank"])
+    # Node 1 goes away (as a preempted node whose run is cancelled would).
+    cluster.api("POST", f"/flow_runs/{nodes[1]['id']}/set_state",
+                {"state": {"type": "CANCELLING", "message": "test: node lost"}, "force": True})
+    parent = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in
+                   ("FAILED", "COMPLETED", "CRASHED") and r, 180, "the pipeline run to end")
+    assert parent["state"]["type"] == "FAILED"
+    node0 = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{nodes[0]['id']}"))["state"]["type"] ==
+                  "CANCELLED" and r, 120, "node 0 to be cancelled")
+    assert node0["state"]["type"] == "CANCELLED"
+    logs = cluster.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    assert any("node 1 of 2" in log["message"] for log in logs)
+    # No trainer of that run survives its cancelled flow run.
+    config = str(Path(nodes[0]["parameters"]["workdir"]) / "torchtune_config.yaml")
+    _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
+          60, "the trainers to exit")
