@@ -69,7 +69,6 @@ class SFTRecipe:
         self.step = 0
         self.epoch = 0
         self.samples_in_epoch = 0  # global samples of the current epoch already trained on
-        self.resumed_from: int | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -209,7 +208,7 @@ class SFTRecipe:
             raise RecipeError(
                 "vocab_mismatch",
                 f"tokenizer {path} has {size} tokens but the model's embedding has {self.vocab_size} rows: "
-                "the tokenizer and model.{_component_/config} come from different checkpoints",
+                "tokenizer_file and the model config come from different checkpoints",
             )
 
     def _build_data(self) -> None:
@@ -256,7 +255,10 @@ class SFTRecipe:
         self.step, self.epoch, self.samples_in_epoch = trainer["step"], trainer["epoch"], trainer["samples_in_epoch"]
         if trainer["step"] != step:
             raise RecipeError("missing_checkpoint", f"{path} holds step {trainer['step']}, not {step}")
-        self.resumed_from = step
+        if self.samples_in_epoch % self.world_size:
+            raise RecipeError("config", f"{path} stopped {self.samples_in_epoch} samples into epoch {self.epoch}, "
+                                        f"which {self.world_size} processes cannot split evenly: resume with the "
+                                        "process count that wrote it")
         self.log(f"resumed from {path} (step {step}, epoch {self.epoch}, {self.samples_in_epoch} samples in)")
 
     def _checkpoint_state(self) -> dict[str, Any]:

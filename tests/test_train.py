@@ -133,10 +133,14 @@ def test_lora_on_two_local_nodes_matches_two_processes_on_one_node(inputs: dict[
                                                                    tmp_path: Path) -> None:
     one_node = Run(inputs, tmp_path / "one-node", *LORA, *TWO_PROCS)
     one_node()
-    two_nodes = Run(inputs, tmp_path / "two-nodes", *LORA, *TWO_NODES)
+    # This run also writes its final checkpoint in HF format (gathered from the shards, adapters merged).
+    two_nodes = Run(inputs, tmp_path / "two-nodes", *LORA, *TWO_NODES, "train.enable_dcp=false")
     metrics = two_nodes()
-    assert metrics["world_size"] == 2 and metrics["last_loss"] < metrics["first_loss"]
+    assert metrics["world_size"] == 2 and metrics["format"] == "hf" and metrics["last_loss"] < metrics["first_loss"]
     assert two_nodes.losses() == pytest.approx(one_node.losses(), rel=1e-6)
+    final = two_nodes.workdir / "final"
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.json", "adapter_model.safetensors",
+            "adapter_config.json", "train_meta.json"} <= {p.name for p in final.iterdir()}
 
 
 def test_killed_run_resumes_from_its_newest_complete_checkpoint(inputs: dict[str, Artifact], lora_run: Run,
@@ -182,3 +186,15 @@ def test_diverging_loss_stops_with_a_clear_permanent_error(inputs: dict[str, Art
     with pytest.raises(PermanentError, match=r"nan_loss.*loss is nan at step 2"):
         run()
     assert not (tmp_path / "work" / "final").exists()
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_fails_before_training(inputs: dict[str, Artifact],
+                                                                          tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    other = tmp_path / "other-tokenizer.json"
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(600)}, unk_token="t0")).save(str(other))
+    run = Run(inputs, tmp_path / "work", f"train.recipe_overrides={{num_threads: 1, tokenizer_file: {other}}}")
+    with pytest.raises(PermanentError, match=r"vocab_mismatch.*600 tokens but the model's embedding has 512 rows"):
+        run()
+    assert not any(parse_metrics(line) for line in run.lines), "no step may run with a mismatched tokenizer"
