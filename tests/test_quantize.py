@@ -204,6 +204,9 @@ def test_text_model_is_a_compressed_tensors_w4a16_checkpoint(text: Quantized) ->
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "recipe.yaml"} <= files
     assert "adapter" not in files and not any(name.startswith(".saving") for name in files)
     assert (text.path / "tokenizer.json").read_bytes() == (text.source / "tokenizer.json").read_bytes()
+    assert all((text.path / name).stat().st_mode & 0o044 == 0o044 for name in text.artifact.metrics["files"])
+    recipe = (text.path / "recipe.yaml").read_text()
+    assert "AWQModifier:" in recipe and "QuantizationModifier:" in recipe
 
 
 def test_text_model_experts_are_int4_while_router_lm_head_and_qkv_stay_16_bit(text: Quantized) -> None:

@@ -98,17 +98,19 @@ def _recipe(settings: QuantizeConfig, rules: list[IgnoreRule], mappings: list[An
 
 def _recording_awq(mappings: list[Any]) -> Any:
     """An AWQModifier that keeps its per-mapping errors (llm-compressor logs them at DEBUG and clears them)."""
-    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier as UpstreamAWQModifier
     from pydantic import PrivateAttr
 
-    class RecordingAWQModifier(AWQModifier):
+    # Same class name on purpose: recipe.yaml records modifiers by class name, and must stay loadable by
+    # llm-compressor. The only addition is a private list that survives finalize.
+    class AWQModifier(UpstreamAWQModifier):
         _recorded: list[dict[str, Any]] = PrivateAttr(default_factory=list)
 
         def _log_error_metrics(self) -> None:
             self._recorded.extend(dict(metric) for metric in self._error_metrics)
             super()._log_error_metrics()
 
-    return RecordingAWQModifier(mappings=mappings)
+    return AWQModifier(mappings=mappings)
 
 
 @contextlib.contextmanager
@@ -190,6 +192,8 @@ def _save(model: Any, source_dir: Path, out_dir: Path, multimodal: bool) -> list
                     shutil.copyfileobj(src, dst)
         names = sorted(path.name for path in staging.iterdir() if path.is_file())
         for name in names:
+            # mkdtemp and the safetensors writer create owner-only files; the checkpoint is read by other services.
+            (staging / name).chmod(0o644)
             os.replace(staging / name, out_dir / name)
         return names
     finally:
