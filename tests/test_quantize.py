@@ -218,8 +218,8 @@ def test_text_model_experts_are_int4_while_router_lm_head_and_qkv_stay_16_bit(te
         *(f"model.layers.0.feed_forward.{p}_proj" for p in ("gate", "up", "down")),
         "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj",
     }
-    for kept in ("lm_head.weight", "model.layers.1.feed_forward.router.weight", "model.layers.0.self_attn.q_proj.weight",
-                 "model.embed_tokens.weight"):
+    for kept in ("lm_head.weight", "model.layers.1.feed_forward.router.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
         assert kept in keys
     assert not any("gate_up_proj" in k for k in keys)  # no fused expert tensor left unquantized
 
@@ -249,6 +249,15 @@ def test_text_model_reloads_in_transformers_on_cpu_and_generates_close_to_the_or
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
     generated = quantized.generate(prompt, max_new_tokens=6, do_sample=False)
     assert generated.shape[1] > prompt.shape[1] and generated[0, :8].tolist() == prompt[0].tolist()
+
+
+def test_weights_loaded_whole_give_the_same_checkpoint_as_sequential_onloading(text: Quantized, tmp_path: Path) -> None:
+    inputs = {"convert": Artifact(stage="convert", key="c", path=str(text.source)),
+              "pack": Artifact(stage="pack", key="p", path=str(text.source.parent / "pack"))}
+    profile = load_profile("tiny-cpu", [*OVERRIDES, "quantize.sequential_onloading=false"])
+    whole, _ = execute_stage(quantize.SPEC, profile, Store(tmp_path / "store"), inputs)
+    assert whole.key == text.artifact.key and whole.metrics["sequential_onloading"] is False
+    assert (Path(whole.path) / "model.safetensors").read_bytes() == (text.path / "model.safetensors").read_bytes()
 
 
 def test_text_metrics_record_sizes_kinds_reasons_calibration_and_time(text: Quantized) -> None:
@@ -354,5 +363,6 @@ def test_cuda_without_a_gpu_is_refused_before_loading(tmp_path: Path) -> None:
 
 def test_key_ignores_where_weights_wait_but_not_what_shapes_the_result() -> None:
     base = load_profile("tiny-cpu", OVERRIDES)
-    assert quantize.config(base) == quantize.config(load_profile("tiny-cpu", [*OVERRIDES, "quantize.sequential_onloading=false"]))
+    whole = load_profile("tiny-cpu", [*OVERRIDES, "quantize.sequential_onloading=false"])
+    assert quantize.config(base) == quantize.config(whole)
     assert quantize.config(base) != quantize.config(load_profile("tiny-cpu", [*OVERRIDES, "quantize.group_size=64"]))

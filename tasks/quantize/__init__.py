@@ -6,8 +6,8 @@ Upstream: ``convert`` (a bf16/fp32 Hugging Face checkpoint of ``Llama4ForCausalL
 Output (the stage's directory): ``model-*.safetensors`` (+ index) in compressed-tensors ``pack-quantized`` format with
 ``quantization_config`` in ``config.json``, llm-compressor's ``recipe.yaml``, and the tokenizer/generation config
 files of the converted model, byte for byte. Routed experts, the shared expert, dense MLPs and attention output
-projections are int4; what stays unquantized and why is in the metrics and the ``quantize`` table (llama4.py explains the
-Llama 4 specifics).
+projections are int4; what stays unquantized and why is in the metrics and the ``quantize`` table (llama4.py
+explains the Llama 4 specifics).
 
 Calibration runs llm-compressor's sequential pipeline: one decoder layer at a time on the execution device. With
 ``sequential_onloading`` the weights wait in CPU memory (spilling to disk when it is short) and each layer is moved
@@ -89,7 +89,8 @@ def _recipe(settings: QuantizeConfig, rules: list[IgnoreRule], mappings: list[An
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     scheme = preset_name_to_scheme(settings.scheme, ["Linear"])
-    scheme = scheme.model_copy(update={"weights": scheme.weights.model_copy(update={"group_size": settings.group_size})})
+    weights = scheme.weights.model_copy(update={"group_size": settings.group_size})
+    scheme = scheme.model_copy(update={"weights": weights})
     return [
         _recording_awq(mappings),
         QuantizationModifier(config_groups={"group_0": scheme}, ignore=[rule.pattern for rule in rules]),

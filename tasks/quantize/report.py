@@ -45,7 +45,8 @@ def dir_bytes(model_dir: Path) -> int:
 
 @dataclass
 class Inventory:
-    quantized: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: {"modules": 0, "params": 0}))
+    quantized: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: {"modules": 0, "params": 0}))
     kept: dict[tuple[str, str], dict[str, int]] = field(
         default_factory=lambda: defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0}))
 
