@@ -135,9 +135,8 @@ def launch_commands(train: TrainConfig, config_path: Path, run_id: str) -> list[
     """One ``tune run`` command per node process this machine starts."""
     if train.launcher in NOT_IMPLEMENTED_LAUNCHERS:
         raise PermanentError(
-            f"train.launcher '{train.launcher}' is not implemented yet (multi-node launch through Prefect pools, "
-            "SkyPilot and JobSet is issue 5); use 'process' (one node) or 'local-nodes' (node processes on this "
-            "machine)"
+            f"train.launcher '{train.launcher}' is not implemented yet (SkyPilot and JobSet launches are issue 5); "
+            "use 'process' (one node), 'local-nodes' (node processes on this machine) or 'prefect-pool'"
         )
     if train.launcher == "prefect-pool":
         return []  # the nodes are flow runs in the GPU pool (flows/multinode.py), none runs here

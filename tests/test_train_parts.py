@@ -148,9 +148,10 @@ def test_launch_commands_per_launcher(tmp_path: Path) -> None:
     assert len(nodes) == 2 and nodes[0] == nodes[1]
     joined = " ".join(nodes[0])
     assert "--nnodes 2 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in joined and "--rdzv_id run1" in joined
+    assert train.launch_commands(tiny("train.launcher=prefect-pool", "train.nnodes=2").train, config, "run1") == []
 
 
-@pytest.mark.parametrize("launcher", ["prefect-pool", "skypilot", "jobset"])
+@pytest.mark.parametrize("launcher", ["skypilot", "jobset"])
 def test_engine_launchers_are_refused_by_name_until_implemented(tmp_path: Path, launcher: str) -> None:
     with pytest.raises(PermanentError, match=f"'{launcher}' is not implemented yet.*issue 5"):
         train.launch_commands(tiny(f"train.launcher={launcher}", "train.nnodes=2").train, tmp_path, "run1")
