@@ -1,7 +1,9 @@
 """Supervised fine-tuning (full or LoRA) of a torchtune decoder: one process, or torchrun with FSDP2.
 
-Run from the repository root as ``tune run recipes/sft.py --config CFG.yaml [key=value ...]`` (add torchrun flags
-such as ``--nproc_per_node 2`` for several processes), or as ``torchrun ... -m recipes.sft --config CFG.yaml``.
+Run from the repository root as ``PYTHONPATH=. tune run recipes/sft.py --config CFG.yaml [key=value ...]`` (add
+torchrun flags such as ``--nproc_per_node 2`` for several processes), or ``torchrun ... -m recipes.sft --config
+CFG.yaml``. ``tune run`` imports the file as the module ``recipes.sft`` but appends the working directory to sys.path
+last, behind the top-level ``recipes`` package torchtune's wheel installs (which raises on import): hence PYTHONPATH.
 ``profiles/recipes/sft.yaml`` documents every config key.
 
 What it adds to torchtune 0.6.1's own recipes: checkpoints every N optimizer steps, mid-epoch, with DCP (model,
