@@ -69,6 +69,7 @@ def build_model(out_dir: Path, multimodal: bool) -> Path:
     save_tokenizer(out_dir)
     (out_dir / "adapter").mkdir()
     (out_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (out_dir / "tables.json").write_text('{"converted_shards": []}')  # the convert stage's own UI tables
     return out_dir
 
 
@@ -203,6 +204,8 @@ def test_text_model_is_a_compressed_tensors_w4a16_checkpoint(text: Quantized) ->
     files = {p.name for p in text.path.iterdir()}
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "recipe.yaml"} <= files
     assert "adapter" not in files and not any(name.startswith(".saving") for name in files)
+    assert "tables.json" not in text.artifact.metrics["files"]  # the store's, not carried from convert
+    assert set(json.loads((text.path / "tables.json").read_text())) == {"quantize", "quantize_summary"}
     assert (text.path / "tokenizer.json").read_bytes() == (text.source / "tokenizer.json").read_bytes()
     assert all((text.path / name).stat().st_mode & 0o044 == 0o044 for name in text.artifact.metrics["files"])
     recipe = (text.path / "recipe.yaml").read_text()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.profile import Profile, QuantizeConfig
-from finetune.stage import PermanentError, StageContext, StageSpec
+from finetune.stage import TABLES_FILE, PermanentError, StageContext, StageSpec
 from finetune.store import MANIFEST, atomic_file
 from tasks.quantize.calibration import Calibration, load_calibration
 from tasks.quantize.llama4 import (
@@ -187,7 +187,7 @@ def _save(model: Any, source_dir: Path, out_dir: Path, multimodal: bool) -> list
             _add_text_only_ignore_names(staging / "config.json")
         for path in sorted(source_dir.iterdir()):
             name = path.name
-            if (path.is_file() and not name.startswith(".") and name not in (MANIFEST, "config.json")
+            if (path.is_file() and not name.startswith(".") and name not in (MANIFEST, TABLES_FILE, "config.json")
                     and not name.endswith(_NOT_CARRIED)):
                 with open(path, "rb") as src, atomic_file(staging / name) as dst:
                     shutil.copyfileobj(src, dst)
