@@ -208,7 +208,13 @@ def test_tiny_cpu_runs_through_server_and_worker_with_train_in_the_gpu_pool(clus
     keys = {a["key"] for a in cluster.api("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {
         "any_": [run["id"], stage_run["id"]]}}}) if a["key"]}
     assert {"resolved-profile", "lineage", "train-train-metrics"} <= keys
-    print(f"\ntiny-cpu until=train via deployment: {seconds:.1f}s")
+    # A rerun (what a schedule tick does) is all cache hits and submits nothing to the GPU pool.
+    again, cached_seconds = cluster.run_deployment("finetune/tiny-cpu", TINY, env={"FINETUNE_GPU_DISPATCH": "always"})
+    assert not cluster.children(again["id"])
+    tasks = cluster.api("POST", "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [again["id"]]}}})
+    stages = [t for t in tasks if t["name"].split("-")[0] in ("download", "pack", "train")]
+    assert len(stages) == 3 and all(t["state"]["name"] == "Cached" for t in stages)
+    print(f"\ntiny-cpu until=train via deployment: {seconds:.1f}s, cached rerun {cached_seconds:.1f}s")
 
 
 def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: Cluster) -> None:
