@@ -169,7 +169,8 @@ class SFTRecipe:
                     module.rope_init()
         training.validate_no_params_on_meta_device(model)
         if self.method == "lora":
-            set_trainable_params(model, adapters)
+            # Names again: activation checkpointing wrappers changed the parameter names (not the state-dict keys).
+            set_trainable_params(model, get_adapter_params(model))
         self.vocab_size = _vocab_size(model)
         self._check_tokenizer()
         # numel() of a sharded (DTensor) parameter is its full size, so these are whole-model counts.
