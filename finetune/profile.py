@@ -187,7 +187,10 @@ class QuantizeConfig(Section):
     group_size: int = Field(128, gt=0)
     calibration_samples: int = Field(256, gt=0)
     calibration_seq_len: int = Field(2048, gt=0)
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head", "re:.*router"])
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head", "re:.*router"],
+        description="Modules kept in bf16: plain names also match as dotted suffixes, 're:' prefixes a regex. "
+                    "Attention q/k/v always stay bf16 (vLLM's Llama 4 loader permutes q/k only for plain weights).")
     device: Literal["cpu", "cuda"] = "cuda"
     sequential_onloading: bool = True
 
