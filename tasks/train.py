@@ -1,4 +1,4 @@
-"""train: fine-tune the downloaded model on the packed data with the project's torchtune recipe (recipes/sft.py).
+"""train: fine-tune the downloaded model on the packed data with the project's torchtune recipe (tunerecipes/sft.py).
 
 The stage renders a complete torchtune config from ``profiles/recipes/sft.yaml`` and the profile's ``train:``
 section (``recipe_overrides`` last), saves it as ``torchtune_config.yaml``, and launches ``tune run`` (torchrun
@@ -29,15 +29,12 @@ from finetune.profile import REPO_ROOT, Profile, TrainConfig, deep_merge
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
 
-# torchtune's wheel installs a top-level package named `recipes` that raises on import; the repository's own
-# recipes/ has to come first on sys.path for this process and for the trainer it launches.
-if sys.path[0] != str(REPO_ROOT):
-    sys.path.insert(0, str(REPO_ROOT))
-from recipes.checkpointing import latest_checkpoint  # noqa: E402
-from recipes.report import parse_error, parse_metrics  # noqa: E402
+# Our recipe package is `tunerecipes`, not `recipes`: torchtune's wheel installs a top-level `recipes` that raises.
+from tunerecipes.checkpointing import latest_checkpoint
+from tunerecipes.report import parse_error, parse_metrics
 
 TEMPLATE = REPO_ROOT / "profiles" / "recipes" / "sft.yaml"
-RECIPE = "recipes/sft.py"  # relative to REPO_ROOT: `tune run` imports it as the module recipes.sft
+RECIPE = "tunerecipes/sft.py"  # relative to REPO_ROOT: `tune run` imports it as the module tunerecipes.sft
 CONFIG_FILE = "torchtune_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"

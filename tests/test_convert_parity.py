@@ -1,7 +1,7 @@
 """convert on the real tiny Llama 4: the HF checkpoint it writes computes what the trained torchtune model computed.
 
 A "trained" model is the tiny base loaded into llama4tune and perturbed (every weight moved, or LoRA A/B moved),
-saved as recipes/sft.py saves its final checkpoint (DCP of {"model": state_dict}, or llama4tune's HF checkpointer
+saved as tunerecipes/sft.py saves its final checkpoint (DCP of {"model": state_dict}, or llama4tune's HF checkpointer
 with LoRA merged) plus train_meta.json; the stage's run() converts it and transformers / peft load the result.
 """
 
@@ -71,7 +71,7 @@ def save_dcp_final(model: torch.nn.Module, root: Path, method: str) -> Artifact:
     final = root / "final"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"model": model.state_dict()}, checkpoint_id=final)  # as recipes/sft.py saves its final
+        dcp.save({"model": model.state_dict()}, checkpoint_id=final)  # as tunerecipes/sft.py saves its final
     (final / "train_meta.json").write_text(json.dumps(_meta(method, "dcp")))
     return Artifact(stage="train", key="t", path=str(root))
 

@@ -1,4 +1,4 @@
-"""The train stage end to end on the tiny Llama 4 (CPU): real `tune run` launches of recipes/sft.py, single process,
+"""The train stage end to end on the tiny Llama 4 (CPU): real `tune run` launches of tunerecipes/sft.py, single process,
 two processes (gloo, FSDP2) and two torchrun "nodes" over loopback; kill-and-resume; preemption; divergence.
 
 Runs are short (6 optimizer steps of 2 packs of 64 tokens, a checkpoint every 2 steps) because the cost is in
@@ -20,8 +20,8 @@ from finetune.procs import ProcessFailed
 from finetune.profile import Profile, load_profile
 from finetune.stage import PermanentError, Preempted, StageContext, execute_stage
 from finetune.store import Artifact, Store
-from recipes.checkpointing import latest_checkpoint
-from recipes.report import parse_metrics
+from tunerecipes.checkpointing import latest_checkpoint
+from tunerecipes.report import parse_metrics
 from tasks import download, pack, train
 
 STEPS, EVERY = 6, 2

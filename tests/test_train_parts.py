@@ -10,9 +10,9 @@ import torch
 
 from finetune.profile import load_profile
 from finetune.stage import PermanentError
-from recipes import checkpointing as ckpt
-from recipes.report import ERROR_PREFIX, METRICS_PREFIX, parse_error, parse_metrics
-from recipes.sampler import ResumableSampler
+from tunerecipes import checkpointing as ckpt
+from tunerecipes.report import ERROR_PREFIX, METRICS_PREFIX, parse_error, parse_metrics
+from tunerecipes.sampler import ResumableSampler
 from tasks import train
 
 

@@ -1,9 +1,8 @@
 """Supervised fine-tuning (full or LoRA) of a torchtune decoder: one process, or torchrun with FSDP2.
 
-Run from the repository root as ``PYTHONPATH=. tune run recipes/sft.py --config CFG.yaml [key=value ...]`` (add
-torchrun flags such as ``--nproc_per_node 2`` for several processes), or ``torchrun ... -m recipes.sft --config
-CFG.yaml``. ``tune run`` imports the file as the module ``recipes.sft`` but appends the working directory to sys.path
-last, behind the top-level ``recipes`` package torchtune's wheel installs (which raises on import): hence PYTHONPATH.
+Run from the repository root as ``tune run tunerecipes/sft.py --config CFG.yaml [key=value ...]`` (add torchrun flags
+such as ``--nproc_per_node 2`` for several processes), or ``torchrun ... -m tunerecipes.sft --config CFG.yaml``.
+The package is not called ``recipes`` because torchtune's wheel installs a top-level ``recipes`` that raises on import.
 ``profiles/recipes/sft.yaml`` documents every config key.
 
 What it adds to torchtune 0.6.1's own recipes: checkpoints every N optimizer steps, mid-epoch, with DCP (model,
@@ -41,9 +40,9 @@ from torchtune.modules.peft import (
     set_trainable_params,
 )
 
-from recipes import checkpointing as ckpt
-from recipes.report import RecipeError, emit_error, emit_metrics
-from recipes.sampler import ResumableSampler
+from tunerecipes import checkpointing as ckpt
+from tunerecipes.report import RecipeError, emit_error, emit_metrics
+from tunerecipes.sampler import ResumableSampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 META_FILE = "train_meta.json"

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from recipes.report import RecipeError
+from tunerecipes.report import RecipeError
 
 METADATA = ".metadata"
 TMP_PREFIX = ".tmp-"
