@@ -8,12 +8,18 @@ Caching has two layers that agree on one key (finetune.stage.stage_key):
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.logging import get_run_logger
 from prefect.states import State
 
@@ -106,7 +112,13 @@ def run_stage(
 
 
 def _post_tables(result: StageResult, label: str) -> StageResult:
+    """Show a stage's tables and every PNG it made (loss curve, latency vs throughput) in the UI."""
     for name, rows in result.tables.items():
         if rows:
             create_table_artifact(rows, key=_artifact_key(f"{label}-{name}"), description=f"{label}: {name}")
+    for name in result.artifact.files:
+        if name.endswith(".png"):
+            encoded = base64.b64encode((Path(result.artifact.path) / name).read_bytes()).decode()
+            create_markdown_artifact(f"![{name}](data:image/png;base64,{encoded})",
+                                     key=_artifact_key(f"{label}-{Path(name).stem}"), description=f"{label}: {name}")
     return result
