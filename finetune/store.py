@@ -27,6 +27,7 @@ from finetune.hashing import sha256_file, sha256_stream
 
 MANIFEST = "artifact.json"
 FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"  # atomic_file's temp files: ".<name>.<random>.tmp" beside the target
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,11 @@ class Store:
         work = self.local_dir(stage, key)
         if work.exists() and not keep_partial:
             shutil.rmtree(work)
+        elif work.exists():
+            # A killed atomic_file write is never progress: left there, finish() would record it in the artifact.
+            for stale in work.rglob(f".*{TMP_SUFFIX}"):
+                if stale.is_file():
+                    stale.unlink()
         work.mkdir(parents=True, exist_ok=True)
         return work
 
@@ -213,7 +219,7 @@ class atomic_file:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
         self.handle = os.fdopen(fd, self.mode)
         return self.handle
 
