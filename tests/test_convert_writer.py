@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save, save_file
 
 from tasks.convert.bytecopy import ByteMover
 from tasks.convert.checkpoint import convert_checkpoint
-from tasks.convert.shards import PlannedTensor, Shard, open_shard, safetensors_header
+from tasks.convert.shards import PlannedTensor, Shard, ShardWriter, safetensors_header
 from tasks.convert.sources import ByteRange, DcpSource, SafetensorsSource, _row_blocks
 
 
@@ -43,10 +43,9 @@ def _shard(tensors: dict[str, torch.Tensor]) -> Shard:
 
 def _write(out: Path, tensors: dict[str, torch.Tensor]) -> Path:
     shard = _shard(tensors)
-    mover = ByteMover()
-    with open_shard(out, shard) as (fd, order):
-        for planned in order:
-            mover.write(fd, tensors[planned.name])
+    with ShardWriter(out) as writer, ByteMover() as mover, writer.shard(shard) as (fd, placed):
+        for place in reversed(placed):  # positional writes: any order gives the same file
+            mover.write(fd, place.offset, tensors[place.tensor.name])
     return out / shard.file
 
 
@@ -84,8 +83,9 @@ def test_shard_writer_refuses_a_short_write_and_leaves_no_file(tmp_path: Path) -
     tensors = {"a": torch.ones(4), "b": torch.ones(2)}
     shard = _shard(tensors)
     with pytest.raises(ValueError, match=r"model-00001-of-00001.safetensors: wrote \d+ bytes, planned"):
-        with open_shard(tmp_path, shard) as (fd, _):
-            ByteMover().write(fd, tensors["a"])
+        with ShardWriter(tmp_path) as writer, writer.shard(shard) as (fd, placed):
+            with ByteMover() as mover:
+                mover.write(fd, placed[0].offset, tensors[placed[0].tensor.name])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -97,7 +97,8 @@ def test_byte_mover_casts_stored_bytes_in_chunks_like_torch(tmp_path: Path, stor
     save_file({"t": tensor}, tmp_path / "src.safetensors")
     ranges = SafetensorsSource(tmp_path).byte_ranges("t")
     with open(tmp_path / "out.bin", "wb") as out:
-        ByteMover(chunk_bytes=64).cast(out.fileno(), ranges, stored, wanted)  # 64-byte chunks: many steps
+        with ByteMover(chunk_bytes=64) as mover:  # 64-byte chunks: many steps
+            assert mover.cast(out.fileno(), 0, ranges, stored, wanted) == 1001 * wanted.itemsize
     got = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=wanted)
     assert torch.equal(got, tensor.to(wanted))
 
@@ -106,11 +107,13 @@ def test_byte_mover_copies_ranges_and_names_a_truncated_source(tmp_path: Path) -
     (tmp_path / "src").write_bytes(bytes(range(256)) * 4)
     ranges = [ByteRange(tmp_path / "src", 10, 100), ByteRange(tmp_path / "src", 500, 300)]
     with open(tmp_path / "out", "wb") as out:
-        ByteMover().copy(out.fileno(), ranges)
+        with ByteMover() as mover:
+            assert mover.copy(out.fileno(), 0, ranges) == 400
     data = (tmp_path / "src").read_bytes()
     assert (tmp_path / "out").read_bytes() == data[10:110] + data[500:800]
-    with open(tmp_path / "out2", "wb") as out, pytest.raises(EOFError, match=r"src: ends before byte 1124"):
-        ByteMover().copy(out.fileno(), [ByteRange(tmp_path / "src", 1000, 124)])
+    with open(tmp_path / "out2", "wb") as out, ByteMover() as mover:
+        with pytest.raises(EOFError, match=r"src: ends before byte 1124"):
+            mover.copy(out.fileno(), 0, [ByteRange(tmp_path / "src", 1000, 124)])
 
 
 def _save_dcp(state: dict[str, torch.Tensor], path: Path) -> Path:

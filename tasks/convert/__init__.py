@@ -5,7 +5,8 @@ profile's ``convert.dtype`` and ``convert.max_shard_size``; config, tokenizer an
 for LoRA runs the adapters merged into their base weights, and the adapter also in PEFT format under ``adapter/``.
 A multimodal base keeps its vision tower and projector byte for byte.
 
-Tensors stream: each output shard is filled and written before the next one is read (see checkpoint.py).
+Tensors stream: each shard file is written tensor by tensor straight from the checkpoint's files, unchanged bytes
+by an in-kernel copy, casts a chunk at a time (see checkpoint.py); no shard is ever held in memory.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +23,12 @@ CHUNK_BYTES = 32 << 20  # per cast step: large enough to amortise the calls, sma
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(fd: int, data: memoryview, at: int) -> int:
+    """pwrite all of ``data`` at offset ``at``; returns the offset after it."""
     while data:
-        data = data[os.write(fd, data):]
+        done = os.pwrite(fd, data, at)
+        data, at = data[done:], at + done
+    return at
 
 
 def _read_exact(src: int, into: memoryview, offset: int, where: ByteRange) -> None:
@@ -36,71 +40,97 @@ def _read_exact(src: int, into: memoryview, offset: int, where: ByteRange) -> No
 
 
 class ByteMover:
-    """Writes tensors into an output descriptor at its current position. Holds the reusable cast buffers."""
+    """Writes tensors into an output descriptor at given offsets (positional writes: the caller may fill a file in
+    whatever order reads its sources best). Each method returns the offset after what it wrote. Holds the reusable
+    cast buffers."""
 
     def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
         self._chunk = chunk_bytes
         self._src: np.ndarray | None = None
         self._dst: np.ndarray | None = None
         self._kernel_copy = hasattr(os, "copy_file_range")
+        self._open: dict[Path, int] = {}
 
-    def copy(self, fd: int, ranges: Sequence[ByteRange]) -> None:
-        """Append the ranges' bytes unchanged."""
+    def __enter__(self) -> ByteMover:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+    def _source(self, path: Path) -> int:
+        """Source files stay open for the whole conversion: their readahead state carries over from one tensor to
+        the next, and, as cp does, we tell the kernel they are read sequentially (it reads ahead further)."""
+        if path not in self._open:
+            fd = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._open[path] = fd
+        return self._open[path]
+
+    def copy(self, fd: int, at: int, ranges: Sequence[ByteRange]) -> int:
+        """The ranges' bytes, unchanged, at ``at``."""
         for piece in ranges:
-            with open(piece.path, "rb") as src:
-                if self._kernel_copy:
-                    try:
-                        self._kernel(src.fileno(), fd, piece)
-                        continue
-                    except OSError as exc:
-                        if exc.errno not in _NO_KERNEL_COPY:
-                            raise
-                        self._kernel_copy = False
-                self._through_memory(src.fileno(), fd, piece)
+            src = self._source(piece.path)
+            if self._kernel_copy:
+                try:
+                    at = self._kernel(src, fd, at, piece)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self._kernel_copy = False
+            at = self._through_memory(src, fd, at, piece)
+        return at
 
     @staticmethod
-    def _kernel(src: int, fd: int, piece: ByteRange) -> None:
+    def _kernel(src: int, fd: int, at: int, piece: ByteRange) -> int:
         done = 0
         while done < piece.length:
-            got = os.copy_file_range(src, fd, piece.length - done, piece.offset + done)
+            got = os.copy_file_range(src, fd, piece.length - done, piece.offset + done, at + done)
             if got == 0:
                 raise EOFError(f"{piece.path}: ends before byte {piece.offset + piece.length} (truncated?)")
             done += got
+        return at + done
 
-    def _through_memory(self, src: int, fd: int, piece: ByteRange) -> None:
-        buffer = memoryview(self._source_buffer())
-        for start in range(0, piece.length, self._chunk):
-            part = buffer[:min(self._chunk, piece.length - start)]
+    def _through_memory(self, src: int, fd: int, at: int, piece: ByteRange) -> int:
+        buffer = memoryview(self._buffers(piece.length, 1, 1)[0])
+        for start in range(0, piece.length, len(buffer)):
+            part = buffer[:min(len(buffer), piece.length - start)]
             _read_exact(src, part, piece.offset + start, piece)
-            _write_all(fd, part)
+            at = _write_all(fd, part, at)
+        return at
 
-    def cast(self, fd: int, ranges: Sequence[ByteRange], src_dtype: torch.dtype, dtype: torch.dtype) -> None:
-        """Append the ranges' elements (stored as ``src_dtype``) converted to ``dtype``, a chunk at a time."""
-        src_buf, dst_buf = self._buffers(src_dtype.itemsize, dtype.itemsize)
+    def cast(self, fd: int, at: int, ranges: Sequence[ByteRange], src_dtype: torch.dtype, dtype: torch.dtype) -> int:
+        """The ranges' elements (stored as ``src_dtype``) converted to ``dtype``, at ``at``, a chunk at a time."""
+        src_buf, dst_buf = self._buffers(max((p.length for p in ranges), default=0), src_dtype.itemsize,
+                                         dtype.itemsize)
         src_t, dst_t = torch.from_numpy(src_buf), torch.from_numpy(dst_buf)
-        step = self._chunk // src_dtype.itemsize * src_dtype.itemsize  # whole elements per chunk
+        step = len(src_buf) // src_dtype.itemsize * src_dtype.itemsize  # whole elements per chunk
         for piece in ranges:
-            with open(piece.path, "rb") as src:
-                for start in range(0, piece.length, step):
-                    count = min(step, piece.length - start)
-                    _read_exact(src.fileno(), memoryview(src_buf)[:count], piece.offset + start, piece)
-                    n = count // src_dtype.itemsize
-                    dst_t[:n * dtype.itemsize].view(dtype).copy_(src_t[:count].view(src_dtype))
-                    _write_all(fd, memoryview(dst_buf)[:n * dtype.itemsize])
+            src = self._source(piece.path)
+            for start in range(0, piece.length, step):
+                count = min(step, piece.length - start)
+                _read_exact(src, memoryview(src_buf)[:count], piece.offset + start, piece)
+                n = count // src_dtype.itemsize
+                dst_t[:n * dtype.itemsize].view(dtype).copy_(src_t[:count].view(src_dtype))
+                at = _write_all(fd, memoryview(dst_buf)[:n * dtype.itemsize], at)
+        return at
 
-    def write(self, fd: int, tensor: torch.Tensor) -> None:
-        """Append an in-memory tensor's bytes (row-major, as safetensors stores them)."""
+    def write(self, fd: int, at: int, tensor: torch.Tensor) -> int:
+        """An in-memory tensor's bytes (row-major, as safetensors stores them) at ``at``."""
         flat = tensor.detach().cpu().contiguous().reshape(-1)
-        _write_all(fd, memoryview(flat.view(torch.uint8).numpy()))
+        return _write_all(fd, memoryview(flat.view(torch.uint8).numpy()), at)
 
-    def _source_buffer(self) -> np.ndarray:
-        if self._src is None:
-            self._src = np.ones(self._chunk, dtype=np.uint8)  # ones, not empty: fault every page in once, now
-        return self._src
-
-    def _buffers(self, src_itemsize: int, dst_itemsize: int) -> tuple[np.ndarray, np.ndarray]:
-        """The two cast buffers, allocated and touched once, grown only if a wider output dtype needs more."""
-        dst_bytes = self._chunk // src_itemsize * dst_itemsize
+    def _buffers(self, need: int, src_itemsize: int, dst_itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source and output buffers for steps of up to ``need`` source bytes (at most a chunk). Allocated once and
+        touched right away (ones, not empty: every page faults in now, not on each use); grown only when a larger
+        tensor or a wider output dtype needs more, so small checkpoints never pay for a whole chunk."""
+        src_bytes = max(src_itemsize, min(self._chunk, need))
+        if self._src is None or len(self._src) < src_bytes:
+            self._src = np.ones(src_bytes, dtype=np.uint8)
+        dst_bytes = len(self._src) // src_itemsize * dst_itemsize
         if self._dst is None or len(self._dst) < dst_bytes:
             self._dst = np.ones(dst_bytes, dtype=np.uint8)
-        return self._source_buffer(), self._dst
+        return self._src, self._dst

@@ -20,8 +20,8 @@ import torch
 from finetune.stage import PermanentError
 from tasks.convert.bytecopy import ByteMover
 from tasks.convert.lora import LoraModule, LoraSpec, find_lora_modules, merge_module
-from tasks.convert.shards import PlannedTensor, Shard, open_shard, plan_shards, write_index
-from tasks.convert.sources import SafetensorsSource, TensorSource, check_float
+from tasks.convert.shards import Placed, PlannedTensor, Shard, ShardWriter, plan_shards, write_index
+from tasks.convert.sources import ByteRange, SafetensorsSource, TensorSource, check_float
 
 KeyMap = Callable[[str], "str | None"]
 """Trained-checkpoint key -> output (HF) key; None drops the tensor (e.g. the output weight of a tied model)."""
@@ -37,8 +37,9 @@ _LIBC = _load_libc()
 
 
 def _trim_heap() -> None:
-    """Give the freed shard buffers back to the OS. glibc keeps freed blocks below its (adaptive) mmap threshold in
-    its heap, so without this RSS creeps up shard after shard (measured: +2 shards over 8)."""
+    """Give freed tensors (LoRA merges, decoded tensors) back to the OS. glibc keeps freed blocks below its
+    (adaptive) mmap threshold in its heap, so without this RSS creeps up shard after shard (measured when shards
+    were built in memory: +2 shards over 8)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -148,19 +149,18 @@ def convert_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(s.nbytes for s in shards)
     done = 0
-    mover = ByteMover()
     threads = torch.get_num_threads()
     # Casts are memory-bound: intra-op threads only add wake-up latency (10-100x slower measured on 2 shared
     # cores), and the rank-r merge products are small.
     torch.set_num_threads(1)
     try:
-        for shard in shards:
-            with open_shard(out_dir, shard) as (fd, order):
-                for planned in order:
-                    _write_tensor(fd, mover, by_name[planned.name], source, carry, lora)
-            _trim_heap()
-            done += shard.nbytes
-            progress(done / max(total, 1), f"wrote {shard.file} ({shard.nbytes / 1e6:.1f} MB)")
+        with ShardWriter(out_dir) as writer, ByteMover() as mover:
+            for shard in shards:
+                with writer.shard(shard) as (fd, placed):
+                    _fill_shard(fd, shard, placed, by_name, mover, source, carry, lora)
+                _trim_heap()
+                done += shard.nbytes
+                progress(done / max(total, 1), f"wrote {shard.file} ({shard.nbytes / 1e6:.1f} MB)")
     finally:
         torch.set_num_threads(threads)
     write_index(out_dir, shards)
@@ -168,26 +168,51 @@ def convert_checkpoint(
                          carried=[job.key for job in jobs if job.carried])
 
 
-def _write_tensor(
+def _fill_shard(
     fd: int,
+    shard: Shard,
+    placed: Sequence[Placed],
+    by_name: Mapping[str, _Job],
     mover: ByteMover,
-    job: _Job,
     source: TensorSource,
     carry: SafetensorsSource | None,
     lora: LoraSpec | None,
 ) -> None:
-    """Append one output tensor's bytes: stored bytes copied by the kernel when they stay as they are, cast a chunk
-    at a time when only the dtype changes, computed in memory for a LoRA merge (or a layout we cannot copy)."""
+    """Write every tensor of one shard at its place. The checkpoint's files are read front to back (the output's
+    tensor order is safetensors' dtype-then-name order, unrelated to where the tensors are stored)."""
+    steps = []
+    for place in placed:
+        job = by_name[place.tensor.name]
+        origin = carry if job.carried else source
+        assert origin is not None
+        steps.append((place, job, None if job.merge is not None else origin.byte_ranges(job.key)))
+    steps.sort(key=lambda step: (0, str(step[2][0].path), step[2][0].offset) if step[2] else (1, "", 0))
+    for place, job, ranges in steps:
+        end = _write_tensor(fd, place.offset, mover, job, ranges, source, carry, lora)
+        if end != place.offset + place.tensor.nbytes:
+            raise ValueError(f"{shard.file}: {place.tensor.name} came out {end - place.offset} bytes, planned "
+                             f"{place.tensor.nbytes}")
+
+
+def _write_tensor(
+    fd: int,
+    at: int,
+    mover: ByteMover,
+    job: _Job,
+    ranges: Sequence[ByteRange] | None,
+    source: TensorSource,
+    carry: SafetensorsSource | None,
+    lora: LoraSpec | None,
+) -> int:
+    """One output tensor's bytes at ``at``: stored bytes copied by the kernel when they stay as they are, cast a
+    chunk at a time when only the dtype changes, computed in memory for a LoRA merge (or a layout we cannot copy)."""
     if job.merge is not None:
         assert lora is not None  # find_lora_modules refuses adapters without a spec
-        mover.write(fd, merge_module(source, job.merge, lora).to(job.out.dtype))
-        return
-    origin = carry if job.carried else source
-    assert origin is not None
-    ranges = origin.byte_ranges(job.key)
+        return mover.write(fd, at, merge_module(source, job.merge, lora).to(job.out.dtype))
     if ranges is None:
-        mover.write(fd, origin.load([job.key], job.out.dtype)[job.key])
-    elif job.stored == job.out.dtype:
-        mover.copy(fd, ranges)
-    else:
-        mover.cast(fd, ranges, job.stored, job.out.dtype)
+        origin = carry if job.carried else source
+        assert origin is not None
+        return mover.write(fd, at, origin.load([job.key], job.out.dtype)[job.key])
+    if job.stored == job.out.dtype:
+        return mover.copy(fd, at, ranges)
+    return mover.cast(fd, at, ranges, job.stored, job.out.dtype)

@@ -12,6 +12,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,21 +108,77 @@ def safetensors_header(tensors: Sequence[PlannedTensor]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-@contextmanager
-def open_shard(out_dir: Path, shard: Shard) -> Iterator[tuple[int, list[PlannedTensor]]]:
-    """Create ``shard`` atomically: yields the file's descriptor, positioned after the header, and the tensors in
-    the order their bytes must be written to it. On exit the file must hold exactly the planned bytes; it is then
-    fsynced and renamed into place (on any error the temp file is removed)."""
-    order = file_order(shard)
-    header = safetensors_header(order)
-    with atomic_file(out_dir / shard.file) as handle:
-        handle.write(header)
-        handle.flush()
-        fd = handle.fileno()
-        yield fd, order
-        written = os.lseek(fd, 0, os.SEEK_CUR)
-        if written != len(header) + shard.nbytes:
-            raise ValueError(f"{shard.file}: wrote {written} bytes, planned {len(header) + shard.nbytes}")
+@dataclass(frozen=True)
+class Placed:
+    """A planned tensor and the absolute file offset where its bytes go."""
+
+    tensor: PlannedTensor
+    offset: int
+
+
+class ShardWriter:
+    """Creates planned shard files atomically (temp file, fsync, rename), the flush of each finished shard running on
+    a background thread while the next one is written, so reading never waits on the disk's write-back.
+
+    At most one shard is flushing at a time, which bounds the dirty pages a conversion leaves behind. A failed flush
+    surfaces at the next shard or on exit; temp files never outlive an error.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-flush")
+        self._pending: Future[None] | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
+
+    @contextmanager
+    def shard(self, shard: Shard) -> Iterator[tuple[int, list[Placed]]]:
+        """Yields the new file's descriptor (header already written) and where each tensor's bytes go; the body
+        must fill exactly those bytes, in any order, with positional writes."""
+        order = file_order(shard)
+        header = safetensors_header(order)
+        placed, offset = [], len(header)
+        for tensor in order:
+            placed.append(Placed(tensor, offset))
+            offset += tensor.nbytes
+        tmp = self.out_dir / f".{shard.file}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, header, 0)
+            yield fd, placed
+            size = os.fstat(fd).st_size
+            if size != offset:
+                raise ValueError(f"{shard.file}: wrote {size} bytes, planned {offset}")
+            self._wait()
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        self._pending = self._pool.submit(_finish, fd, tmp, self.out_dir / shard.file)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _finish(fd: int, tmp: Path, target: Path) -> None:
+    try:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_index(out_dir: Path, shards: Sequence[Shard]) -> Path:

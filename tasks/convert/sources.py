@@ -6,7 +6,8 @@ checkpoint far larger than memory one group of tensors at a time. Both also tell
 their files (``byte_ranges``), so a converter can copy or cast them without decoding the tensor into memory.
 
 DCP's ``.metadata`` is a pickle: it is read with an unpickler that only admits DCP's own metadata classes, so a
-crafted checkpoint cannot run code. The tensor payloads are read by DCP itself with ``torch.load(weights_only=True)``.
+crafted checkpoint cannot run code. Tensor payloads are located by tasks/convert/torchsave.py (which executes nothing
+from the archive), or, when a payload is not plain bytes, read by DCP itself with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -279,8 +280,7 @@ class SafetensorsSource:
     def byte_ranges(self, key: str) -> list[ByteRange]:
         return [self._ranges[key]]
 
-    def load(self, keys: Sequence[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """``dtype=None`` keeps each tensor's stored dtype (bytes carried untouched)."""
+    def load(self, keys: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -292,7 +292,7 @@ class SafetensorsSource:
             with safe_open(self.location / name, framework="pt") as handle:
                 for key in file_keys:
                     tensor = handle.get_tensor(key)
-                    out[key] = tensor if dtype is None else tensor.to(dtype)
+                    out[key] = tensor.to(dtype)
         return {key: out[key] for key in keys}
 
 
