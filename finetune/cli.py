@@ -17,6 +17,8 @@ def _prefect_defaults() -> None:
         os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
     # The ephemeral server's first start on a small machine can exceed Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # Clusters without internet would log a failed telemetry call on every run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -1,0 +1,93 @@
+"""The whole tiny-cpu pipeline through real Prefect, run ONCE per session (conftest.pipeline_run) and inspected here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PipelineRun, parse_summary
+
+pytestmark = pytest.mark.e2e
+
+ALL_STAGES = ["download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned", "quantize",
+              "evaluate-quantized", "benchmark"]
+
+
+def test_first_run_computes_every_stage_and_reports_it(pipeline_run: PipelineRun) -> None:
+    stages = pipeline_run.summary["stages"]
+    assert list(stages) == ALL_STAGES
+    for name, info in stages.items():
+        assert not info["cached"], name
+        assert len(info["key"]) == 20 and info["seconds"] >= 0
+        manifest = json.loads((Path(info["path"]) / "artifact.json").read_text())
+        assert manifest["key"] == info["key"] and manifest["files"], name
+
+
+def test_training_lowers_the_loss(pipeline_run: PipelineRun) -> None:
+    metrics = pipeline_run.stage("train")["metrics"]
+    assert metrics["last_loss"] < 0.5 * metrics["first_loss"]
+
+
+def test_tuned_model_beats_its_base_on_the_held_out_task(pipeline_run: PipelineRun) -> None:
+    base = pipeline_run.stage("evaluate-base")["metrics"]["scores"]
+    tuned = pipeline_run.stage("evaluate-tuned")["metrics"]["scores"]
+    assert tuned["tiny_synth_em/exact_match"] >= base["tiny_synth_em/exact_match"] + 10
+
+
+def test_quantized_model_is_smaller_and_benchmarked_against_bf16(pipeline_run: PipelineRun) -> None:
+    quantize = pipeline_run.stage("quantize")["metrics"]
+    assert quantize["weights_bytes_after"] < 0.5 * quantize["weights_bytes_before"]
+    results = json.loads((Path(pipeline_run.stage("benchmark")["path"]) / "results.json").read_text())
+    assert "stand-in" in results["engine"]
+    assert (Path(pipeline_run.stage("benchmark")["path"]) / "latency_vs_throughput.png").stat().st_size > 1000
+
+
+def test_second_run_in_a_new_process_is_all_cache_hits(pipeline_run: PipelineRun) -> None:
+    started = time.perf_counter()
+    again = parse_summary(pipeline_run.finetune("run", "--profile", "tiny-cpu", "--json").stdout)
+    assert {name: info["cached"] for name, info in again["stages"].items()} == dict.fromkeys(ALL_STAGES, True)
+    assert {n: i["key"] for n, i in again["stages"].items()} == {
+        n: i["key"] for n, i in pipeline_run.summary["stages"].items()}
+    print(f"fully cached rerun: {time.perf_counter() - started:.1f} s wall (CLI process included)")
+
+
+def test_deleted_artifact_file_recomputes_only_that_stage(pipeline_run: PipelineRun) -> None:
+    pack = Path(pipeline_run.stage("pack")["path"])
+    (pack / "prompts.jsonl").unlink()
+    again = parse_summary(pipeline_run.finetune("run", "--profile", "tiny-cpu", "--until", "train", "--json").stdout)
+    cached = {name: info["cached"] for name, info in again["stages"].items()}
+    assert cached == {"download": True, "pack": False, "train": True}
+    assert again["stages"]["pack"]["key"] == pipeline_run.stage("pack")["key"]
+    assert (pack / "prompts.jsonl").is_file()
+
+
+_READ_ARTIFACTS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        artifacts = await client.read_artifacts()
+        runs = await client.read_flow_runs()
+        print(json.dumps({"keys": sorted({a.key for a in artifacts if a.key}),
+                          "types": sorted({a.type for a in artifacts if a.type}),
+                          "runs": [[r.name, r.state_name] for r in runs]}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_ui_shows_profile_tables_plots_deltas_and_lineage(pipeline_run: PipelineRun) -> None:
+    proc = subprocess.run([sys.executable, "-c", _READ_ARTIFACTS], env=pipeline_run.env, capture_output=True,
+                          text=True, check=True)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("resolved-profile", "lineage", "eval-deltas", "quantized-recovery", "train-loss-curve",
+                "benchmark-latency-vs-throughput", "benchmark-comparison", "pack-pack"):
+        assert key in seen["keys"], key
+    assert {"markdown", "table", "progress"} <= set(seen["types"])
+    assert any(name.startswith("tiny-cpu-data-") and state == "Completed" for name, state in seen["runs"])
