@@ -154,16 +154,16 @@ def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
 # -- one node -----------------------------------------------------------------------------------------------------
 def run_node(ctx: StageContext, node_rank: int, rdzv_id: str) -> None:
     """This node's trainer for the training whose config is in ctx.workdir; node 0 publishes the endpoint."""
-    from tasks.train import CONFIG_FILE, _check_device, _launch
+    from tasks.train import CONFIG_FILE, check_devices, launch_trainers
 
-    _check_device(ctx.profile.train)
+    check_devices(ctx.profile.train)
     config_path = Path(ctx.workdir) / CONFIG_FILE
     if not config_path.is_file():
         raise PermanentError(f"{config_path} not found: every node must mount the artifact store at the same path "
                              "(a shared volume) as the train stage that wrote it")
     endpoint = publish_endpoint(rdzv_id) if node_rank == 0 else await_endpoint(rdzv_id)
     ctx.log(f"node {node_rank}: rendezvous {rdzv_id} at {endpoint}")
-    _launch(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=_tune())])
+    launch_trainers(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=_tune())])
 
 
 def node_address() -> str:
@@ -226,7 +226,7 @@ def train_key(profile: Profile) -> str:
 
 def join(profile: Profile, store: Store, timeout_s: float = ENDPOINT_TIMEOUT_S) -> None:
     """Wait until node 0's pipeline has written the training config to the shared store, then train with it."""
-    from tasks.train import CONFIG_FILE, _launch
+    from tasks.train import CONFIG_FILE, launch_trainers
 
     workdir = store.local_dir("train", train_key(profile))
     config_path = workdir / CONFIG_FILE
@@ -237,7 +237,7 @@ def join(profile: Profile, store: Store, timeout_s: float = ENDPOINT_TIMEOUT_S) 
                                "against the same shared store?)")
         time.sleep(5 * POLL_S)
     ctx = StageContext(profile=profile, key=workdir.name, workdir=workdir, inputs={}, log=print)
-    _launch(ctx, [external_node_command(profile.train, config_path)])
+    launch_trainers(ctx, [external_node_command(profile.train, config_path)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,8 @@ CONFIG_FILE = "torchtune_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
 META_FILE = "train_meta.json"
-# Launchers that place node processes through another engine (issue 5): refused by name until they exist.
-NOT_IMPLEMENTED_LAUNCHERS = {"skypilot", "jobset"}
+# Launchers whose node processes another engine starts, one pipeline per node (see `finetune render`).
+EXTERNAL_LAUNCHERS = {"skypilot", "jobset"}
 # Recipe config sections whose keys are a component's keyword arguments: overrides may add new ones.
 COMPONENT_SECTIONS = {"model", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss"}
 TABLE_ROWS = 200
@@ -130,11 +130,11 @@ def _missing_values(node: Any, path: str = "") -> list[str]:
 
 def launch_commands(train: TrainConfig, config_path: Path, run_id: str) -> list[list[str]]:
     """One ``tune run`` command per node process this machine starts."""
-    if train.launcher in NOT_IMPLEMENTED_LAUNCHERS:
-        raise PermanentError(
-            f"train.launcher '{train.launcher}' is not implemented yet (SkyPilot and JobSet launches are issue 5); "
-            "use 'process' (one node), 'local-nodes' (node processes on this machine) or 'prefect-pool'"
-        )
+    if train.launcher in EXTERNAL_LAUNCHERS:
+        from flows.multinode import external_node_command
+
+        # SkyPilot / a JobSet placed the nodes (`finetune render`) and exported node 0's endpoint: this is one node.
+        return [external_node_command(train, config_path)]
     if train.launcher == "prefect-pool":
         return []  # the nodes are flow runs in the GPU pool (flows/multinode.py), none runs here
     tune = [str(Path(sys.executable).with_name("tune"))]
@@ -158,7 +158,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _check_device(train: TrainConfig) -> None:
+def check_devices(train: TrainConfig) -> None:
     if train.device != "cuda":
         return
     import torch
@@ -178,7 +178,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                              Path(ctx.inputs["pack"].path))
     commands = launch_commands(train, config_path, run_id=ctx.key[:16])
     if commands:  # node runs in a GPU pool check their own devices
-        _check_device(train)
+        check_devices(train)
     with atomic_file(config_path, "w") as handle:
         yaml.safe_dump(rendered, handle, sort_keys=False)
 
@@ -194,7 +194,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
             train_on_pool(ctx, config_path)
         else:
-            _launch(ctx, commands)
+            launch_trainers(ctx, commands)
     wall = time.perf_counter() - started
 
     records = _read_metrics(workdir / METRICS_FILE)
@@ -220,7 +220,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def _launch(ctx: StageContext, commands: list[list[str]]) -> None:
+def launch_trainers(ctx: StageContext, commands: list[list[str]]) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

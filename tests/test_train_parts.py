@@ -152,6 +152,17 @@ def test_launch_commands_per_launcher(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("launcher", ["skypilot", "jobset"])
-def test_engine_launchers_are_refused_by_name_until_implemented(tmp_path: Path, launcher: str) -> None:
-    with pytest.raises(PermanentError, match=f"'{launcher}' is not implemented yet.*issue 5"):
-        train.launch_commands(tiny(f"train.launcher={launcher}", "train.nnodes=2").train, tmp_path, "run1")
+def test_engine_launchers_need_the_endpoint_their_rendered_job_exports(
+    tmp_path: Path, launcher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune.render import ENDPOINT_ENV, RDZV_ID_ENV
+
+    profile = tiny(f"train.launcher={launcher}", "train.nnodes=2")
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    with pytest.raises(PermanentError, match=f"runs inside a job rendered by `finetune render --target {launcher}`"):
+        train.launch_commands(profile.train, tmp_path, "run1")
+    monkeypatch.setenv(ENDPOINT_ENV, "10.0.0.7:29500")
+    monkeypatch.setenv(RDZV_ID_ENV, "job-42")
+    [node] = train.launch_commands(profile.train, tmp_path / "torchtune_config.yaml", "run1")
+    joined = " ".join(node)
+    assert "--rdzv_backend c10d --rdzv_endpoint 10.0.0.7:29500 --rdzv_id job-42" in joined
