@@ -11,6 +11,7 @@ scratch mirror whose files are uploaded before ``artifact.json`` is written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -231,9 +232,25 @@ class atomic_file:
             self.handle.close()
             if exc_type is None:
                 os.replace(self.tmp, self.path)
+        except OSError as failure:
+            exc = failure
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+        if isinstance(exc, OSError) and str(self.path) not in str(exc):
+            raise _with_cause(exc, self.path) from exc
+        if exc is not None and exc_type is None:
+            raise exc
+
+
+def _with_cause(exc: OSError, path: Path) -> OSError:
+    """Name the file, and a full disk as such: numpy's short writes raise OSError with no errno at all."""
+    code = exc.errno
+    if code is None and shutil.disk_usage(path.parent).free < (1 << 20):
+        code = errno.ENOSPC
+    if code is None:
+        return OSError(f"{exc} while writing {path}")
+    return OSError(code, f"{os.strerror(code)} while writing {path}" + ("" if code == exc.errno else f" ({exc})"))
 
 
 def now_iso() -> str:

@@ -105,3 +105,11 @@ def test_broken_finished_artifact_is_moved_aside_not_deleted(tmp_path: Path) -> 
     assert list(work.iterdir()) == []
     (kept,) = (tmp_path / "pack" / ".quarantine").iterdir()
     assert kept.name.startswith("k1.") and (kept / "sub" / "data.bin").read_bytes() == b"tampered!"
+
+
+def test_atomic_file_errors_name_the_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(OSError, match=r"out\.bin"):
+        with atomic_file(target, "wb"):
+            raise OSError("1000 requested and 10 written")
+    assert list(tmp_path.iterdir()) == []
