@@ -88,6 +88,8 @@ def execute_stage(
     if existing is not None:
         return existing, read_tables(existing)
     workdir = store.prepare(spec.name, key, keep_partial=spec.resumable)
+    # Written below, after run(): one already here was left by an attempt killed before its manifest.
+    (workdir / TABLES_FILE).unlink(missing_ok=True)
     ctx = StageContext(profile=profile, key=key, workdir=workdir, inputs=inputs, log=log_fn, progress=progress)
     started, clock = now_iso(), time.perf_counter()
     metrics = spec.run(ctx)

@@ -403,14 +403,15 @@ def test_full_disk_error_names_the_cause_and_the_file(reference: Reference, tmpf
 
 
 def test_malformed_profile_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "profiles" / "tiny-cpu.yaml").read_text().replace("  epochs: 1", "  epochs: one")
-                   + "surprise: 1\n")
-    broken = tmp_path / "broken.yaml"
+    shipped = (REPO / "profiles" / "tiny-cpu.yaml").read_text()
+    assert "\n  epochs: " in shipped
+    wrong_type, unknown_key, broken = tmp_path / "wrong_type.yaml", tmp_path / "unknown_key.yaml", tmp_path / "broken.yaml"
+    wrong_type.write_text(shipped.replace("\n  epochs: ", "\n  epochs: one #", 1))
+    unknown_key.write_text(shipped + "surprise: 1\n")
     broken.write_text("data:\n  source: [embedded/data\nmodel: {}\n")
     store = tmp_path / "store"
     env = {**fault_env(tmp_path / "scratch"), "FINETUNE_STORE": str(store)}
-    for profile, expected in ((bad, ["train.epochs", "surprise"]), (broken, ["line 2"])):
+    for profile, expected in ((wrong_type, ["train.epochs"]), (unknown_key, ["surprise"]), (broken, ["line 2"])):
         proc = subprocess.run([sys.executable, "-m", "finetune.cli", "run", "--profile", str(profile)], cwd=REPO,
                               env=env, capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
@@ -499,6 +500,27 @@ def test_resumable_stage_killed_mid_atomic_write_records_no_temp_file(tmp_path: 
     artifact, _ = execute_stage(spec, load_profile("tiny-cpu"), Store(tmp_path), {})
     assert sorted(artifact.files) == ["progress.bin", "tables.json", "weights.bin"]
     assert leftovers(tmp_path) == []
+
+
+def test_resumable_stage_killed_after_its_tables_sees_only_its_own_files(tmp_path: Path) -> None:
+    """Found by the SIGKILL campaign: download killed between writing tables.json and artifact.json listed the stale
+    tables.json among the model's files on the rerun (and counted it in its metrics)."""
+    from finetune.profile import load_profile
+    from finetune.stage import TABLES_FILE, StageContext, StageSpec, execute_stage, stage_key
+    from finetune.store import Store
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        (ctx.workdir / "model.bin").write_bytes(b"weights")
+        return {"files": sorted(p.name for p in ctx.workdir.iterdir())}
+
+    spec = StageSpec(name="resumable", version="1", run=run, config=lambda p: {}, resumable=True)
+    profile, store = load_profile("tiny-cpu"), Store(tmp_path)
+    killed = store.local_dir("resumable", stage_key(spec, profile, {}))
+    killed.mkdir(parents=True)
+    (killed / "model.bin").write_bytes(b"weights")
+    (killed / TABLES_FILE).write_text("{}")  # what the killed attempt had written just before its manifest
+    artifact, _ = execute_stage(spec, profile, store, {})
+    assert artifact.metrics["files"] == ["model.bin"]
 
 
 # ---- comparing a faulted run's artifact with the reference's -----------------------------------------------------
