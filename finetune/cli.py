@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 from finetune.profile import REPO_ROOT, ProfileError, list_profiles, load_profile, resolved_yaml
 
@@ -27,7 +29,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.finetune import finetune
 
     started = time.perf_counter()
-    summary = finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
+    with _stdout_to_stderr(args.json):
+        summary = finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
     wall = round(time.perf_counter() - started, 2)
     if args.json:
         print(json.dumps({"profile": args.profile, "wall_seconds": wall, "stages": summary}, indent=2, default=str))
@@ -37,6 +40,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{stage:<20} {info['key'][:12]}  {state:<10} {info['path']}")
         print(f"finished in {wall}s")
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    """Keep stdout for the JSON summary: libraries (llm-compressor's loguru) and trainers print to fd 1."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.C
 
 
 def parse_summary(stdout: str) -> dict[str, Any]:
-    return json.loads(stdout[stdout.index("{\n"):])
+    return json.loads(stdout)
 
 
 @pytest.fixture(scope="session")
