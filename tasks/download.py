@@ -32,7 +32,6 @@ REQUIRED_FILES = ("config.json",)
 def embedded_model_dir(seed: int) -> Path:
     """Build (once per seed and builder source) the embedded tiny model and return its directory."""
     import embedded
-    from embedded.tiny_model import build_tiny_model
 
     # The build is deterministic in the builder's code and the data its tokenizer is trained on.
     sources = Path(embedded.__file__).parent
@@ -40,6 +39,9 @@ def embedded_model_dir(seed: int) -> Path:
         "tiny_model.py", "tokenizer.py", "dataset.py", "data/train.jsonl")])
     target = scratch_root() / "embedded" / f"tiny-llama4-{builder[:12]}-seed{seed}"
     if not (target / "config.json").is_file():
+        # Imported only to build: it pulls in torch and transformers, ~10 s a cached rerun need not pay.
+        from embedded.tiny_model import build_tiny_model
+
         build_tiny_model(target, seed=seed)
     return target
 
