@@ -3,6 +3,7 @@ write) and where DCP / safetensors sources keep a tensor's raw bytes (including 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -114,6 +115,18 @@ def test_byte_mover_copies_ranges_and_names_a_truncated_source(tmp_path: Path) -
     with open(tmp_path / "out2", "wb") as out, ByteMover() as mover:
         with pytest.raises(EOFError, match=r"src: ends before byte 1124"):
             mover.copy(out.fileno(), 0, [ByteRange(tmp_path / "src", 1000, 124)])
+
+
+def test_byte_mover_falls_back_to_read_write_where_the_kernel_cannot_copy(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    (tmp_path / "src").write_bytes(bytes(range(256)) * 40)
+    with open(tmp_path / "out", "wb") as out, ByteMover(chunk_bytes=1000) as mover:
+        assert mover.copy(out.fileno(), 5, [ByteRange(tmp_path / "src", 7, 5000)]) == 5005
+    assert (tmp_path / "out").read_bytes() == bytes(5) + (tmp_path / "src").read_bytes()[7:5007]
 
 
 def _save_dcp(state: dict[str, torch.Tensor], path: Path) -> Path:

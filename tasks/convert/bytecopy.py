@@ -19,6 +19,10 @@ import torch
 from tasks.convert.sources import ByteRange
 
 CHUNK_BYTES = 32 << 20  # per cast step: large enough to amortise the calls, small next to any shard
+# Copies go in steps of this size, each one first asking the kernel to start reading the next two steps. The kernel's
+# own readahead (a few MB) leaves the disk idle between requests; measured on a 4.4 GB cold-cache copy: 10-12 s
+# without, 5-7 s with (cp: 11-12 s, with its sync).
+READ_AHEAD_BYTES = 64 << 20
 # copy_file_range can refuse a pair of files (another filesystem on old kernels, special files): fall back.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
@@ -29,6 +33,13 @@ def _write_all(fd: int, data: memoryview, at: int) -> int:
         done = os.pwrite(fd, data, at)
         data, at = data[done:], at + done
     return at
+
+
+def _prefetch(src: int, offset: int, length: int) -> None:
+    """Start reading the source from ``offset`` on in the background. Past the range's end too: sources are read
+    front to back, so what follows is usually the next tensor."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(src, offset + length, 2 * READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
 
 
 def _read_exact(src: int, into: memoryview, offset: int, where: ByteRange) -> None:
@@ -88,7 +99,9 @@ class ByteMover:
     def _kernel(src: int, fd: int, at: int, piece: ByteRange) -> int:
         done = 0
         while done < piece.length:
-            got = os.copy_file_range(src, fd, piece.length - done, piece.offset + done, at + done)
+            step = min(READ_AHEAD_BYTES, piece.length - done)
+            _prefetch(src, piece.offset + done, step)
+            got = os.copy_file_range(src, fd, step, piece.offset + done, at + done)
             if got == 0:
                 raise EOFError(f"{piece.path}: ends before byte {piece.offset + piece.length} (truncated?)")
             done += got
@@ -98,6 +111,7 @@ class ByteMover:
         buffer = memoryview(self._buffers(piece.length, 1, 1)[0])
         for start in range(0, piece.length, len(buffer)):
             part = buffer[:min(len(buffer), piece.length - start)]
+            _prefetch(src, piece.offset + start, len(part))
             _read_exact(src, part, piece.offset + start, piece)
             at = _write_all(fd, part, at)
         return at
@@ -112,6 +126,7 @@ class ByteMover:
             src = self._source(piece.path)
             for start in range(0, piece.length, step):
                 count = min(step, piece.length - start)
+                _prefetch(src, piece.offset + start, count)
                 _read_exact(src, memoryview(src_buf)[:count], piece.offset + start, piece)
                 n = count // src_dtype.itemsize
                 dst_t[:n * dtype.itemsize].view(dtype).copy_(src_t[:count].view(src_dtype))
