@@ -23,6 +23,7 @@ reported, backend, model args, load and evaluation wall time.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import time
@@ -96,7 +97,9 @@ def _write_samples(workdir: Path, samples: dict[str, list[dict[str, Any]]]) -> N
     from lm_eval.utils import handle_non_serializable
 
     for task, rows in samples.items():
-        with atomic_file(workdir / "samples" / f"{task}.jsonl.gz", "wb") as raw, gzip.open(raw, "wt") as handle:
+        # mtime=0: no timestamp in the gzip header, so equal samples give byte-identical files.
+        with atomic_file(workdir / "samples" / f"{task}.jsonl.gz", "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as packed, io.TextIOWrapper(packed) as handle:
             for row in rows:
                 handle.write(json.dumps(row, default=handle_non_serializable) + "\n")
 
