@@ -11,7 +11,6 @@ by an in-kernel copy, casts a chunk at a time (see checkpoint.py); no shard is e
 
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 import sys
@@ -25,7 +24,7 @@ from finetune.profile import Profile
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
 from tasks.convert.checkpoint import ConvertResult, KeyMap, convert_checkpoint
-from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config
+from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config, read_json_object
 from tasks.convert.lora import LoraModule, LoraSpec, write_peft_adapter
 from tasks.convert.shards import parse_size
 from tasks.convert.sources import DcpSource, SafetensorsSource, TensorSource
@@ -48,12 +47,7 @@ class TrainMeta:
 
 def read_train_meta(final_dir: Path) -> TrainMeta:
     path = final_dir / TRAIN_META
-    if not path.is_file():
-        raise PermanentError(f"{path}: missing; the train stage did not finish this checkpoint")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    raw = read_json_object(path, "the train stage did not finish this checkpoint")
     fmt, method = raw.get("format"), raw.get("method")
     if fmt not in ("dcp", "hf"):
         raise PermanentError(f"{path}: field 'format' must be 'dcp' or 'hf', got {fmt!r}")

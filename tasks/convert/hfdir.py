@@ -18,17 +18,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def read_config(base_dir: Path) -> dict[str, Any]:
-    path = base_dir / "config.json"
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from path, or a PermanentError naming the file, the line, or why it is missing."""
     if not path.is_file():
-        raise PermanentError(f"{path}: missing; the base checkpoint is not a Hugging Face model directory")
+        raise PermanentError(f"{path}: missing; {missing}")
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if not isinstance(config, dict):
+    if not isinstance(value, dict):
         raise PermanentError(f"{path}: must be a JSON object")
-    return config
+    return value
+
+
+def read_config(base_dir: Path) -> dict[str, Any]:
+    return read_json_object(base_dir / "config.json", "the base checkpoint is not a Hugging Face model directory")
 
 
 def expected_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
