@@ -9,7 +9,6 @@ then one final rerun; so each seed costs about one pipeline run plus the killed 
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
