@@ -37,15 +37,6 @@ def _spec(stage: str):
     return importlib.import_module(f"tasks.{stage}").SPEC
 
 
-def _markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(row.get(col, "")) for col in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 @flow(name="finetune", flow_run_name=_run_name, persist_result=True, log_prints=True)
 def finetune(
     profile: str = "tiny-cpu",
@@ -115,9 +106,11 @@ def post_recovery(bf16: Artifact, w4: Artifact) -> None:
 
 
 def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResult]) -> None:
+    from tasks.evaluate.report import markdown_table
+
     rows = [{"stage": name, "key": r.artifact.key, "cached": r.cached, "seconds": r.artifact.timings.get("seconds"),
              "inputs": ", ".join(f"{k}:{v[:10]}" for k, v in r.artifact.inputs.items())}
             for name, r in results.items()]
     create_markdown_artifact(
-        f"# Lineage of `{profile_name}`\n\nStore: `{store.url}`\n\n{_markdown_table(rows)}\n",
+        f"# Lineage of `{profile_name}`\n\nStore: `{store.url}`\n\n{markdown_table(rows)}\n",
         key="lineage", description="Which artifact came from which inputs")

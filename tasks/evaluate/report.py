@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +106,17 @@ def scores(artifact: Artifact) -> list[Score]:
         raise PermanentError(f"{path}: not an evaluate results file ({type(exc).__name__}: {exc})") from exc
 
 
+def _matched(reference: list[Score], other: list[Score]) -> Iterator[tuple[Score, Score]]:
+    """(reference, other) score pairs of the same task and metric, in the other list's order."""
+    by_key = {(s.task, s.metric): s for s in reference}
+    for score in other:
+        if (match := by_key.get((score.task, score.metric))) is not None:
+            yield match, score
+
+
 def compare_scores(base: list[Score], tuned: list[Score]) -> list[Delta]:
-    before = {(s.task, s.metric): s for s in base}
     rows = []
-    for after in tuned:
-        prior = before.get((after.task, after.metric))
-        if prior is None:
-            continue
+    for prior, after in _matched(base, tuned):
         stderr = (math.hypot(prior.stderr, after.stderr)
                   if prior.stderr is not None and after.stderr is not None else None)
         rows.append(Delta(after.task, after.metric, prior.value, after.value, after.value - prior.value, stderr,
@@ -177,25 +181,22 @@ def check_gate(rows: list[Delta], gate: GateConfig) -> None:
 
 def recovery(bf16: list[Score], w4: list[Score]) -> list[Recovery]:
     """How much of each bf16 score the 4-bit model keeps, in percent (direction-aware)."""
-    full = {(s.task, s.metric): s for s in bf16}
     rows = []
-    for quant in w4:
-        ref = full.get((quant.task, quant.metric))
-        if ref is None:
-            continue
+    for ref, quant in _matched(bf16, w4):
         numerator, denominator = (quant.value, ref.value) if ref.higher_is_better else (ref.value, quant.value)
         pct = 100 * numerator / denominator if denominator else None
         rows.append(Recovery(quant.task, quant.metric, ref.value, quant.value, pct))
     return rows
 
 
-def table_rows(rows: Sequence[Score | Delta | Recovery]) -> list[dict[str, Any]]:
+def table_rows(rows: Sequence[Score | Delta | Recovery | dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows for ctx.tables / Prefect table artifacts: plain dicts, floats rounded to 2 decimals."""
-    return [{k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(row).items()} for row in rows]
+    return [{k: round(v, 2) if isinstance(v, float) else v for k, v in (row if isinstance(row, dict) else
+             asdict(row)).items()} for row in rows]
 
 
-def markdown_table(rows: Sequence[Score | Delta | Recovery]) -> str:
-    """A GitHub-flavoured markdown table of any of these row types (Prefect markdown artifacts, reports)."""
+def markdown_table(rows: Sequence[Score | Delta | Recovery | dict[str, Any]]) -> str:
+    """A GitHub-flavoured markdown table of these row types or plain dict rows (Prefect markdown artifacts)."""
     dicts = table_rows(rows)
     if not dicts:
         return "_no rows_"
