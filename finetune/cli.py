@@ -17,6 +17,8 @@ def _prefect_defaults() -> None:
     """Without a Prefect server configured, run against a project-local ephemeral API (SQLite)."""
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(REPO_ROOT / ".prefect"))
+        # Prefect's SQLite cannot open its database in a directory whose parents do not exist yet.
+        os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
     # The ephemeral server's first start on a small machine can exceed Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # Clusters without internet would log a failed telemetry call on every run.
