@@ -1,16 +1,19 @@
 """Run long-lived child processes (trainers, one per node process) with their output streamed line by line.
 
 Each child starts in its own session so that it and everything it spawns can be signalled as a group. SIGTERM sent
-to us (how spot preemption arrives) is forwarded to every child's group and surfaces as ``Preempted`` once they have
-exited, so the stage is retried and resumes from its checkpoints. A non-zero exit raises ``ProcessFailed`` with the
-last log lines. Whatever happens, no descendant outlives the call: every child carries a per-call cookie in its
-environment, which its descendants inherit, so even a worker that moved to a session of its own (torchrun starts
-workers that way) and was orphaned is found and killed.
+to us (how spot preemption arrives) is forwarded to every child's group. Once they have exited it surfaces as the
+exception of whoever handles SIGTERM above us: inside a Prefect flow run that is Prefect's own handler, left in
+place so that a `prefect flow-run execute` supervisor can still reschedule the run (it only asks an engine whose
+handler is Prefect's); with no handler above us it is ``Preempted``, and the stage is retried from its checkpoints.
+A non-zero exit raises ``ProcessFailed`` with the last log lines. Whatever happens, no descendant outlives the call:
+every child carries a per-call cookie in its environment, which its descendants inherit, so even a worker that moved
+to a session of its own (torchrun starts workers that way) and was orphaned is found and killed.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import signal
@@ -18,7 +21,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import psutil
 
@@ -50,14 +53,16 @@ def run_streaming(
     *,
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
-    term_grace_s: float = 30.0,
+    term_grace_s: float = 20.0,
     tail_lines: int = TAIL_LINES,
 ) -> None:
     """Run ``commands`` side by side, calling ``on_line`` (in this thread) for every line of their merged
     stdout/stderr; lines of the second and later commands are tagged ``[proc N]``.
 
-    Raises ``Preempted`` if we received SIGTERM meanwhile, else ``ProcessFailed`` if any exited non-zero.
-    ``term_grace_s`` is how long SIGTERMed children get to exit before their groups are killed.
+    Raises ``Preempted`` if we received SIGTERM meanwhile, else ``ProcessFailed`` if any exited non-zero. When a
+    Python SIGTERM handler is already installed (Prefect's), it keeps handling SIGTERM: whatever it raises stops the
+    children first and then propagates. ``term_grace_s`` is how long SIGTERMed children get to exit before their
+    groups are killed (below the 30 s a Prefect supervisor gives its engine before killing it).
     """
     if not commands:
         raise ValueError("run_streaming needs at least one command")
@@ -73,40 +78,21 @@ def run_streaming(
         for process in _marked(cookie):
             _signal(process, signal.SIGTERM)
 
-    previous = _install_sigterm(forward_sigterm)
     try:
-        for index, cmd in enumerate(commands):
-            proc = subprocess.Popen(
-                list(cmd), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
-            )
-            procs.append(proc)
-            threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()
-        open_streams = len(procs)
-        first_failed: int | None = None  # the first to fail is the cause; the others usually went down with it
-        deadlines: dict[str, float] = {}  # reason -> when everything left gets SIGKILL
-        while open_streams:
+        with handling_sigterm(forward_sigterm):
+            for index, cmd in enumerate(commands):
+                proc = subprocess.Popen(
+                    list(cmd), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+                )
+                procs.append(proc)
+                threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()
             try:
-                index, line = lines.get(timeout=0.5)
-            except queue.Empty:
-                index, line = -1, ""
-            if line is None:
-                open_streams -= 1
-            elif line:
-                tagged = line if index == 0 else f"[proc {index}] {line}"
-                tail.append(tagged)
-                on_line(tagged)
-            now = time.monotonic()
-            if first_failed is None:
-                first_failed = next((i for i, proc in enumerate(procs) if proc.poll() not in (None, 0)), None)
-            if terminated.is_set():
-                deadlines.setdefault("preempted", now + term_grace_s)
-            if first_failed is not None:
-                deadlines.setdefault("peer failed", now + PEER_GRACE_S)
-            if all(proc.poll() is not None for proc in procs):
-                deadlines.setdefault("orphans", now + ORPHAN_GRACE_S)  # exited, yet a pipe is still held open
-            if deadlines and now > min(deadlines.values()):
-                _kill_marked(cookie)
+                first_failed = _stream(procs, lines, on_line, tail, cookie, terminated, term_grace_s)
+            except BaseException:
+                # The outer SIGTERM handler (or Ctrl-C) interrupted us: the children stop before it goes on.
+                _terminate_marked(cookie, procs, term_grace_s)
+                raise
         codes = [proc.wait() for proc in procs]
         if terminated.is_set():
             raise Preempted(f"received SIGTERM; the trainer stopped (exit {codes}) and resumes when retried")
@@ -115,12 +101,59 @@ def run_streaming(
             first = first_failed if first_failed is not None else failed[0]
             raise ProcessFailed(commands[first], codes[first], list(tail))
     finally:
-        _restore_sigterm(previous)
         _kill_marked(cookie)
         for proc in procs:
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def _stream(
+    procs: list[subprocess.Popen[str]],
+    lines: queue.Queue[tuple[int, str | None]],
+    on_line: Callable[[str], None],
+    tail: collections.deque[str],
+    cookie: str,
+    terminated: threading.Event,
+    term_grace_s: float,
+) -> int | None:
+    """Deliver lines until every child's output is closed; returns the index of the first child that failed."""
+    open_streams = len(procs)
+    first_failed: int | None = None  # the first to fail is the cause; the others usually went down with it
+    deadlines: dict[str, float] = {}  # reason -> when everything left gets SIGKILL
+    while open_streams:
+        try:
+            index, line = lines.get(timeout=0.5)
+        except queue.Empty:
+            index, line = -1, ""
+        if line is None:
+            open_streams -= 1
+        elif line:
+            tagged = line if index == 0 else f"[proc {index}] {line}"
+            tail.append(tagged)
+            on_line(tagged)
+        now = time.monotonic()
+        if first_failed is None:
+            first_failed = next((i for i, proc in enumerate(procs) if proc.poll() not in (None, 0)), None)
+        if terminated.is_set():
+            deadlines.setdefault("preempted", now + term_grace_s)
+        if first_failed is not None:
+            deadlines.setdefault("peer failed", now + PEER_GRACE_S)
+        if all(proc.poll() is not None for proc in procs):
+            deadlines.setdefault("orphans", now + ORPHAN_GRACE_S)  # exited, yet a pipe is still held open
+        if deadlines and now > min(deadlines.values()):
+            _kill_marked(cookie)
+    return first_failed
+
+
+def _terminate_marked(cookie: str, procs: list[subprocess.Popen[str]], grace_s: float) -> None:
+    """SIGTERM every marked process, give the children ``grace_s`` to exit (a trainer saves nothing on the way out,
+    but torchrun stops its workers), then the caller's cleanup kills what is left."""
+    for process in _marked(cookie):
+        _signal(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
+        time.sleep(0.1)
 
 
 def _pump(index: int, proc: subprocess.Popen[str], lines: queue.Queue[tuple[int, str | None]]) -> None:
@@ -133,19 +166,21 @@ def _pump(index: int, proc: subprocess.Popen[str], lines: queue.Queue[tuple[int,
     lines.put((index, None))
 
 
-_NOT_INSTALLED = object()
-
-
-def _install_sigterm(handler: Callable[[int, object], None]) -> object:
-    """Signal handlers can only be set from the main thread; elsewhere the caller's own handling applies."""
-    if threading.current_thread() is not threading.main_thread():
-        return _NOT_INSTALLED
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _restore_sigterm(previous: object) -> None:
-    if previous is not _NOT_INSTALLED:
-        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+@contextlib.contextmanager
+def handling_sigterm(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """Handle SIGTERM with ``handler`` inside the block, unless SIGTERM is already handled in Python or this is not
+    the main thread (only it may set handlers). An existing Python handler is Prefect's engine: it must stay in
+    place, because a `prefect flow-run execute` supervisor only hands a reschedule to an engine whose SIGTERM
+    handler is Prefect's own, and otherwise kills it outright. Callers then stop their children on the exception
+    that handler raises."""
+    if threading.current_thread() is not threading.main_thread() or callable(signal.getsignal(signal.SIGTERM)):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _marked(cookie: str) -> list[psutil.Process]:

@@ -37,22 +37,29 @@ class RenderError(ValueError):
     """A profile that cannot be rendered for a target, or a rendered document its schema rejects."""
 
 
-def torchrun_args(train: TrainConfig, endpoint: str, rdzv_id: str) -> list[str]:
-    """torchrun's node and rendezvous flags: elastic ranges and restarts come from train.elastic."""
+def torchrun_args(train: TrainConfig, endpoint: str, rdzv_id: str, is_host: bool | None = None) -> list[str]:
+    """torchrun's node and rendezvous flags: elastic ranges and restarts come from train.elastic.
+
+    ``is_host`` says whether this node's agent hosts the c10d rendezvous store; None leaves it to torchrun, which
+    guesses from the endpoint's host name (on one machine every agent matches, and whichever binds first hosts).
+    """
     elastic = train.elastic
     nnodes = f"{elastic.min_nodes}:{elastic.max_nodes}" if elastic else str(train.nnodes)
     args = ["--nnodes", nnodes, "--nproc_per_node", str(train.nproc_per_node),
             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id]
+    if is_host is not None:
+        args += ["--rdzv_conf", f"is_host={int(is_host)}"]
     if elastic is not None:
         args += ["--max_restarts", str(elastic.max_restarts)]
     return args
 
 
-def node_command(train: TrainConfig, config_path: Path, endpoint: str, rdzv_id: str, tune: str = "tune") -> list[str]:
+def node_command(train: TrainConfig, config_path: Path, endpoint: str, rdzv_id: str, tune: str = "tune",
+                 is_host: bool | None = None) -> list[str]:
     """``tune run`` for one node of a multi-node run (torchrun underneath)."""
     from tasks.train import RECIPE  # the stage owns which recipe trains
 
-    return [tune, "run", *torchrun_args(train, endpoint, rdzv_id), RECIPE, "--config", str(config_path)]
+    return [tune, "run", *torchrun_args(train, endpoint, rdzv_id, is_host), RECIPE, "--config", str(config_path)]
 
 
 def _pipeline_args(profile: Profile, overrides: list[str], launcher: str) -> str:

@@ -6,8 +6,11 @@ into its directory in the store, then submits one ``finetune-train-node/<gpu poo
 attempt of the stage); the other nodes read it there, and all of them start ``tune run`` with torchrun's c10d
 rendezvous at that endpoint (elastic node range and max restarts from ``train.elastic``). The stage waits for every
 node run: one that ends Failed, Crashed or Cancelled fails the stage and the others are cancelled. A node run that is
-rescheduled after a SIGTERM (spot preemption, see deployments/kubernetes-gpu-pool.json) starts its trainer again,
-which rejoins the rendezvous; the recipe resumes from the newest checkpoint in the shared store.
+rescheduled after a SIGTERM (spot preemption: node runs execute under `prefect flow-run execute` with SIGTERM ->
+reschedule, see deployments/kubernetes-gpu-pool.json) only passes through AwaitingRetry, which the stage waits out:
+the other nodes' torchrun agents restart their workers and wait in the rendezvous, the rescheduled run reads the same
+endpoint and joins, and the recipe resumes from the newest checkpoint in the shared store. Node 0 hosts the
+rendezvous store, so its loss fails the other nodes and the stage is retried as a whole.
 
 ``train.launcher: skypilot | jobset`` (see finetune/render.py): the launcher placed the nodes and says where node 0
 is. Node 0 runs the pipeline; ``python -m flows.multinode join`` runs the trainer of every other node.
@@ -163,7 +166,9 @@ def run_node(ctx: StageContext, node_rank: int, rdzv_id: str) -> None:
                              "(a shared volume) as the train stage that wrote it")
     endpoint = publish_endpoint(rdzv_id) if node_rank == 0 else await_endpoint(rdzv_id)
     ctx.log(f"node {node_rank}: rendezvous {rdzv_id} at {endpoint}")
-    launch_trainers(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=_tune())])
+    # Node 0 hosts the rendezvous store, so a preempted node of another rank leaves it standing and rejoins it.
+    launch_trainers(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=_tune(),
+                                       is_host=node_rank == 0)])
 
 
 def node_address() -> str:

@@ -224,6 +224,11 @@ def launch_trainers(ctx: StageContext, commands: list[list[str]]) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
+    # torchrun shares its rendezvous TCPStore with the workers by default, and then a node that joins a later round
+    # (a preempted node coming back) waits forever for rank 0's MASTER_ADDR, which rank 0 only publishes in round 0
+    # (pytorch/pytorch#135712; seen here: DistStoreError on .../MASTER_ADDR after 60 s). Unshared, every round
+    # publishes it again.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     errors: list[dict[str, Any]] = []
 
     def on_line(line: str) -> None:

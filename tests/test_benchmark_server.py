@@ -26,7 +26,8 @@ from finetune.stage import PermanentError, Preempted, StageContext, execute_stag
 from finetune.store import Artifact, Store
 from tasks.benchmark import SPEC, loadgen, run
 from tasks.benchmark.engines import TRANSFORMERS_SERVE
-from tasks.benchmark.runner import BenchmarkError, _check_level, _sigterm_as_preempted
+from finetune.procs import handling_sigterm
+from tasks.benchmark.runner import BenchmarkError, _check_level, _raise_preempted
 from tasks.benchmark.server import Server, ServerError, free_port, serving
 from tasks.benchmark.workload import build_workload
 
@@ -294,7 +295,7 @@ def test_sigterm_during_the_benchmark_stops_the_server_and_raises_preempted(tmp_
     port = free_port()
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted):
-        with _sigterm_as_preempted():
+        with handling_sigterm(_raise_preempted):
             with serving(http_server_cmd(port), port, tmp_path / "server.log", health_path="/",
                          startup_timeout_s=30) as server:
                 os.kill(os.getpid(), signal.SIGTERM)

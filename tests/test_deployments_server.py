@@ -98,6 +98,14 @@ class Cluster:
                                      f"\n{self.logs('worker-2')[-6000:]}"
         return run, seconds
 
+    def run_logs(self, run_ids: list[str]) -> list[dict[str, Any]]:
+        """Every log line of these flow runs, oldest first (the API returns at most 200 per call)."""
+        logs: list[dict[str, Any]] = []
+        while batch := self.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": run_ids}},
+                                                          "sort": "TIMESTAMP_ASC", "limit": 200, "offset": len(logs)}):
+            logs += batch
+        return logs
+
     def children(self, parent_id: str, flow_name: str | None = None) -> list[dict[str, Any]]:
         runs = self.api("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}})
         if flow_name is None:
@@ -283,3 +291,72 @@ def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: Clust
     config = str(Path(nodes[0]["parameters"]["workdir"]) / "torchtune_config.yaml")
     _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
           60, "the trainers to exit")
+
+
+def _supervisor_of(flow_run_id: str):
+    """The `prefect flow-run execute` process running this flow run: what kubelet SIGTERMs on a spot reclaim."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "flow-run" in (process.info["cmdline"] or []) and \
+                    process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                return process
+        except psutil.Error:
+            continue
+    return None
+
+
+def _last_step(workdir: Path) -> int:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_resumes(cluster: Cluster) -> None:
+    import psutil
+
+    every = 10
+    params = {"overrides": ["train.max_steps=120", f"train.checkpoint_every_steps={every}", "train.nnodes=2",
+                            "train.launcher=prefect-pool",
+                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", "retries=0"],
+              "until": "train"}
+    proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
+    run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
+
+    def past_first_checkpoint() -> list[dict[str, Any]] | None:
+        nodes = cluster.children(run_id, "finetune-train-node")
+        if len(nodes) != 2:
+            return None
+        workdir = Path(nodes[0]["parameters"]["workdir"])
+        return nodes if (workdir / "checkpoints" / f"step_{every}").is_dir() and _last_step(workdir) > every else None
+
+    nodes = sorted(_wait(past_first_checkpoint, 300, "training past its first checkpoint on both nodes"),
+                   key=lambda n: n["parameters"]["node_rank"])
+    workdir = Path(nodes[0]["parameters"]["workdir"])
+    supervisor = _supervisor_of(nodes[1]["id"])
+    assert supervisor is not None, "node 1 does not run under `prefect flow-run execute`"
+    killed_at = _last_step(workdir)
+    supervisor.send_signal(signal.SIGTERM)  # node 1's machine is reclaimed
+
+    parent = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in
+                   ("FAILED", "COMPLETED", "CRASHED", "CANCELLED") and r, 600, "the pipeline run to end")
+    assert parent["state"]["type"] == "COMPLETED", parent["state"].get("message")
+    # Node 1's run was rescheduled and ran again; node 0's run never stopped (its agent restarted its workers).
+    node1_states = [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={nodes[1]['id']}")]
+    assert "AwaitingRetry" in node1_states and node1_states.count("Running") == 2, node1_states
+    node0_states = [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={nodes[0]['id']}")]
+    assert node0_states.count("Running") == 1 and node0_states[-1] == "Completed", node0_states
+    # Both nodes trained together again, from the newest checkpoint before the loss, not from scratch.
+    logs = cluster.run_logs([nodes[0]["id"]])
+    resumed = [int(m.split("(step ")[1].split(",")[0]) for m in (log["message"] for log in logs)
+               if "[sft] resumed from" in m]
+    assert resumed and every <= resumed[-1] <= killed_at and killed_at - resumed[-1] <= every + 1, \
+        (resumed, killed_at)
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 121))  # one contiguous run in the log: redone steps replace their first try
+    artifact = json.loads((workdir / "artifact.json").read_text())
+    assert artifact["metrics"]["world_size"] == 2 and artifact["metrics"]["steps"] == 120
+    config = str(workdir / "torchtune_config.yaml")
+    _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
+          60, "the trainers to exit")
+    print(f"\npreempted node 1 at step {killed_at}: rescheduled, rejoined, resumed from step {resumed[-1]}")

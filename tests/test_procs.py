@@ -79,6 +79,43 @@ def test_sigterm_is_forwarded_and_raises_preempted(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "our SIGTERM handler was not removed"
 
 
+class OuterTermination(BaseException):
+    """What Prefect's engine raises from its SIGTERM handler (TerminationSignal)."""
+
+
+def test_an_outer_sigterm_handler_stays_in_place_and_its_exception_comes_after_the_children_stop(
+        tmp_path: Path) -> None:
+    def outer(signum: int, frame: object) -> None:
+        raise OuterTermination()
+
+    pid_file = tmp_path / "worker.pid"
+    child = python(detached_sleeper(pid_file) + """
+        import signal, sys, time
+        def stop(signum, frame):
+            print('child got SIGTERM', flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        print('ready', flush=True)
+        time.sleep(600)
+    """)
+    seen: list[str] = []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if line == "ready":
+            # A `prefect flow-run execute` supervisor only asks an engine whose SIGTERM handler is still Prefect's.
+            assert signal.getsignal(signal.SIGTERM) is outer
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        with pytest.raises(OuterTermination):
+            run_streaming([child], on_line)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not alive(int(pid_file.read_text())), "a descendant outlived the interrupted call"
+
+
 def test_child_ignoring_sigterm_is_killed_after_the_grace_period() -> None:
     child = python("""
         import signal, time

@@ -9,16 +9,14 @@ otherwise our own OpenAI-protocol generator (tasks/benchmark/loadgen.py) with th
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import shlex
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finetune.procs import handling_sigterm
 from finetune.profile import BenchmarkConfig, Profile
 from finetune.stage import PermanentError, Preempted, StageContext
 from finetune.store import atomic_file
@@ -66,21 +64,8 @@ def _generator(cfg: BenchmarkConfig, requests: list[BenchRequest], log: Callable
     return VLLM_BENCH
 
 
-@contextlib.contextmanager
-def _sigterm_as_preempted() -> Iterator[None]:
-    """Turn SIGTERM (spot preemption) into Preempted so the server is stopped on the way out and the stage retried."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise Preempted("received SIGTERM during the benchmark; the server was stopped and the stage will rerun")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _raise_preempted(signum: int, frame: object) -> None:
+    raise Preempted("received SIGTERM during the benchmark; the server was stopped and the stage will rerun")
 
 
 def _check_level(level: dict[str, Any], name: str, server: Server, max_error_rate: float) -> None:
@@ -183,7 +168,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.progress(next(steps) / total, message)
 
     models: dict[str, Any] = {}
-    with _sigterm_as_preempted():
+    with handling_sigterm(_raise_preempted):
         for name, model_dir in model_dirs.items():
             models[name] = _benchmark_model(ctx, engine, level_runner, name, model_dir, level_done)
     levels = {name: model["levels"] for name, model in models.items()}
