@@ -59,6 +59,7 @@ class Cluster:
     api_url: str
     env: dict[str, str]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    deploy_output: str = ""
 
     def prefect(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO_ROOT, env=self.env,
@@ -158,7 +159,8 @@ def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: 
         for index in range(1, workers + 1):
             cluster.start(f"worker-{index}", "worker", "start", "--pool", "local-process", "--type", "process",
                           "--name", f"worker-{index}")
-        cluster.prefect("deploy", "--all")
+        deployed = cluster.prefect("deploy", "--all")
+        cluster.deploy_output = deployed.stdout + deployed.stderr
     except BaseException:
         cluster.stop()
         raise
@@ -186,6 +188,9 @@ def test_deploy_all_registers_every_deployment_with_pools_and_inactive_schedules
     deployments = cluster.api("POST", "/deployments/filter", {})
     by_name = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments}
     assert set(by_name) == expected_deployments()
+    # Pools created first (deployments/create-pools.sh): nothing skipped, nothing warned about.
+    assert "does not exist" not in cluster.deploy_output and "Warning" not in cluster.deploy_output, \
+        cluster.deploy_output[-3000:]
     assert by_name["finetune/maverick-sft"]["work_pool_name"] == "cpu-pool"
     assert by_name["finetune-stage/gpu-h200"]["work_pool_name"] == "gpu-h200"
     schedules = by_name["finetune/scout-lora"]["schedules"]
