@@ -7,8 +7,9 @@ training config into the shared store and starts that node's trainer. All traine
 backend at node 0's address, which the launcher provides (SkyPilot: first of SKYPILOT_NODE_IPS; JobSet: the DNS name
 of pod 0). The store must be shared by the nodes: a shared volume, or an object store mounted as a file system.
 
-Rendered documents are validated against the JSON schemas in deployments/schemas/ (written from the documented
-fields of SkyPilot's task YAML and JobSet v1alpha2) before they are printed.
+Rendered documents are validated before they are printed against the JSON schemas in deployments/schemas/,
+generated from the launchers' own definitions (SkyPilot 0.14.1's task and resources schemas; the JobSet v0.12.0
+CRD, strict about unknown fields) by deployments/schemas/generate.py.
 """
 
 from __future__ import annotations

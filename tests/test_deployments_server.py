@@ -365,3 +365,58 @@ def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_res
     _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
           60, "the trainers to exit")
     print(f"\npreempted node 1 at step {killed_at}: rescheduled, rejoined, resumed from step {resumed[-1]}")
+
+
+def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: Cluster) -> None:
+    """What prefect-kubernetes' worker submits for a maverick-lora node run in gpu-h100, built by the worker's own
+    code from the pool created by create-pools.sh, the deployed node deployment and the job variables the train
+    stage passes; the Job's spec is checked against Kubernetes' JobSpec schema (from the JobSet CRD, strict)."""
+    import asyncio
+
+    import jsonschema
+    from prefect.client.orchestration import PrefectClient
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from finetune.profile import load_profile
+    from flows.multinode import pool_job_variables
+
+    profile = load_profile("maverick-lora")
+
+    async def resolve() -> tuple[Any, str]:
+        async with PrefectClient(api=cluster.api_url) as client:
+            deployment = await client.read_deployment_by_name(f"finetune-train-node/{profile.deploy.gpu_work_pool}")
+            run = await client.create_flow_run_from_deployment(
+                deployment.id, parameters={"profile": profile.name, "overrides": [], "workdir": "/store/train/k",
+                                           "node_rank": 1, "rendezvous": "r"},
+                job_variables=pool_job_variables(profile))
+            try:
+                pool = await client.read_work_pool(profile.deploy.gpu_work_pool)
+                config = await KubernetesWorkerJobConfiguration.resolve_for_flow_run(
+                    run, client=client, work_pool=pool, worker_name="k8s-render-check")
+            finally:
+                await client.delete_flow_run(run.id)  # no Kubernetes worker will ever pick it up
+            return config, str(run.id)
+
+    config, run_id = asyncio.run(resolve())
+    job = config.job_manifest
+    crd = json.loads((REPO_ROOT / "deployments" / "schemas" / "jobset.schema.json").read_text())
+    job_spec_schema = crd["properties"]["spec"]["properties"]["replicatedJobs"]["items"]["properties"]["template"][
+        "properties"]["spec"]
+    # prefect-kubernetes 0.8 refuses a template without `parallelism: 1` and `completions: 1` in the pod spec
+    # (its _get_base_job_manifest); they are not PodSpec fields, and the API server drops them.
+    pod_spec = {k: v for k, v in job["spec"]["template"]["spec"].items() if k not in ("parallelism", "completions")}
+    jsonschema.validate({**job["spec"], "template": {**job["spec"]["template"], "spec": pod_spec}}, job_spec_schema)
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["prefect", "flow-run", "execute"] or \
+        container.get("command") == ["prefect", "flow-run", "execute"], container
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == profile.train.nproc_per_node
+    assert pod["nodeSelector"] == profile.deploy.job_variables["node_selector"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] and "value" not in env["HF_TOKEN"]
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"]["value"] == "reschedule"
+    assert env["PREFECT__FLOW_RUN_ID"]["value"] == run_id
+    assert container["image"]
