@@ -7,7 +7,8 @@ place so that a `prefect flow-run execute` supervisor can still reschedule the r
 handler is Prefect's); with no handler above us it is ``Preempted``, and the stage is retried from its checkpoints.
 A non-zero exit raises ``ProcessFailed`` with the last log lines. Whatever happens, no descendant outlives the call:
 every child carries a per-call cookie in its environment, which its descendants inherit, so even a worker that moved
-to a session of its own (torchrun starts workers that way) and was orphaned is found and killed.
+to a session of its own (torchrun starts workers that way) and was orphaned is found and killed; and if we are
+killed outright, the children get SIGTERM from the kernel (finetune/deathsig.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import psutil
 
+from finetune import deathsig
 from finetune.stage import Preempted
 
 TAIL_LINES = 40
@@ -82,8 +84,9 @@ def run_streaming(
         with handling_sigterm(forward_sigterm):
             for index, cmd in enumerate(commands):
                 proc = subprocess.Popen(
-                    list(cmd), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+                    deathsig.command(os.getpid(), list(cmd)), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+                    errors="replace",
                 )
                 procs.append(proc)
                 threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()

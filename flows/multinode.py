@@ -143,15 +143,17 @@ def _report_progress(ctx: StageContext, workdir: Path) -> None:
 
 
 def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
-    from prefect.states import Cancelled, Cancelling
+    """Cancel as the UI does: propose Cancelling and let Prefect's rules finish it. The server turns it into
+    Cancelled for a run no worker has started; otherwise the worker stops the run's process. (Forcing Cancelled on a
+    run a worker is submitting lost the race: its engine then moved Cancelled -> Running, a state Prefect lets a
+    rerun leave, and trained on alone.)"""
+    from prefect.states import Cancelling
 
     for run_id in run_ids:
         state = client.read_flow_run(run_id).state
         if state is None or state.is_final():
             continue
-        # A run no worker has started yet has nothing to stop; a running one is stopped by its worker.
-        new = Cancelled() if state.is_scheduled() or state.is_pending() else Cancelling()
-        client.set_flow_run_state(run_id, new, force=True)
+        client.set_flow_run_state(run_id, Cancelling(message="another node of this training failed"))
 
 
 # -- one node -----------------------------------------------------------------------------------------------------

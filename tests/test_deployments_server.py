@@ -317,13 +317,16 @@ def _last_step(workdir: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_resumes(cluster: Cluster) -> None:
-    import psutil
+EVERY = 10  # checkpoint interval of the preemption tests
 
-    every = 10
-    params = {"overrides": ["train.max_steps=120", f"train.checkpoint_every_steps={every}", "train.nnodes=2",
+
+def _train_and_preempt(cluster: Cluster, lost_rank: int, max_steps: int, retries: int,
+                       ) -> tuple[str, list[dict[str, Any]], Path, int]:
+    """Start a 2-node tiny training through the pool and, once past its first checkpoint, SIGTERM the
+    `prefect flow-run execute` process of node ``lost_rank`` (what kubelet does when a spot node is reclaimed)."""
+    params = {"overrides": [f"train.max_steps={max_steps}", f"train.checkpoint_every_steps={EVERY}", "train.nnodes=2",
                             "train.launcher=prefect-pool",
-                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", "retries=0"],
+                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", f"retries={retries}"],
               "until": "train"}
     proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
@@ -333,38 +336,70 @@ def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_res
         if len(nodes) != 2:
             return None
         workdir = Path(nodes[0]["parameters"]["workdir"])
-        return nodes if (workdir / "checkpoints" / f"step_{every}").is_dir() and _last_step(workdir) > every else None
+        return nodes if (workdir / "checkpoints" / f"step_{EVERY}").is_dir() and _last_step(workdir) > EVERY else None
 
     nodes = sorted(_wait(past_first_checkpoint, 300, "training past its first checkpoint on both nodes"),
                    key=lambda n: n["parameters"]["node_rank"])
     workdir = Path(nodes[0]["parameters"]["workdir"])
-    supervisor = _supervisor_of(nodes[1]["id"])
-    assert supervisor is not None, "node 1 does not run under `prefect flow-run execute`"
+    supervisor = _supervisor_of(nodes[lost_rank]["id"])
+    assert supervisor is not None, f"node {lost_rank} does not run under `prefect flow-run execute`"
     killed_at = _last_step(workdir)
-    supervisor.send_signal(signal.SIGTERM)  # node 1's machine is reclaimed
-
+    supervisor.send_signal(signal.SIGTERM)
     parent = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in
                    ("FAILED", "COMPLETED", "CRASHED", "CANCELLED") and r, 600, "the pipeline run to end")
     assert parent["state"]["type"] == "COMPLETED", parent["state"].get("message")
-    # Node 1's run was rescheduled and ran again; node 0's run never stopped (its agent restarted its workers).
-    node1_states = [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={nodes[1]['id']}")]
-    assert "AwaitingRetry" in node1_states and node1_states.count("Running") == 2, node1_states
-    node0_states = [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={nodes[0]['id']}")]
-    assert node0_states.count("Running") == 1 and node0_states[-1] == "Completed", node0_states
-    # Both nodes trained together again, from the newest checkpoint before the loss, not from scratch.
-    logs = cluster.run_logs([nodes[0]["id"]])
-    resumed = [int(m.split("(step ")[1].split(",")[0]) for m in (log["message"] for log in logs)
+    return run_id, nodes, workdir, killed_at
+
+
+def _states(cluster: Cluster, run_id: str) -> list[str]:
+    return [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={run_id}")]
+
+
+def _check_resumed_training(cluster: Cluster, node0_id: str, workdir: Path, killed_at: int, max_steps: int) -> int:
+    """Training went on from the newest checkpoint before the loss (not from scratch) and finished; no trainer is
+    left. Returns the step it resumed from."""
+    import psutil
+
+    resumed = [int(m.split("(step ")[1].split(",")[0]) for m in (log["message"] for log in cluster.run_logs([node0_id]))
                if "[sft] resumed from" in m]
-    assert resumed and every <= resumed[-1] <= killed_at and killed_at - resumed[-1] <= every + 1, \
-        (resumed, killed_at)
+    assert resumed and EVERY <= resumed[-1] <= killed_at and killed_at - resumed[-1] <= EVERY + 1, (resumed, killed_at)
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 121))  # one contiguous run in the log: redone steps replace their first try
+    assert steps == list(range(1, max_steps + 1))  # one contiguous log: redone steps replace their first try
     artifact = json.loads((workdir / "artifact.json").read_text())
-    assert artifact["metrics"]["world_size"] == 2 and artifact["metrics"]["steps"] == 120
+    assert artifact["metrics"]["world_size"] == 2 and artifact["metrics"]["steps"] == max_steps
     config = str(workdir / "torchtune_config.yaml")
     _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
           60, "the trainers to exit")
-    print(f"\npreempted node 1 at step {killed_at}: rescheduled, rejoined, resumed from step {resumed[-1]}")
+    return resumed[-1]
+
+
+def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_resumes(cluster: Cluster) -> None:
+    run_id, nodes, workdir, killed_at = _train_and_preempt(cluster, lost_rank=1, max_steps=120, retries=0)
+    # Node 1's run was rescheduled and ran again; node 0's run never stopped (its agent restarted its workers), and
+    # the stage was not retried (retries=0).
+    node1_states = _states(cluster, nodes[1]["id"])
+    assert "AwaitingRetry" in node1_states and node1_states.count("Running") == 2, node1_states
+    node0_states = _states(cluster, nodes[0]["id"])
+    assert node0_states.count("Running") == 1 and node0_states[-1] == "Completed", node0_states
+    assert len(cluster.children(run_id, "finetune-train-node")) == 2
+    resumed = _check_resumed_training(cluster, nodes[0]["id"], workdir, killed_at, 120)
+    print(f"\npreempted node 1 at step {killed_at}: rescheduled, rejoined, resumed from step {resumed}")
+
+
+def test_a_preempted_rendezvous_host_retries_the_stage_which_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+    run_id, nodes, workdir, killed_at = _train_and_preempt(cluster, lost_rank=0, max_steps=110, retries=1)
+    # Node 0 hosted the rendezvous store: node 1 failed with it, the coordinator cancelled node 0's rescheduled run
+    # (which must not come back to life) and the stage's retry started two new node runs.
+    node_runs = cluster.children(run_id, "finetune-train-node")
+    assert len(node_runs) == 4
+    first = {n["id"] for n in nodes}
+    retried = sorted((n for n in node_runs if n["id"] not in first), key=lambda n: n["parameters"]["node_rank"])
+    assert all(n["state"]["type"] == "COMPLETED" for n in retried)
+    assert _states(cluster, nodes[0]["id"])[-1] == "Cancelled", _states(cluster, nodes[0]["id"])
+    logs = cluster.run_logs([run_id])
+    assert any("NodeFailed" in log["message"] for log in logs)
+    resumed = _check_resumed_training(cluster, retried[0]["id"], workdir, killed_at, 110)
+    print(f"\npreempted node 0 at step {killed_at}: stage retried, resumed from step {resumed}")
 
 
 def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: Cluster) -> None:

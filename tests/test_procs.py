@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -155,3 +156,30 @@ def test_orphaned_worker_in_its_own_session_is_killed_when_the_launcher_exits(
     pid_file = tmp_path / "orphan.pid"
     run_streaming([python(detached_sleeper(pid_file))], lambda line: None)  # exits at once, worker keeps the pipe
     assert not alive(int(pid_file.read_text()))
+
+
+def test_children_get_sigterm_when_the_process_running_them_is_killed_outright(tmp_path: Path) -> None:
+    """SIGKILL leaves no time to clean up: the kernel's parent-death signal stops the trainer instead."""
+    pid_file, got_term = tmp_path / "child.pid", tmp_path / "child.term"
+    child = python(f"""
+        import os, signal, sys, time
+        def stop(signum, frame):
+            open({str(got_term)!r}, "w").write("SIGTERM")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    """)
+    runner = subprocess.Popen([sys.executable, "-c", f"from finetune.procs import run_streaming; "
+                                                     f"run_streaming([{child!r}], print)"], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    runner.kill()
+    runner.wait()
+    deadline = time.monotonic() + 10
+    while alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child_pid), "the child outlived the killed process that ran it"
+    assert got_term.read_text() == "SIGTERM"

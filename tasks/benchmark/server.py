@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from finetune import deathsig
+
 TAIL_LINES = 30
 
 
@@ -137,8 +139,9 @@ def serving(cmd: Sequence[str], port: int, log_path: Path, *, health_path: str =
                           "to pick a free port", log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=None if env is None else dict(env))
+        proc = subprocess.Popen(deathsig.command(os.getpid(), list(cmd)), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=None if env is None else dict(env))
     server = Server(proc=proc, base_url=f"http://127.0.0.1:{port}", log_path=log_path)
     started = time.perf_counter()
     try:
@@ -153,8 +156,9 @@ def run_client(cmd: Sequence[str], log_path: Path, timeout_s: float, env: Mappin
     """Run a client command to completion in its own process group, output to ``log_path``; kill it on timeout."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=None if env is None else dict(env))
+        proc = subprocess.Popen(deathsig.command(os.getpid(), list(cmd)), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=None if env is None else dict(env))
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
