@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_deployments_server import free_port, start_cluster  # same directory: pytest puts it on sys.path
+
+from finetune.local_prefect import free_port, start_cluster
 
 pytestmark = pytest.mark.e2e
 

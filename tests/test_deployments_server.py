@@ -8,167 +8,23 @@ stopped at the end.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
+from finetune.local_prefect import LocalPrefect, start_cluster
 from finetune.profile import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FINETUNE_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(root / "prefect-home"),
-        PREFECT_API_URL=api_url,
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="1",
-        FINETUNE_STORE=str(root / "store"),
-        FINETUNE_SCRATCH=str(root / "scratch"),
-        FINETUNE_NODE_ADDR="127.0.0.1",
-        PYTHONUNBUFFERED="1",
-        **(extra or {}),
-    )
-    return env
-
-
-@dataclass
-class Cluster:
-    root: Path
-    api_url: str
-    env: dict[str, str]
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    deploy_output: str = ""
-
-    def prefect(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO_ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"prefect {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                                 f"{proc.stderr[-3000:]}\n--- worker logs ---\n{self.logs('worker-1')[-4000:]}")
-        return proc
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def logs(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def run_deployment(self, name: str, params: dict[str, Any], env: dict[str, str] | None = None,
-                       ) -> tuple[dict[str, Any], float]:
-        """`prefect deployment run NAME --watch`: the flow run as the API reports it, and the seconds it took."""
-        args = ["deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-interval", "1"]
-        if env:
-            args += ["--job-variable", f"env={json.dumps(env)}"]
-        started = time.perf_counter()
-        proc = self.prefect(*args, check=False)
-        seconds = time.perf_counter() - started
-        run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
-        run = self.api("GET", f"/flow_runs/{run_id}")
-        assert proc.returncode == 0, f"{name} ended {run['state']['name']}: {run['state'].get('message')}\n" \
-                                     f"{proc.stdout[-3000:]}\n--- worker ---\n{self.logs('worker-1')[-6000:]}" \
-                                     f"\n{self.logs('worker-2')[-6000:]}"
-        return run, seconds
-
-    def run_logs(self, run_ids: list[str]) -> list[dict[str, Any]]:
-        """Every log line of these flow runs, oldest first (the API returns at most 200 per call)."""
-        logs: list[dict[str, Any]] = []
-        while batch := self.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": run_ids}},
-                                                          "sort": "TIMESTAMP_ASC", "limit": 200, "offset": len(logs)}):
-            logs += batch
-        return logs
-
-    def children(self, parent_id: str, flow_name: str | None = None) -> list[dict[str, Any]]:
-        runs = self.api("POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}})
-        if flow_name is None:
-            return runs
-        flows = {f["id"]: f["name"] for f in self.api("POST", "/flows/filter", {})}
-        return [r for r in runs if flows[r["flow_id"]] == flow_name]
-
-    def stop(self) -> None:
-        """Workers get SIGINT twice (an idle worker needs both), then the server SIGTERM; stragglers are killed."""
-        workers = [p for n, p in self.procs.items() if n.startswith("worker")]
-        for sig in (signal.SIGINT, signal.SIGINT):
-            for proc in workers:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, sig)
-            time.sleep(1)
-        for name, proc in self.procs.items():
-            if proc.poll() is None and not name.startswith("worker"):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def wait_healthy(cluster: Cluster, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cluster.procs["server"].poll() is not None:
-            raise AssertionError(f"prefect server exited:\n{cluster.logs('server')[-4000:]}")
-        try:
-            if httpx.get(f"{cluster.api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"prefect server not healthy after {timeout_s}s:\n{cluster.logs('server')[-4000:]}")
-
-
-def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: int = 2) -> Cluster:
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    cluster = Cluster(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env))
-    try:
-        cluster.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        wait_healthy(cluster)
-        subprocess.run(["bash", str(REPO_ROOT / "deployments" / "create-pools.sh")], cwd=REPO_ROOT, env=cluster.env,
-                       check=True, capture_output=True, timeout=300)
-        for index in range(1, workers + 1):
-            cluster.start(f"worker-{index}", "worker", "start", "--pool", "local-process", "--type", "process",
-                          "--name", f"worker-{index}")
-        deployed = cluster.prefect("deploy", "--all")
-        cluster.deploy_output = deployed.stdout + deployed.stderr
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
     started = start_cluster(tmp_path_factory.mktemp("prefect-cluster"))
     yield started
     started.stop()
@@ -183,7 +39,7 @@ def expected_deployments() -> set[str]:
     return {f"{flows[d['entrypoint']]}/{d['name']}" for d in config["deployments"]}
 
 
-def test_deploy_all_registers_every_deployment_with_pools_and_inactive_schedules(cluster: Cluster) -> None:
+def test_deploy_all_registers_every_deployment_with_pools_and_inactive_schedules(cluster: LocalPrefect) -> None:
     flows = {f["id"]: f["name"] for f in cluster.api("POST", "/flows/filter", {})}
     deployments = cluster.api("POST", "/deployments/filter", {})
     by_name = {f"{flows[d['flow_id']]}/{d['name']}": d for d in deployments}
@@ -205,7 +61,7 @@ def test_deploy_all_registers_every_deployment_with_pools_and_inactive_schedules
 TINY = {"overrides": ["train.max_steps=4"], "until": "train"}
 
 
-def test_tiny_cpu_runs_through_server_and_worker_with_train_in_the_gpu_pool(cluster: Cluster) -> None:
+def test_tiny_cpu_runs_through_server_and_worker_with_train_in_the_gpu_pool(cluster: LocalPrefect) -> None:
     # FINETUNE_GPU_DISPATCH=always: the embedded default's two pools are one, so force the GPU-stage path.
     run, seconds = cluster.run_deployment("finetune/tiny-cpu", TINY, env={"FINETUNE_GPU_DISPATCH": "always"})
     assert run["state"]["type"] == "COMPLETED"
@@ -230,7 +86,7 @@ def test_tiny_cpu_runs_through_server_and_worker_with_train_in_the_gpu_pool(clus
     print(f"\ntiny-cpu until=train via deployment: {seconds:.1f}s, cached rerun {cached_seconds:.1f}s")
 
 
-def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: Cluster) -> None:
+def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: LocalPrefect) -> None:
     params = {"overrides": ["train.max_steps=4", "train.nnodes=2", "train.launcher=prefect-pool"], "until": "train"}
     run, seconds = cluster.run_deployment("finetune/tiny-cpu", params)
     nodes = cluster.children(run["id"], "finetune-train-node")
@@ -264,7 +120,7 @@ def _wait(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: Cluster) -> None:
+def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: LocalPrefect) -> None:
     import psutil
 
     params = {"overrides": ["train.epochs=50", "train.nnodes=2", "train.launcher=prefect-pool", "retries=0"],
@@ -320,7 +176,7 @@ def _last_step(workdir: Path) -> int:
 EVERY = 10  # checkpoint interval of the preemption tests
 
 
-def _train_and_preempt(cluster: Cluster, lost_rank: int, max_steps: int, retries: int,
+def _train_and_preempt(cluster: LocalPrefect, lost_rank: int, max_steps: int, retries: int,
                        ) -> tuple[str, list[dict[str, Any]], Path, int]:
     """Start a 2-node tiny training through the pool and, once past its first checkpoint, SIGTERM the
     `prefect flow-run execute` process of node ``lost_rank`` (what kubelet does when a spot node is reclaimed)."""
@@ -351,11 +207,11 @@ def _train_and_preempt(cluster: Cluster, lost_rank: int, max_steps: int, retries
     return run_id, nodes, workdir, killed_at
 
 
-def _states(cluster: Cluster, run_id: str) -> list[str]:
+def _states(cluster: LocalPrefect, run_id: str) -> list[str]:
     return [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={run_id}")]
 
 
-def _check_resumed_training(cluster: Cluster, node0_id: str, workdir: Path, killed_at: int, max_steps: int) -> int:
+def _check_resumed_training(cluster: LocalPrefect, node0_id: str, workdir: Path, killed_at: int, max_steps: int) -> int:
     """Training went on from the newest checkpoint before the loss (not from scratch) and finished; no trainer is
     left. Returns the step it resumed from."""
     import psutil
@@ -373,7 +229,7 @@ def _check_resumed_training(cluster: Cluster, node0_id: str, workdir: Path, kill
     return resumed[-1]
 
 
-def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_resumes(cluster: Cluster) -> None:
+def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_resumes(cluster: LocalPrefect) -> None:
     run_id, nodes, workdir, killed_at = _train_and_preempt(cluster, lost_rank=1, max_steps=120, retries=0)
     # Node 1's run was rescheduled and ran again; node 0's run never stopped (its agent restarted its workers), and
     # the stage was not retried (retries=0).
@@ -386,7 +242,7 @@ def test_a_preempted_node_is_rescheduled_rejoins_the_rendezvous_and_training_res
     print(f"\npreempted node 1 at step {killed_at}: rescheduled, rejoined, resumed from step {resumed}")
 
 
-def test_a_preempted_rendezvous_host_retries_the_stage_which_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+def test_a_preempted_rendezvous_host_retries_the_stage_which_resumes_from_its_checkpoint(cluster: LocalPrefect) -> None:
     run_id, nodes, workdir, killed_at = _train_and_preempt(cluster, lost_rank=0, max_steps=110, retries=1)
     # Node 0 hosted the rendezvous store: node 1 failed with it, the coordinator cancelled node 0's rescheduled run
     # (which must not come back to life) and the stage's retry started two new node runs.
@@ -402,7 +258,7 @@ def test_a_preempted_rendezvous_host_retries_the_stage_which_resumes_from_its_ch
     print(f"\npreempted node 0 at step {killed_at}: stage retried, resumed from step {resumed}")
 
 
-def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: Cluster) -> None:
+def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: LocalPrefect) -> None:
     """What prefect-kubernetes' worker submits for a maverick-lora node run in gpu-h100, built by the worker's own
     code from the pool created by create-pools.sh, the deployed node deployment and the job variables the train
     stage passes; the Job's spec is checked against Kubernetes' JobSpec schema (from the JobSet CRD, strict)."""
