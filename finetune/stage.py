@@ -86,7 +86,9 @@ def execute_stage(
     key = key or stage_key(spec, profile, inputs)
     existing = store.verified_artifact(spec.name, key)
     if existing is not None:
-        return existing, read_tables(existing)
+        return existing, read_tables(store.materialize(existing, [TABLES_FILE]))
+    for artifact in inputs.values():
+        store.materialize(artifact)  # a remote store's inputs reach this machine only when a stage reads them
     workdir = store.prepare(spec.name, key, keep_partial=spec.resumable)
     # Written below, after run(): one already here was left by an attempt killed before its manifest.
     (workdir / TABLES_FILE).unlink(missing_ok=True)

@@ -6,7 +6,9 @@ re-hashed whenever the mtime moved, or always with ``deep=True``).
 
 The root is a local directory or any fsspec URL. Stages always work in a local directory: for a local store that is
 the final directory itself (so a preempted trainer finds its checkpoints there); for a remote store it is a local
-scratch mirror whose files are uploaded before ``artifact.json`` is written.
+scratch mirror whose files are uploaded before ``artifact.json`` is written. A remote artifact is verified from one
+listing of its prefix (sizes; ``deep=True`` streams sha256) and downloaded into the mirror only when a stage reads
+it (``materialize``), so a fully cached rerun against an object store moves no checkpoint bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,40 +112,63 @@ class Store:
         return Artifact.from_json(data, str(self.local_dir(stage, key)))
 
     def verified_artifact(self, stage: str, key: str, deep: bool = False) -> Artifact | None:
-        """The finished artifact if every file it lists is still intact; None means: recompute."""
+        """The finished artifact if every file it lists is still intact; None means: recompute.
+
+        Local store: sizes, and sha256 where an mtime moved (``deep``: always). Remote store: sizes from one listing
+        of the artifact's prefix (``deep``: sha256 streamed from the store); nothing is downloaded, so a cached
+        rerun against an object store costs one listing per stage, not a copy of every checkpoint. Files reach this
+        machine only when a stage reads them (``materialize``).
+        """
         artifact = self.read_artifact(stage, key)
         if artifact is None:
             return None
-        if not self.is_local and not self._ensure_local_copy(artifact):
-            return None
+        if not self.is_local:
+            return artifact if self._remote_intact(artifact, deep) else None
         base = Path(artifact.path)
         for name, record in artifact.files.items():
-            path = base / name
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                return None
-            if stat.st_size != record.size:
-                return None
-            if (deep or stat.st_mtime_ns != record.mtime_ns) and sha256_file(path) != record.sha256:
+            if not _intact(base / name, record, deep):
                 return None
         return artifact
 
-    def _ensure_local_copy(self, artifact: Artifact) -> bool:
-        """Download a remote artifact's files into the scratch mirror (only those missing or differing)."""
+    def _remote_intact(self, artifact: Artifact, deep: bool) -> bool:
         remote = self.remote_dir(artifact.stage, artifact.key)
-        base = Path(artifact.path)
+        try:
+            listed = self.fs.find(remote, detail=True)
+        except FileNotFoundError:
+            return False
+        prefix = self.fs._strip_protocol(remote).rstrip("/") + "/"  # how the listing spells paths
+        sizes = {path[len(prefix):]: info.get("size") for path, info in listed.items() if path.startswith(prefix)}
         for name, record in artifact.files.items():
-            target = base / name
-            if target.exists() and target.stat().st_size == record.size and sha256_file(target) == record.sha256:
-                continue
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open(f"{remote}/{name}", "rb") as src, atomic_file(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 8 << 20)
-            except FileNotFoundError:
+            if sizes.get(name) != record.size:
+                return False
+            if deep and hash_local_or_remote(self.fs.unstrip_protocol(f"{remote}/{name}")) != record.sha256:
                 return False
         return True
+
+    def materialize(self, artifact: Artifact, names: Iterable[str] | None = None) -> Artifact:
+        """Make the artifact's files (or only ``names``) readable at ``artifact.path`` on this machine.
+
+        Local store: nothing to do. Remote store: download into the scratch mirror what is missing there or
+        differs from the manifest; a downloaded file gets the recorded mtime, so the next check is a stat, not a
+        rehash.
+        """
+        if self.is_local:
+            return artifact
+        remote = self.remote_dir(artifact.stage, artifact.key)
+        base = Path(artifact.path)
+        wanted = artifact.files if names is None else {n: artifact.files[n] for n in names if n in artifact.files}
+        for name, record in wanted.items():
+            target = base / name
+            if _intact(target, record, deep=False):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open(f"{remote}/{name}", "rb") as src, atomic_file(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            if sha256_file(target) != record.sha256:
+                raise OSError(f"{remote}/{name} changed in the store after it was verified (sha256 differs from "
+                              f"its artifact.json); rerun to recompute {artifact.stage}")
+            os.utime(target, ns=(record.mtime_ns, record.mtime_ns))
+        return artifact
 
     # -- writing -----------------------------------------------------------------------------------------------
     def prepare(self, stage: str, key: str, keep_partial: bool) -> Path:
@@ -205,6 +231,17 @@ class Store:
             return []
         keys = [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries]
         return sorted(k for k in keys if self.read_artifact(stage, k) is not None)
+
+
+def _intact(path: Path, record: FileRecord, deep: bool) -> bool:
+    """Size matches, and the content too where the mtime moved since it was recorded (or ``deep``)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size != record.size:
+        return False
+    return not (deep or stat.st_mtime_ns != record.mtime_ns) or sha256_file(path) == record.sha256
 
 
 def scratch_root() -> Path:

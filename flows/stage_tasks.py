@@ -24,7 +24,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 
 from finetune.profile import Profile
-from finetune.stage import PermanentError, StageSpec, execute_stage, read_tables, stage_key
+from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables, stage_key
 from finetune.store import Artifact, Store
 
 
@@ -93,7 +93,8 @@ def run_stage(
     # GPU-bound stages of a deployed pipeline run as their own flow run in the GPU pool (flows/stage_flow.py).
     remote = None if verified else dispatch_to_gpu_pool(spec, profile, store, inputs, key, label)
     if remote is not None:
-        return _post_tables(StageResult(artifact=remote, cached=False, tables=read_tables(remote)), label)
+        tables = read_tables(store.materialize(remote, [TABLES_FILE]))
+        return _post_tables(StageResult(artifact=remote, cached=False, tables=tables), label, store)
     state = run_stage_task.with_options(
         name=label,
         task_run_name=f"{label}-{key[:10]}",
@@ -104,21 +105,20 @@ def run_stage(
     payload = state.result()
     data = dict(payload["artifact"])
     artifact = Artifact.from_json(data, str(store.local_dir(spec.name, key)))
-    if not Path(artifact.path).exists():
-        artifact = store.verified_artifact(spec.name, key) or artifact
     # A Prefect cache hit never re-ran the task; a store hit ran it but found the artifact finished.
     cached = state.name == "Cached" or verified
-    return _post_tables(StageResult(artifact=artifact, cached=cached, tables=payload["tables"]), label)
+    return _post_tables(StageResult(artifact=artifact, cached=cached, tables=payload["tables"]), label, store)
 
 
-def _post_tables(result: StageResult, label: str) -> StageResult:
+def _post_tables(result: StageResult, label: str, store: Store) -> StageResult:
     """Show a stage's tables and every PNG it made (loss curve, latency vs throughput) in the UI."""
     for name, rows in result.tables.items():
         if rows:
             create_table_artifact(rows, key=_artifact_key(f"{label}-{name}"), description=f"{label}: {name}")
-    for name in result.artifact.files:
-        if name.endswith(".png"):
-            encoded = base64.b64encode((Path(result.artifact.path) / name).read_bytes()).decode()
-            create_markdown_artifact(f"![{name}](data:image/png;base64,{encoded})",
-                                     key=_artifact_key(f"{label}-{Path(name).stem}"), description=f"{label}: {name}")
+    plots = [name for name in result.artifact.files if name.endswith(".png")]
+    store.materialize(result.artifact, plots)
+    for name in plots:
+        encoded = base64.b64encode((Path(result.artifact.path) / name).read_bytes()).decode()
+        create_markdown_artifact(f"![{name}](data:image/png;base64,{encoded})",
+                                 key=_artifact_key(f"{label}-{Path(name).stem}"), description=f"{label}: {name}")
     return result

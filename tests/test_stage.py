@@ -56,6 +56,24 @@ def test_finished_stage_is_reused_and_a_deleted_file_forces_recompute(tmp_path: 
     assert calls == [1, 1] and (Path(first.path) / "out.txt").read_text() == "lr=0.003"
 
 
+def test_on_a_remote_store_a_stage_reads_its_inputs_from_a_fresh_machine(tmp_path: Path, monkeypatch) -> None:
+    """Object-store artifacts are downloaded by the stage that reads them, not by cache checks."""
+    monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "machine-1"))
+    store, calls = Store(f"memory://{tmp_path.name}/store"), []
+    first, _ = execute_stage(_spec(calls), PROFILE, store, {})
+
+    def consume(ctx: StageContext) -> dict:
+        return {"read": (Path(ctx.inputs["demo"].path) / "out.txt").read_text()}
+
+    consumer = StageSpec(name="consumer", version="1", run=consume, config=lambda p: {}, upstream=("demo",))
+    monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "machine-2"))  # another machine: an empty mirror
+    cached, tables = execute_stage(_spec(calls), PROFILE, store, {})
+    assert calls == [1] and tables == {"summary": [{"lr": 0.003}]}
+    assert not (Path(cached.path) / "out.txt").exists()  # the cache hit downloaded only its tables
+    result, _ = execute_stage(consumer, PROFILE, store, {"demo": cached})
+    assert result.metrics == {"read": "lr=0.003"}
+
+
 _SLOW_STAGE = textwrap.dedent("""
     import sys, time
     from pathlib import Path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,13 +89,36 @@ def test_atomic_file_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
 
 def test_remote_store_uploads_files_then_manifest_and_mirrors_them_back(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "scratch"))
-    store = Store("memory://bucket/store")
+    store = Store(f"memory://{tmp_path.name}/store")  # the memory file system is one per process
     artifact = _finish(store, payload=b"remote bytes")
     assert store.fs.cat(f"{store.remote_dir('pack', 'k1')}/sub/data.bin") == b"remote bytes"
     Path(artifact.path, "sub", "data.bin").unlink()  # a new machine has no local mirror
     again = store.verified_artifact("pack", "k1")
-    assert again is not None and Path(again.path, "sub", "data.bin").read_bytes() == b"remote bytes"
+    # Verified from the store's listing alone: a cached rerun downloads nothing.
+    assert again is not None and not Path(again.path, "sub", "data.bin").exists()
+    store.materialize(again)  # what a stage reading it does
+    mirrored = Path(again.path, "sub", "data.bin")
+    assert mirrored.read_bytes() == b"remote bytes"
+    assert mirrored.stat().st_mtime_ns == again.files["sub/data.bin"].mtime_ns  # next check is a stat
     assert store.list_stage("pack") == ["k1"]
+
+
+def test_remote_store_verification_catches_a_damaged_object_without_downloading_it(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "scratch"))
+    store = Store(f"memory://{tmp_path.name}/store")  # the memory file system is one per process
+    _finish(store, payload=b"remote bytes")
+    obj = f"{store.remote_dir('pack', 'k1')}/sub/data.bin"
+    store.fs.pipe(obj, b"remote byte")  # truncated
+    assert store.verified_artifact("pack", "k1") is None
+    store.fs.pipe(obj, b"REMOTE BYTES")  # same size, other content: only a deep check (streamed hash) sees it
+    assert store.verified_artifact("pack", "k1") is not None
+    assert store.verified_artifact("pack", "k1", deep=True) is None
+    artifact = store.read_artifact("pack", "k1")
+    assert artifact is not None
+    shutil.rmtree(artifact.path)
+    with pytest.raises(OSError, match="changed in the store"):
+        store.materialize(artifact)
 
 
 def test_broken_finished_artifact_is_moved_aside_not_deleted(tmp_path: Path) -> None:
