@@ -121,8 +121,6 @@ def _wait(predicate, timeout_s: float, what: str):
 
 
 def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: LocalPrefect) -> None:
-    import psutil
-
     params = {"overrides": ["train.epochs=50", "train.nnodes=2", "train.launcher=prefect-pool", "retries=0"],
               "until": "train"}
     proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
@@ -149,9 +147,28 @@ def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: Local
     logs = cluster.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
     assert any("node 1 of 2" in log["message"] for log in logs)
     # No trainer of that run survives its cancelled flow run.
-    config = str(Path(nodes[0]["parameters"]["workdir"]) / "torchtune_config.yaml")
-    _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
-          60, "the trainers to exit")
+    _wait_trainers_gone(Path(nodes[0]["parameters"]["workdir"]))
+
+
+def _wait_trainers_gone(workdir: Path, timeout_s: float = 60) -> None:
+    """No process of this training (agent, worker or the trampoline starting them) may outlive its flow runs."""
+    import psutil
+
+    config = str(workdir / "torchtune_config.yaml")
+
+    def survivors() -> list[str]:
+        found = []
+        for proc in psutil.process_iter(["pid", "ppid", "cmdline", "create_time", "status"]):
+            if config in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                age = time.time() - proc.info["create_time"]
+                found.append(f"pid {proc.info['pid']} (parent {proc.info['ppid']}, {age:.0f} s old): "
+                             f"{' '.join(proc.info['cmdline'])[:160]}")
+        return found
+
+    deadline = time.monotonic() + timeout_s
+    while (left := survivors()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, "trainer processes outlived their flow runs:\n" + "\n".join(left)
 
 
 def _supervisor_of(flow_run_id: str):
@@ -182,7 +199,10 @@ def _train_and_preempt(cluster: LocalPrefect, lost_rank: int, max_steps: int, re
     `prefect flow-run execute` process of node ``lost_rank`` (what kubelet does when a spot node is reclaimed)."""
     params = {"overrides": [f"train.max_steps={max_steps}", f"train.checkpoint_every_steps={EVERY}", "train.nnodes=2",
                             "train.launcher=prefect-pool",
-                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", f"retries={retries}"],
+                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", f"retries={retries}",
+                            # Node runs under the supervisor the Kubernetes GPU pools use, which reschedules on SIGTERM.
+                            "deploy.job_variables={command: prefect flow-run execute, "
+                            "env: {PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR: reschedule}}"],
               "until": "train"}
     proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
@@ -214,8 +234,6 @@ def _states(cluster: LocalPrefect, run_id: str) -> list[str]:
 def _check_resumed_training(cluster: LocalPrefect, node0_id: str, workdir: Path, killed_at: int, max_steps: int) -> int:
     """Training went on from the newest checkpoint before the loss (not from scratch) and finished; no trainer is
     left. Returns the step it resumed from."""
-    import psutil
-
     resumed = [int(m.split("(step ")[1].split(",")[0]) for m in (log["message"] for log in cluster.run_logs([node0_id]))
                if "[sft] resumed from" in m]
     assert resumed and EVERY <= resumed[-1] <= killed_at and killed_at - resumed[-1] <= EVERY + 1, (resumed, killed_at)
@@ -223,9 +241,7 @@ def _check_resumed_training(cluster: LocalPrefect, node0_id: str, workdir: Path,
     assert steps == list(range(1, max_steps + 1))  # one contiguous log: redone steps replace their first try
     artifact = json.loads((workdir / "artifact.json").read_text())
     assert artifact["metrics"]["world_size"] == 2 and artifact["metrics"]["steps"] == max_steps
-    config = str(workdir / "torchtune_config.yaml")
-    _wait(lambda: not [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])],
-          60, "the trainers to exit")
+    _wait_trainers_gone(workdir)
     return resumed[-1]
 
 
