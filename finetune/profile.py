@@ -87,6 +87,10 @@ class ElasticConfig(Section):
     min_nodes: int = Field(1, ge=1)
     max_nodes: int = Field(1, ge=1)
     max_restarts: int = Field(3, ge=0)
+    join_timeout_s: int = Field(
+        1800, ge=30,
+        description="How long the surviving nodes wait in the rendezvous for a lost node to come back (a preempted "
+                    "spot node must be re-provisioned; torchrun's own default is 600 s) before the stage fails.")
 
 
 Launcher = Literal["process", "local-nodes", "prefect-pool", "skypilot", "jobset"]

@@ -48,10 +48,12 @@ def torchrun_args(train: TrainConfig, endpoint: str, rdzv_id: str, is_host: bool
     nnodes = f"{elastic.min_nodes}:{elastic.max_nodes}" if elastic else str(train.nnodes)
     args = ["--nnodes", nnodes, "--nproc_per_node", str(train.nproc_per_node),
             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id]
-    if is_host is not None:
-        args += ["--rdzv_conf", f"is_host={int(is_host)}"]
+    rdzv_conf = [] if is_host is None else [f"is_host={int(is_host)}"]
     if elastic is not None:
+        rdzv_conf.append(f"join_timeout={elastic.join_timeout_s}")
         args += ["--max_restarts", str(elastic.max_restarts)]
+    if rdzv_conf:
+        args += ["--rdzv_conf", ",".join(rdzv_conf)]
     return args
 
 

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from finetune.hashing import sha256_file
 from finetune.procs import ProcessFailed, run_streaming
 from finetune.profile import REPO_ROOT, Profile, TrainConfig, deep_merge
+from finetune.render import torchrun_args
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
 
@@ -141,15 +142,12 @@ def launch_commands(train: TrainConfig, config_path: Path, run_id: str) -> list[
     recipe = [RECIPE, "--config", str(config_path)]
     if train.launcher == "process" and train.world_size == 1:
         return [[*tune, "run", *recipe]]
-    torchrun = ["--nproc_per_node", str(train.nproc_per_node)]
-    if train.elastic is not None:
-        torchrun += ["--max_restarts", str(train.elastic.max_restarts)]
     if train.launcher == "process":
-        return [[*tune, "run", "--nnodes", "1", *torchrun, *recipe]]
-    nnodes = f"{train.elastic.min_nodes}:{train.elastic.max_nodes}" if train.elastic else str(train.nnodes)
-    rendezvous = ["--nnodes", nnodes, "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
-                  "--rdzv_id", run_id]
-    return [[*tune, "run", *rendezvous, *torchrun, *recipe] for _ in range(train.nnodes)]
+        restarts = ["--max_restarts", str(train.elastic.max_restarts)] if train.elastic else []
+        return [[*tune, "run", "--nnodes", "1", "--nproc_per_node", str(train.nproc_per_node), *restarts, *recipe]]
+    # local-nodes: every "node" is a process on this machine, rendezvousing over loopback.
+    node = torchrun_args(train, f"127.0.0.1:{_free_port()}", run_id)
+    return [[*tune, "run", *node, *recipe] for _ in range(train.nnodes)]
 
 
 def _free_port() -> int:

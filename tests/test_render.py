@@ -95,6 +95,10 @@ def test_torchrun_flags_carry_the_elastic_node_range_and_restarts() -> None:
     args = torchrun_args(train, "10.0.0.1:29500", "run-1")
     assert args[args.index("--nnodes") + 1] == "1:2"
     assert args[args.index("--max_restarts") + 1] == "5"
+    # Survivors wait for a preempted node as long as the profile says (torchrun's default is 600 s).
+    assert args[args.index("--rdzv_conf") + 1] == f"join_timeout={train.elastic.join_timeout_s}"
+    host = torchrun_args(train, "10.0.0.1:29500", "run-1", is_host=True)
+    assert host[host.index("--rdzv_conf") + 1] == f"is_host=1,join_timeout={train.elastic.join_timeout_s}"
     assert args[args.index("--rdzv_backend") + 1] == "c10d"
     command = node_command(train, "/store/train/k/torchtune_config.yaml", "10.0.0.1:29500", "run-1")
     assert command[:2] == ["tune", "run"] and command[-2:] == ["--config", "/store/train/k/torchtune_config.yaml"]
