@@ -90,7 +90,8 @@ class Store:
         """Where a stage reads and writes its files on this machine."""
         if self.is_local:
             return Path(self.root) / stage / key
-        return scratch_root() / self.fs.protocol[0] / self.root.replace("/", "_") / stage / key
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]  # "s3" of (s3, s3a)
+        return scratch_root() / protocol / self.root.replace("/", "_") / stage / key
 
     def results_dir(self) -> Path:
         """Prefect's persisted task results: inside a local store, beside the scratch mirror otherwise."""

@@ -77,6 +77,10 @@ def finetune(
             if name not in wanted:
                 break
             stage(name, inputs, label)
+            if name == "evaluate":  # the gate and the recovery table read its scores on this machine
+                from tasks.evaluate.report import RESULTS_FILE
+
+                artifacts_store.materialize(results[label].artifact, [RESULTS_FILE])
             if label == "evaluate-tuned":
                 quality_gate(resolved, results["evaluate-base"].artifact, results["evaluate-tuned"].artifact)
             if label == "evaluate-quantized":
