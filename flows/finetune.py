@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from finetune.hashing import hash_json
 from finetune.profile import REPO_ROOT, Profile, load_profile, resolved_yaml
 from finetune.store import Artifact, Store
+from flows.multinode import check_shared_store
 from flows.stage_tasks import StageResult, run_stage
 
 # Stage order of the pipeline; `until` stops after the named one.
@@ -49,6 +50,7 @@ def finetune(
         raise ValueError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
     resolved = load_profile(profile, overrides or [])
     artifacts_store = Store(store or default_store_url())
+    check_shared_store(resolved, artifacts_store)
     create_markdown_artifact(
         f"# Profile `{resolved.name}`\n\n{resolved.description}\n\n```yaml\n{resolved_yaml(resolved)}```",
         key="resolved-profile", description="The fully resolved profile this run used")

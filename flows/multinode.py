@@ -47,6 +47,15 @@ class NodeFailed(RuntimeError):
     """A node run of a multi-node training ended without completing (the stage is retried as a whole)."""
 
 
+def check_shared_store(profile: Profile, store: Store) -> None:
+    """Pool node runs read the training config and write checkpoints by path: the store must be a directory every
+    node mounts (checked before anything is downloaded onto the orchestrator)."""
+    if profile.train.launcher == "prefect-pool" and not store.is_local:
+        raise PermanentError(f"train.launcher 'prefect-pool' needs the store to be a directory every node mounts at "
+                             f"the same path (a shared volume); {store.url} is an object store URL. Mount it as a "
+                             "file system on every node and pass that path, or use train.launcher skypilot/jobset")
+
+
 def node_deployment(profile: Profile) -> str:
     return f"{NODE_FLOW}/{profile.deploy.gpu_work_pool}"
 

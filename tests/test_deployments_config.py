@@ -108,3 +108,15 @@ def test_profile_job_variables_fit_their_gpu_pool(name: str) -> None:
 
 def test_pool_setup_script_is_executable() -> None:
     assert Path(REPO_ROOT / "deployments" / "create-pools.sh").stat().st_mode & 0o111
+
+
+def test_pool_training_refuses_an_object_store_before_anything_is_downloaded(tmp_path: Path) -> None:
+    from finetune.stage import PermanentError
+    from finetune.store import Store
+    from flows.multinode import check_shared_store
+
+    profile = load_profile("maverick-lora")
+    check_shared_store(profile, Store(tmp_path))  # a shared volume: fine
+    with pytest.raises(PermanentError, match="train.launcher 'prefect-pool' needs the store to be a directory"):
+        check_shared_store(profile, Store(f"memory://{tmp_path.name}/store"))
+    check_shared_store(load_profile("scout-lora"), Store(f"memory://{tmp_path.name}/store"))  # one node, no pool
