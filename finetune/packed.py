@@ -1,4 +1,5 @@
-"""Packed training data: the packing algorithm, the on-disk format, and a torch Dataset that reads it.
+"""Packed training data: the packing algorithm and the on-disk format (numpy only; the torch Dataset that
+reads it for training is finetune/packed_dataset.py, so packing and cache checks never import torch).
 
 Layout of a pack artifact (one directory per split, ``meta.json`` written last)::
 
@@ -10,10 +11,6 @@ Layout of a pack artifact (one directory per split, ``meta.json`` written last):
 
 Labels are not shifted (torchtune recipes shift them). The label of every document's first token is -100: after
 the shift it would be the target of the previous document's last token, a prediction across documents.
-
-``PackedDataset(path, split)`` yields what ``torchtune.datasets.PackedDataset`` yields (tokens, labels, input_pos,
-seq_lens; the padding counted as one last sequence) so ``torchtune.data.padded_collate_packed`` builds the
-block-causal mask that keeps attention inside each document. ``input_pos`` restarts at 0 in every document.
 """
 
 from __future__ import annotations
@@ -26,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from finetune.store import atomic_file
 
@@ -218,52 +213,25 @@ def read_meta(root: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-class PackedDataset(Dataset):
-    """Packs of one split, read memory-mapped; items are what torchtune's own PackedDataset yields.
+@dataclass(frozen=True)
+class StoredSplit:
+    """One split of a pack artifact, its arrays memory-mapped (nothing is read until indexed)."""
 
-    Use it as a torchtune ``dataset._component_`` with keyword arguments, together with ``packed: True`` (which
-    torchtune recipes read to pick ``padded_collate_packed``)::
-
-        dataset: {_component_: finetune.packed.PackedDataset, path: /store/pack/<key>, split: train, packed: True}
-    """
-
-    def __init__(self, path: str | os.PathLike[str], split: str = "train", packed: bool = True) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be the pack artifact directory, got {type(path).__name__}; "
-                            "instantiate with keyword arguments only (no tokenizer)")
-        if not packed:
-            raise ValueError("finetune.packed.PackedDataset is always packed; drop 'packed: False'")
-        meta = read_meta(path)
-        if split not in meta["splits"]:
-            raise KeyError(f"{path} has no split {split!r}; it has {', '.join(sorted(meta['splits']))}")
-        self.packed = True
-        self.path, self.split = Path(path), split
-        self.max_seq_len, self.pad_id = int(meta["max_seq_len"]), int(meta["pad_id"])
-        self.tokens, self.labels, self.seq_lens, self.pack_offsets = (
-            np.load(self.path / split / f"{name}.npy", mmap_mode="r") for name in ARRAYS
-        )
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"pack {index} out of range ({len(self)} packs)")
-        index %= len(self)
-        lengths = np.asarray(self.seq_lens[self.pack_offsets[index]:self.pack_offsets[index + 1]], dtype=np.int64)
-        padding = self.max_seq_len - int(lengths.sum())
-        if padding:
-            lengths = np.append(lengths, padding)  # torchtune counts the padding as one more sequence
-        return {
-            "tokens": torch.from_numpy(self.tokens[index].astype(np.int64)),
-            "labels": torch.from_numpy(self.labels[index].astype(np.int64)),
-            "input_pos": torch.from_numpy(positions(lengths)),
-            "seq_lens": torch.from_numpy(lengths),
-        }
+    path: Path
+    split: str
+    max_seq_len: int
+    pad_id: int
+    tokens: np.ndarray
+    labels: np.ndarray
+    seq_lens: np.ndarray
+    pack_offsets: np.ndarray
 
 
-def positions(lengths: np.ndarray) -> np.ndarray:
-    """Position of every token inside its own sequence: 0, 1, ... restarting at each sequence."""
-    total = int(lengths.sum())
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+def open_split(path: str | os.PathLike[str], split: str) -> StoredSplit:
+    """The arrays of ``split`` in the pack artifact at ``path``; errors name the directory and what is wrong."""
+    meta = read_meta(path)
+    if split not in meta["splits"]:
+        raise KeyError(f"{path} has no split {split!r}; it has {', '.join(sorted(meta['splits']))}")
+    root = Path(path)
+    arrays = (np.load(root / split / f"{name}.npy", mmap_mode="r") for name in ARRAYS)
+    return StoredSplit(root, split, int(meta["max_seq_len"]), int(meta["pad_id"]), *arrays)

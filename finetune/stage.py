@@ -7,6 +7,7 @@ produce interchangeable outputs, so a finished artifact under that key is reused
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -58,6 +59,15 @@ class StageSpec:
     """Identity of outside content the stage reads (data hashes, hub revisions)."""
     resumable: bool = False
     """Keep an interrupted attempt's files (checkpoints) instead of starting clean."""
+
+
+def deferred(module: str) -> Callable[[StageContext], dict[str, Any]]:
+    """``module.run``, imported on the first call: a stage whose work needs torch keeps it out of a cached rerun,
+    which only computes keys and verifies artifacts."""
+    def run(ctx: StageContext) -> dict[str, Any]:
+        return importlib.import_module(module).run(ctx)
+
+    return run
 
 
 def stage_key(spec: StageSpec, profile: Profile, inputs: dict[str, Artifact]) -> str:

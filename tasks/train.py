@@ -31,7 +31,7 @@ from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
 
 # Our recipe package is `tunerecipes`, not `recipes`: torchtune's wheel installs a top-level `recipes` that raises.
-from tunerecipes.checkpointing import latest_checkpoint
+from tunerecipes.checkpoint_layout import latest_checkpoint
 from tunerecipes.report import parse_error, parse_metrics
 
 TEMPLATE = REPO_ROOT / "profiles" / "recipes" / "sft.yaml"

@@ -16,7 +16,8 @@ from torchtune.data import padded_collate_packed
 
 import tasks.pack as pack
 from embedded.tokenizer import save_tokenizer
-from finetune.packed import IGNORE_INDEX, PackedDataset, assign_packs, build_packs, positions, write_meta, write_split
+from finetune.packed import IGNORE_INDEX, assign_packs, build_packs, write_meta, write_split
+from finetune.packed_dataset import PackedDataset, positions
 from finetune.profile import REPO_ROOT, load_profile
 from finetune.stage import PermanentError, StageContext, execute_stage, stage_key
 from finetune.store import Artifact, Store
@@ -60,7 +61,8 @@ def _documents(dataset: PackedDataset) -> list[tuple[list[int], list[int]]]:
     """(tokens, labels) of every document of every pack, in pack order (the padding left out)."""
     docs = []
     for index, item in enumerate(dataset):
-        lengths = dataset.seq_lens[dataset.pack_offsets[index]:dataset.pack_offsets[index + 1]].tolist()
+        stored = dataset.stored
+        lengths = stored.seq_lens[stored.pack_offsets[index]:stored.pack_offsets[index + 1]].tolist()
         for start, length in zip(np.cumsum(lengths) - lengths, lengths):
             docs.append((item["tokens"][start:start + length].tolist(), item["labels"][start:start + length].tolist()))
     return docs
@@ -133,7 +135,7 @@ def test_packed_dataset_items_collate_with_torchtune_into_document_masks(tmp_pat
     packed = build_packs(tokens, tokens.copy(), lengths, 10, PAD)
     write_split(tmp_path, "train", packed)
     write_meta(tmp_path, 10, PAD, {"train": packed.stats()})
-    component = {"_component_": "finetune.packed.PackedDataset", "path": str(tmp_path), "split": "train", "packed": True}
+    component = {"_component_": "finetune.packed_dataset.PackedDataset", "path": str(tmp_path), "split": "train", "packed": True}
     dataset = config.instantiate(OmegaConf.create(component))  # as a torchtune recipe's `dataset:` builds it
     assert isinstance(dataset, PackedDataset) and isinstance(dataset, torch.utils.data.Dataset) and len(dataset) == 3
     items = [dataset[i] for i in range(len(dataset))]

@@ -116,3 +116,16 @@ def test_stage_killed_mid_write_leaves_no_manifest_and_reruns_cleanly(tmp_path: 
                                 PROFILE, store, {})
     assert artifact.key == key and partial_size > 0
     assert store.verified_artifact("slow", key).files["big.bin"].size == 10
+
+
+def test_the_flow_and_every_stage_spec_load_without_torch_transformers_or_lm_eval() -> None:
+    # A cached rerun only computes keys and verifies artifacts: the heavy libraries would cost it seconds.
+    script = textwrap.dedent("""
+        import importlib, sys
+        from flows.finetune import STAGES
+        for stage in STAGES:
+            importlib.import_module(f"tasks.{stage}").SPEC
+        print(sorted({"torch", "transformers", "lm_eval", "llmcompressor", "vllm"} & set(sys.modules)))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

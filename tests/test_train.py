@@ -20,7 +20,7 @@ from finetune.procs import ProcessFailed
 from finetune.profile import Profile, load_profile
 from finetune.stage import PermanentError, Preempted, StageContext, execute_stage
 from finetune.store import Artifact, Store
-from tunerecipes.checkpointing import latest_checkpoint
+from tunerecipes.checkpoint_layout import latest_checkpoint
 from tunerecipes.report import parse_metrics
 from tasks import download, pack, train
 

@@ -10,6 +10,7 @@ import torch
 
 from finetune.profile import load_profile
 from finetune.stage import PermanentError
+from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
 from tunerecipes.report import ERROR_PREFIX, METRICS_PREFIX, parse_error, parse_metrics
 from tunerecipes.sampler import ResumableSampler
@@ -19,7 +20,7 @@ from tasks import train
 def write_fake_complete(path: Path) -> None:
     path.mkdir(parents=True)
     (path / "__0_0.distcp").write_bytes(b"x")
-    (path / ckpt.METADATA).write_bytes(b"m")
+    (path / layout.METADATA).write_bytes(b"m")
 
 
 def test_latest_checkpoint_skips_half_written_and_temporary_dirs(tmp_path: Path) -> None:
@@ -27,17 +28,17 @@ def test_latest_checkpoint_skips_half_written_and_temporary_dirs(tmp_path: Path)
     write_fake_complete(tmp_path / "step_10")
     (tmp_path / "step_12").mkdir()  # a save killed before DCP wrote .metadata
     (tmp_path / "step_12" / "__0_0.distcp").write_bytes(b"partial")
-    write_fake_complete(tmp_path / f"{ckpt.TMP_PREFIX}step_14")  # complete data, never renamed
+    write_fake_complete(tmp_path / f"{layout.TMP_PREFIX}step_14")  # complete data, never renamed
     (tmp_path / "step_x").mkdir()
-    assert ckpt.latest_checkpoint(tmp_path) == (10, tmp_path / "step_10")
-    assert [step for step, _ in ckpt.complete_checkpoints(tmp_path)] == [2, 10]
-    assert ckpt.latest_checkpoint(tmp_path / "absent") is None
+    assert layout.latest_checkpoint(tmp_path) == (10, tmp_path / "step_10")
+    assert [step for step, _ in layout.complete_checkpoints(tmp_path)] == [2, 10]
+    assert layout.latest_checkpoint(tmp_path / "absent") is None
 
 
 def test_remove_partial_deletes_only_temporary_dirs(tmp_path: Path) -> None:
     write_fake_complete(tmp_path / "step_2")
-    write_fake_complete(tmp_path / f"{ckpt.TMP_PREFIX}step_4")
-    assert ckpt.remove_partial(tmp_path) == [tmp_path / f"{ckpt.TMP_PREFIX}step_4"]
+    write_fake_complete(tmp_path / f"{layout.TMP_PREFIX}step_4")
+    assert layout.remove_partial(tmp_path) == [tmp_path / f"{layout.TMP_PREFIX}step_4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
 
 
@@ -52,7 +53,7 @@ def test_checkpoint_writer_renames_complete_saves_keeps_newest_and_restores_exac
         optimizer.zero_grad()
         writer.save(step, {**ckpt.training_state(model, optimizer, trainable_only=False), "trainer": {"step": step}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
-    assert ckpt.is_complete(tmp_path / "step_2")
+    assert layout.is_complete(tmp_path / "step_2")
     saved = {k: v.clone() for k, v in model.state_dict().items()}
 
     fresh = torch.nn.Linear(4, 3)

@@ -40,6 +40,7 @@ from torchtune.modules.peft import (
     set_trainable_params,
 )
 
+from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
 from tunerecipes.sampler import ResumableSampler
@@ -79,7 +80,7 @@ class SFTRecipe:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         training.set_seed(seed=self.cfg.seed)
         if self.is_rank_zero:
-            ckpt.remove_partial(self.ckpt_dir)
+            layout.remove_partial(self.ckpt_dir)
         self.model = self._build_model()
         self.loss_fn = config.instantiate(self.cfg.loss)
         if hasattr(self.loss_fn, "num_output_chunks"):
@@ -235,7 +236,7 @@ class SFTRecipe:
             )
 
     def _resume(self) -> None:
-        found = ckpt.latest_checkpoint(self.ckpt_dir) if self.is_rank_zero else None
+        found = layout.latest_checkpoint(self.ckpt_dir) if self.is_rank_zero else None
         if self.distributed:
             holder = [found]
             dist.broadcast_object_list(holder, src=0)
@@ -384,7 +385,7 @@ class SFTRecipe:
 
     def _save_final(self) -> None:
         final = self.output_dir / "final"
-        tmp = self.output_dir / f"{ckpt.TMP_PREFIX}final"
+        tmp = self.output_dir / f"{layout.TMP_PREFIX}final"
         if self.is_rank_zero and tmp.exists():
             shutil.rmtree(tmp)
         self._barrier()

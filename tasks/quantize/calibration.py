@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.packed import PackedDataset
+from finetune.packed import open_split
 from finetune.stage import PermanentError
 
 SPLIT = "train"
@@ -71,7 +71,7 @@ def window_starts(stream_tokens: int, samples: int, seq_len: int) -> tuple[np.nd
 def load_calibration(pack_dir: Path, samples: int, seq_len: int) -> Calibration:
     """``samples`` x ``seq_len`` calibration tokens from the pack artifact at ``pack_dir`` (its train split)."""
     try:
-        data = PackedDataset(pack_dir, split=SPLIT)
+        data = open_split(pack_dir, SPLIT)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise PermanentError(f"pack artifact {pack_dir}: {exc}") from exc
     # Document tokens of pack i occupy tokens[i, :used[i]]; the rest of the row is padding.

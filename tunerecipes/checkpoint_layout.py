@@ -1,0 +1,54 @@
+"""Where mid-run checkpoints live and which of them count (filesystem only: no torch, so the train stage can look
+for a resume point without importing it).
+
+Layout under the checkpoint root::
+
+    .tmp-step_<N>/   being written (never read)
+    step_<N>/        complete: renamed from its temp dir after DCP wrote ``.metadata``, which DCP writes last
+
+A directory only counts as a checkpoint when it is named ``step_<N>`` AND holds ``.metadata``: a copy that lost
+its marker, or a temp dir left by a killed run, is never resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+METADATA = ".metadata"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / METADATA).is_file()
+
+
+def complete_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> tuple[int, Path] | None:
+    """The newest complete checkpoint, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_partial(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete temp dirs left by an interrupted save (call on one rank, before anyone saves)."""
+    root = Path(root)
+    removed = [entry for entry in root.glob(TMP_PREFIX + "*") if entry.is_dir()] if root.is_dir() else []
+    for entry in removed:
+        shutil.rmtree(entry, ignore_errors=True)
+    return removed
