@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ from typing import Any
 
 import httpx
 
+from finetune.procs import free_port
 from finetune.profile import REPO_ROOT
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -35,6 +36,13 @@ COOKIE_VAR = "FINETUNE_PROCS_COOKIE"
 PEER_GRACE_S = 15.0
 # After every child exited, how long a descendant may keep their output pipe open before it is killed as an orphan.
 ORPHAN_GRACE_S = 2.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now, for a child server or rendezvous to bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class ProcessFailed(RuntimeError):

@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from finetune.procs import free_port
 from finetune.profile import Profile, TrainConfig
 from finetune.render import ENDPOINT_ENV, RDZV_ID_ENV, node_command
 from finetune.stage import PermanentError, StageContext
@@ -192,17 +193,11 @@ def node_address() -> str:
         return "127.0.0.1"
 
 
-def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((addr, 0))
-        return int(sock.getsockname()[1])
-
-
 def publish_endpoint(rdzv_id: str) -> str:
     from prefect.variables import Variable
 
     addr = node_address()
-    endpoint = f"{addr}:{_free_port(addr)}"
+    endpoint = f"{addr}:{free_port(addr)}"
     # Overwrite: a rescheduled node 0 may come back on another host.
     Variable.set(variable_name(rdzv_id), endpoint, overwrite=True, tags=["finetune-rendezvous"])
     return endpoint

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from finetune.hashing import sha256_file
-from finetune.procs import ProcessFailed, run_streaming
+from finetune.procs import ProcessFailed, free_port, run_streaming
 from finetune.profile import REPO_ROOT, Profile, TrainConfig, deep_merge
 from finetune.render import torchrun_args
 from finetune.stage import PermanentError, StageContext, StageSpec
@@ -146,14 +145,8 @@ def launch_commands(train: TrainConfig, config_path: Path, run_id: str) -> list[
         restarts = ["--max_restarts", str(train.elastic.max_restarts)] if train.elastic else []
         return [[*tune, "run", "--nnodes", "1", "--nproc_per_node", str(train.nproc_per_node), *restarts, *recipe]]
     # local-nodes: every "node" is a process on this machine, rendezvousing over loopback.
-    node = torchrun_args(train, f"127.0.0.1:{_free_port()}", run_id)
+    node = torchrun_args(train, f"127.0.0.1:{free_port()}", run_id)
     return [[*tune, "run", *node, *recipe] for _ in range(train.nnodes)]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def check_devices(train: TrainConfig) -> None:

@@ -28,7 +28,8 @@ from tasks.benchmark import SPEC, loadgen, run
 from tasks.benchmark.engines import TRANSFORMERS_SERVE
 from finetune.procs import handling_sigterm
 from tasks.benchmark.runner import BenchmarkError, _check_level, _raise_preempted
-from tasks.benchmark.server import Server, ServerError, free_port, serving
+from finetune.procs import free_port
+from tasks.benchmark.server import Server, ServerError, serving
 from tasks.benchmark.workload import build_workload
 
 REPO = Path(__file__).resolve().parents[1]

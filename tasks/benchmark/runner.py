@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune.procs import handling_sigterm
+from finetune.procs import free_port, handling_sigterm
 from finetune.profile import BenchmarkConfig, Profile
 from finetune.stage import PermanentError, Preempted, StageContext
 from finetune.store import atomic_file
 from tasks.benchmark import loadgen, report, vllm_cli
 from tasks.benchmark.engines import ENGINES, VLLM, Engine
-from tasks.benchmark.server import Server, free_port, log_tail, run_client, serving
+from tasks.benchmark.server import Server, log_tail, run_client, serving
 from tasks.benchmark.workload import BenchRequest, build_workload, describe
 
 # Which upstream artifact holds which model, in the order they are benchmarked.

@@ -52,12 +52,6 @@ def log_tail(path: Path, n: int = TAIL_LINES) -> list[str]:
     return [line for line in lines if line.strip()][-n:]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something listens on ``port``. Connections of a server we just stopped (TIME_WAIT) do not count:
     the next server binds with SO_REUSEADDR, as uvicorn does."""
