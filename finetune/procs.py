@@ -36,6 +36,8 @@ COOKIE_VAR = "FINETUNE_PROCS_COOKIE"
 PEER_GRACE_S = 15.0
 # After every child exited, how long a descendant may keep their output pipe open before it is killed as an orphan.
 ORPHAN_GRACE_S = 2.0
+# How long a SIGKILLed process may take to die before we stop waiting for it.
+KILL_WAIT_S = 5.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,14 +81,13 @@ def run_streaming(
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
     procs: list[subprocess.Popen[str]] = []
-    cookie = uuid.uuid4().hex
-    child_env = {**(os.environ if env is None else env), COOKIE_VAR: cookie}
+    family = _Family(uuid.uuid4().hex)
+    child_env = {**(os.environ if env is None else env), COOKIE_VAR: family.cookie}
     terminated = threading.Event()
 
     def forward_sigterm(signum: int, frame: object) -> None:
         terminated.set()
-        for process in _marked(cookie):
-            _signal(process, signal.SIGTERM)
+        family.signal(signal.SIGTERM)
 
     try:
         with handling_sigterm(forward_sigterm):
@@ -99,10 +100,10 @@ def run_streaming(
                 procs.append(proc)
                 threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()
             try:
-                first_failed = _stream(procs, lines, on_line, tail, cookie, terminated, term_grace_s)
+                first_failed = _stream(procs, lines, on_line, tail, family, terminated, term_grace_s)
             except BaseException:
                 # The outer SIGTERM handler (or Ctrl-C) interrupted us: the children stop before it goes on.
-                _terminate_marked(cookie, procs, term_grace_s)
+                _terminate(family, procs, term_grace_s)
                 raise
         codes = [proc.wait() for proc in procs]
         if terminated.is_set():
@@ -112,7 +113,8 @@ def run_streaming(
             first = first_failed if first_failed is not None else failed[0]
             raise ProcessFailed(commands[first], codes[first], list(tail))
     finally:
-        _kill_marked(cookie)
+        family.signal(signal.SIGKILL)
+        family.wait_gone(KILL_WAIT_S)
         for proc in procs:
             proc.wait()
             if proc.stdout is not None:
@@ -124,7 +126,7 @@ def _stream(
     lines: queue.Queue[tuple[int, str | None]],
     on_line: Callable[[str], None],
     tail: collections.deque[str],
-    cookie: str,
+    family: _Family,
     terminated: threading.Event,
     term_grace_s: float,
 ) -> int | None:
@@ -153,15 +155,14 @@ def _stream(
         if all(proc.poll() is not None for proc in procs):
             deadlines.setdefault("orphans", now + ORPHAN_GRACE_S)  # exited, yet a pipe is still held open
         if deadlines and now > min(deadlines.values()):
-            _kill_marked(cookie)
+            family.signal(signal.SIGKILL)
     return first_failed
 
 
-def _terminate_marked(cookie: str, procs: list[subprocess.Popen[str]], grace_s: float) -> None:
+def _terminate(family: _Family, procs: list[subprocess.Popen[str]], grace_s: float) -> None:
     """SIGTERM every marked process, give the children ``grace_s`` to exit (a trainer saves nothing on the way out,
     but torchrun stops its workers), then the caller's cleanup kills what is left."""
-    for process in _marked(cookie):
-        _signal(process, signal.SIGTERM)
+    family.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
         time.sleep(0.1)
@@ -194,25 +195,42 @@ def handling_sigterm(handler: Callable[[int, object], None]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _marked(cookie: str) -> list[psutil.Process]:
-    """Every live process carrying our cookie: the children and all their descendants, orphaned or not."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get(COOKIE_VAR) == cookie:
-                found.append(process)
-        except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
-            continue
-    return found
+class _Family:
+    """The processes carrying one call's cookie: the children and all their descendants, orphaned or not."""
+
+    def __init__(self, cookie: str) -> None:
+        self.cookie = cookie
+        self.seen: dict[int, psutil.Process] = {}
+        """Every one ever found: an exiting process's environment can no longer be read, yet it must be waited for."""
+
+    def signal(self, sig: signal.Signals) -> None:
+        for process in self._live():
+            try:
+                process.send_signal(sig)  # psutil checks the pid still names the same process
+            except psutil.Error:
+                pass
+
+    def wait_gone(self, timeout_s: float) -> None:
+        """Signals land asynchronously: wait until each is gone (or a zombie for its new parent to reap), so that
+        no descendant is still running when run_streaming returns."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(_running(process) for process in self.seen.values()):
+            time.sleep(0.02)
+
+    def _live(self) -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.pid != os.getpid() and process.environ().get(COOKIE_VAR) == self.cookie:
+                    found.append(process)
+            except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+                continue
+        self.seen.update((process.pid, process) for process in found)
+        return found
 
 
-def _signal(process: psutil.Process, sig: signal.Signals) -> None:
+def _running(process: psutil.Process) -> bool:
     try:
-        process.send_signal(sig)  # psutil checks the pid still names the same process
-    except psutil.Error:
-        pass
-
-
-def _kill_marked(cookie: str) -> None:
-    for process in _marked(cookie):
-        _signal(process, signal.SIGKILL)
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
