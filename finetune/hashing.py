@@ -25,6 +25,15 @@ def sha256_stream(stream: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+def copy_hashed(src: BinaryIO, dst: BinaryIO) -> str:
+    """Copy ``src`` to ``dst`` and return the sha256 of what was copied: a download checked in the same read."""
+    digest = hashlib.sha256()
+    while chunk := src.read(_CHUNK):
+        digest.update(chunk)
+        dst.write(chunk)
+    return digest.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as stream:
         return sha256_stream(stream)

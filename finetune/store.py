@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from finetune.hashing import sha256_file, sha256_stream
+from finetune.hashing import copy_hashed, sha256_file, sha256_stream
 
 MANIFEST = "artifact.json"
 FORMAT_VERSION = 1
@@ -162,12 +162,10 @@ class Store:
             target = base / name
             if _intact(target, record, deep=False):
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open(f"{remote}/{name}", "rb") as src, atomic_file(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-            if sha256_file(target) != record.sha256:
-                raise OSError(f"{remote}/{name} changed in the store after it was verified (sha256 differs from "
-                              f"its artifact.json); rerun to recompute {artifact.stage}")
+                if copy_hashed(src, dst) != record.sha256:  # raised inside: the bad copy never lands in the mirror
+                    raise OSError(f"{remote}/{name} changed in the store after it was verified (sha256 differs "
+                                  f"from its artifact.json); rerun to recompute {artifact.stage}")
             os.utime(target, ns=(record.mtime_ns, record.mtime_ns))
         return artifact
 
