@@ -19,6 +19,7 @@ from finetune.profile import REPO_ROOT, Profile, load_profile, resolved_yaml
 from finetune.store import Artifact, Store
 from flows.multinode import check_shared_store
 from flows.stage_tasks import StageResult, run_stage
+from tasks.evaluate.report import RESULTS_FILE, check_gate, compare, markdown_table, recovery, scores
 
 # Stage order of the pipeline; `until` stops after the named one.
 STAGES = ("download", "pack", "train", "convert", "evaluate", "quantize", "benchmark")
@@ -80,8 +81,6 @@ def finetune(
                 break
             stage(name, inputs, label)
             if name == "evaluate":  # the gate and the recovery table read its scores on this machine
-                from tasks.evaluate.report import RESULTS_FILE
-
                 artifacts_store.materialize(results[label].artifact, [RESULTS_FILE])
             if label == "evaluate-tuned":
                 quality_gate(resolved, results["evaluate-base"].artifact, results["evaluate-tuned"].artifact)
@@ -95,8 +94,6 @@ def finetune(
 @task(name="quality-gate")
 def quality_gate(profile: Profile, base: Artifact, tuned: Artifact) -> None:
     """Compare tuned with base and stop the pipeline (before quantization) if the profile's gate fails."""
-    from tasks.evaluate.report import check_gate, compare, markdown_table
-
     rows = compare(base, tuned)
     create_markdown_artifact(f"# Tuned vs base\n\n{markdown_table(rows)}\n", key="eval-deltas",
                              description="lm-eval scores of the tuned model against its base")
@@ -104,16 +101,12 @@ def quality_gate(profile: Profile, base: Artifact, tuned: Artifact) -> None:
 
 
 def post_recovery(bf16: Artifact, w4: Artifact) -> None:
-    from tasks.evaluate.report import markdown_table, recovery, scores
-
     rows = recovery(scores(bf16), scores(w4))
     create_markdown_artifact(f"# 4-bit vs bf16 quality\n\n{markdown_table(rows)}\n", key="quantized-recovery",
                              description="Share of each bf16 score the W4A16 model keeps")
 
 
 def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResult]) -> None:
-    from tasks.evaluate.report import markdown_table
-
     rows = [{"stage": name, "key": r.artifact.key, "cached": r.cached, "seconds": r.artifact.timings.get("seconds"),
              "inputs": ", ".join(f"{k}:{v[:10]}" for k, v in r.artifact.inputs.items())}
             for name, r in results.items()]
