@@ -119,6 +119,7 @@ def test_remote_store_verification_catches_a_damaged_object_without_downloading_
     shutil.rmtree(artifact.path)
     with pytest.raises(OSError, match="changed in the store"):
         store.materialize(artifact)
+    assert not Path(artifact.path, "sub", "data.bin").exists()  # the changed bytes never reach the mirror
 
 
 def test_broken_finished_artifact_is_moved_aside_not_deleted(tmp_path: Path) -> None:
