@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torchtune import training
 from torchtune.training.checkpointing import FormattedCheckpointFiles, get_largest_iter_folder
 
+from finetune.checkpoint_pickle import torch_load
 from llama4tune.config import Llama4TextArgs, load_text_args, text_config_dict
 from llama4tune.convert import hf_to_tune_key, is_multimodal_only_key, tune_to_hf_key, tune_to_peft_key
 from llama4tune.lora import peft_adapter_config
@@ -164,10 +165,11 @@ class Llama4HFCheckpointer:
         if not model:
             raise ValueError(f"no Llama 4 text-decoder tensors found in {[str(p) for p in self._model_files]}")
         out: dict[str, Any] = {training.MODEL_KEY: model}
+        # Tensors, python scalars and containers only: whoever can write output_dir must not run code here.
         if self._adapter_checkpoint is not None:
-            out[training.ADAPTER_KEY] = torch.load(self._adapter_checkpoint, map_location="cpu", weights_only=True)
+            out[training.ADAPTER_KEY] = torch_load(self._adapter_checkpoint)
         if self._recipe_checkpoint is not None:
-            out.update(torch.load(self._recipe_checkpoint, map_location="cpu", weights_only=False))
+            out.update(torch_load(self._recipe_checkpoint))
         return out
 
     # ---- saving --------------------------------------------------------------------------------

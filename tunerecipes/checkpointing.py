@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from finetune.checkpoint_pickle import UnsafeCheckpointError, load_dcp, read_dcp_metadata
 from tunerecipes.checkpoint_layout import METADATA, TMP_PREFIX, complete_checkpoints, is_complete
 from tunerecipes.report import RecipeError
 
@@ -62,19 +63,27 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def saved_keys(path: Path) -> set[str]:
     """Flattened keys stored in a DCP checkpoint (``model.layers.0...``, ``trainer.step``, ...)."""
-    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    try:
+        return set(read_dcp_metadata(Path(path) / METADATA).state_dict_metadata)
+    except (OSError, UnsafeCheckpointError) as exc:
+        raise _damaged(path, exc) from exc
 
 
 def load(path: Path, state: dict[str, Any]) -> None:
-    """Fill ``state`` in place from the checkpoint at ``path``; a damaged checkpoint is a clear error."""
+    """Fill ``state`` in place from the checkpoint at ``path``, reading only data (the store may be writable by
+    others); a damaged checkpoint, or one holding code, is a clear error."""
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except (FileNotFoundError, dcp.CheckpointException) as exc:
-        raise RecipeError(
-            "missing_checkpoint",
-            f"checkpoint {path} is damaged or incomplete ({exc}); delete that directory to resume from the "
-            "previous one",
-        ) from exc
+        load_dcp(state, path, no_dist=not dist.is_initialized())
+    except (FileNotFoundError, UnsafeCheckpointError, dcp.CheckpointException) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def _damaged(path: Path, exc: BaseException) -> RecipeError:
+    return RecipeError(
+        "missing_checkpoint",
+        f"checkpoint {path} is damaged or incomplete, or holds more than plain data ({exc}); delete that directory "
+        "to resume from the previous one",
+    )
 
 
 class CheckpointWriter:

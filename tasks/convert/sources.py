@@ -5,15 +5,15 @@ Two layouts: torch Distributed Checkpoint (DCP: ``.metadata`` plus ``*.distcp`` 
 checkpoint far larger than memory one group of tensors at a time. Both also tell where a tensor's raw bytes lie in
 their files (``byte_ranges``), so a converter can copy or cast them without decoding the tensor into memory.
 
-DCP's ``.metadata`` is a pickle: it is read with an unpickler that only admits DCP's own metadata classes, so a
-crafted checkpoint cannot run code. Tensor payloads are located by tasks/convert/torchsave.py (which executes nothing
-from the archive), or, when a payload is not plain bytes, read by DCP itself with ``torch.load(weights_only=True)``.
+DCP's ``.metadata`` is a pickle: it is read with finetune/checkpoint_pickle.py's unpickler, which only admits DCP's
+own metadata classes, so a crafted checkpoint cannot run code. Tensor payloads are located by
+tasks/convert/torchsave.py (which executes nothing from the archive), or, when a payload is not plain bytes, read by
+DCP with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import struct
 import warnings
 from collections.abc import Iterable, Sequence
@@ -23,10 +23,11 @@ from typing import Any, Protocol
 
 import torch
 
+from finetune.checkpoint_pickle import DCP_METADATA, SafeFileSystemReader, UnsafeCheckpointError, load_dcp
+from finetune.checkpoint_pickle import read_dcp_metadata as read_metadata_file
 from finetune.stage import PermanentError
 
 INDEX_NAME = "model.safetensors.index.json"
-DCP_METADATA = ".metadata"
 # Weights must be one of these; anything else (int, fp8, bool) is the wrong checkpoint or a corrupt header.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -84,58 +85,15 @@ def check_float(key: str, info: TensorInfo, where: Path) -> None:
 
 # -- DCP ---------------------------------------------------------------------------------------------------------
 
-# (module, name) pairs a DCP .metadata pickle may reference: DCP's dataclasses and the torch values inside them.
-_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_DCP_SAFE_GLOBALS = {
-    (_DCP_METADATA_MODULE, name)
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                 "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
-
-
 def read_dcp_metadata(path: Path) -> Any:
-    """The DCP ``Metadata`` of checkpoint directory ``path``, unpickled with an allow-list."""
+    """The DCP ``Metadata`` of checkpoint directory ``path``, unpickled with the allow-list."""
     meta_file = path / DCP_METADATA
     if not meta_file.is_file():
         raise PermanentError(f"{path}: no {DCP_METADATA} file; not a complete DCP checkpoint (interrupted save?)")
     try:
-        with open(meta_file, "rb") as handle:
-            return _MetadataUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-        raise PermanentError(f"{meta_file}: unreadable DCP metadata: {exc}") from exc
-
-
-def _dcp_reader_class() -> type:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class SafeMetadataReader(FileSystemReader):
-        """DCP's file reader with the metadata parsed once, by the allow-list unpickler."""
-
-        def __init__(self, path: Path, metadata: Any) -> None:
-            super().__init__(path)
-            self._metadata = metadata
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            return self._metadata
-
-    return SafeMetadataReader
+        return read_metadata_file(meta_file)
+    except UnsafeCheckpointError as exc:
+        raise PermanentError(str(exc)) from exc
 
 
 class DcpSource:
@@ -152,8 +110,10 @@ class DcpSource:
             if isinstance(md, TensorStorageMetadata)
         }
         self._check_files()
-        self._reader = _dcp_reader_class()(self.location, self.metadata)
-        self._stored = {(index.fqn, tuple(index.offset)): info for index, info in self.metadata.storage_data.items()}
+        self._reader = SafeFileSystemReader(self.location, self.metadata)
+        # Non-tensor values (offset None) are never loaded here, but they may be stored beside the weights.
+        self._stored = {(index.fqn, tuple(index.offset or ())): info
+                        for index, info in self.metadata.storage_data.items()}
 
     def _check_files(self) -> None:
         """Every data file the metadata points at must exist and be long enough: fail before any work."""
@@ -194,14 +154,17 @@ class DcpSource:
         return ranges
 
     def load(self, keys: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import CheckpointException
 
         # DCP copies each stored tensor into these buffers (copy_ casts), so only one source-dtype tensor is
         # alive beside the requested ones at any moment.
         state = {key: torch.empty(self._tensors[key].shape, dtype=dtype) for key in keys}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-            dcp.load(state, storage_reader=self._reader, no_dist=True)
+            try:
+                load_dcp(state, self.location, no_dist=True, reader=self._reader)
+            except (UnsafeCheckpointError, CheckpointException) as exc:
+                raise PermanentError(f"{self.location}: cannot read tensor(s) {list(keys)[:3]}: {exc}") from exc
         return state
 
 
