@@ -7,6 +7,7 @@ with LoRA merged) plus train_meta.json; the stage's run() converts it and transf
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import warnings
@@ -207,12 +208,15 @@ def test_convert_expert_lora_merges_without_peft_adapter(base_dir: Path, tmp_pat
     assert _max_diff(hf_logits(tmp_path / "out"), tune_logits(model)) <= 1e-4
 
 
-def _multimodal_base(base_dir: Path, out: Path) -> Path:
-    """A tiny Llama4ForConditionalGeneration whose language model is the tiny text base."""
+@pytest.fixture(scope="module")
+def mm_base(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama4ForConditionalGeneration, saved as the hub's are (``language_model.*``, ``vision_model.*``,
+    ``multi_modal_projector.*``, sharded with an index), whose language model is the tiny text base."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4VisionConfig
 
     from embedded.tiny_model import TINY_TEXT_CONFIG
 
+    out = tmp_path_factory.mktemp("mm") / "base"
     vision = Llama4VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                 image_size=56, patch_size=14, vision_output_dim=32, projector_input_dim=32,
                                 projector_output_dim=TINY_TEXT_CONFIG["hidden_size"])
@@ -222,32 +226,100 @@ def _multimodal_base(base_dir: Path, out: Path) -> Path:
     model = Llama4ForConditionalGeneration(config)
     text = {f"language_model.{k}": v for k, v in _hf_weights(base_dir).items()}
     assert not model.load_state_dict(text, strict=False).unexpected_keys
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="2MB")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(base_dir / name, out / name)
     return out
 
 
-def test_convert_multimodal_base_keeps_vision_weights_and_matches_text_logits(base_dir: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+def _mm_logits(path: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
     from transformers import Llama4ForConditionalGeneration
 
-    mm_base = _multimodal_base(base_dir, tmp_path / "mm")
-    model = trained_model(mm_base, lora=False)
-    metrics = convert(mm_base, save_dcp_final(model, tmp_path / "train", "full"), tmp_path / "out")
+    model = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+def test_multimodal_base_text_weights_load_through_the_checkpointer_and_train(mm_base: Path, tmp_path: Path) -> None:
+    from llama4tune.builders import llama4_from_hf_config, lora_llama4_from_hf_config
+    from llama4tune.checkpointer import Llama4HFCheckpointer
+    from llama4tune.lora import validate_base_load
+
+    assert len(list(mm_base.glob("model-*.safetensors"))) > 1
+    state = Llama4HFCheckpointer(mm_base, output_dir=tmp_path / "out").load_checkpoint()["model"]
+    model = llama4_from_hf_config(mm_base).eval()
+    model.load_state_dict(state, strict=True)  # every text weight, nothing of the vision tower
+    assert _max_diff(tune_logits(model), _mm_logits(mm_base)) <= 1e-4
+
+    # A few LoRA steps on the text model: the loss falls, only adapters move.
+    torch.manual_seed(0)
+    lora = lora_llama4_from_hf_config(mm_base, lora_attn_modules=LORA["attn_modules"], lora_rank=LORA["rank"],
+                                      lora_alpha=LORA["alpha"])
+    validate_base_load(lora, *lora.load_state_dict(state, strict=False))
+    trainable = [p for n, p in lora.named_parameters() if "lora_" in n]
+    for name, param in lora.named_parameters():
+        param.requires_grad_("lora_" in name)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        logits = lora(TOKENS[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), TOKENS[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(lora.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("fmt,method", [("dcp", "full"), ("dcp", "lora"), ("hf", "lora")])
+def test_convert_multimodal_base_keeps_vision_weights_and_matches_text_logits(
+        mm_base: Path, tmp_path: Path, fmt: str, method: str) -> None:
+    from safetensors.torch import load_file
+
+    model = trained_model(mm_base, lora=method == "lora")
+    save = save_dcp_final if fmt == "dcp" else functools.partial(_save_hf_final, base_dir=mm_base)
+    metrics = convert(mm_base, save(model, root=tmp_path / "train", method=method), tmp_path / "out")
     base, converted = _hf_weights(mm_base), {}
     for shard in sorted((tmp_path / "out").glob("model-*.safetensors")):
         converted.update(load_file(shard))
-    assert set(converted) == set(base)
+    assert set(converted) == set(base)  # text weights under language_model., nothing dropped or added
     carried = [k for k in base if k.startswith(("vision_model.", "multi_modal_projector."))]
     assert carried and metrics["carried_base_tensors"] == len(carried)
     for key in carried:  # byte for byte, NaN-safe
         assert converted[key].dtype == base[key].dtype
         assert torch.equal(converted[key].view(torch.uint8), base[key].view(torch.uint8)), key
-    hf = Llama4ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vision_config"] == json.loads((mm_base / "config.json").read_text())["vision_config"]
+    expected = tune_logits(model)
+    assert _max_diff(_mm_logits(tmp_path / "out"), expected) <= 1e-4
+    assert _max_diff(_mm_logits(mm_base), expected) > 1e-3  # training moved the text model
+    if method == "lora":
+        adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+        assert adapter and all(k.startswith("base_model.model.language_model.model.layers.") for k in adapter)
+
+
+@pytest.mark.parametrize("fmt", [
+    "dcp",
+    pytest.param("hf", marks=pytest.mark.xfail(strict=True, reason=(
+        "llama4tune.lora.peft_adapter_config writes suffix target_modules (q_proj, ...), which PEFT also matches "
+        "in the vision tower"))),
+])
+def test_convert_multimodal_lora_peft_adapter_adapts_only_the_language_model(
+        mm_base: Path, tmp_path: Path, fmt: str) -> None:
+    from peft import PeftModel
+    from transformers import Llama4ForConditionalGeneration
+
+    _require_peft_loads_lora()
+    model = trained_model(mm_base, lora=True)
+    save = save_dcp_final if fmt == "dcp" else functools.partial(_save_hf_final, base_dir=mm_base)
+    convert(mm_base, save(model, root=tmp_path / "train", method="lora"), tmp_path / "out")
+    base = Llama4ForConditionalGeneration.from_pretrained(mm_base, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    adapted = [name for name, _ in peft.named_modules() if name.endswith(".lora_A")]
+    assert adapted and all(".language_model." in name for name in adapted), adapted
     with torch.no_grad():
-        logits = hf(input_ids=TOKENS).logits.float()
-    assert _max_diff(logits, tune_logits(model)) <= 1e-4
+        assert _max_diff(peft(input_ids=TOKENS).logits.float(), tune_logits(model)) <= 1e-4
 
 
 # -- bad input through the stage --------------------------------------------------------------------------------
