@@ -15,6 +15,7 @@ wording, so one changed byte re-keys the pack stage and a moved directory or a n
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ class FileSource:
     def _json_records(self, path: str) -> Iterator[Record]:
         shown = self.display(path)
         with self.fs.open(path, "rb") as handle:
-            head = handle.read(4096).lstrip()
+            head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()  # editors on Windows write a BOM
             handle.seek(0)
             if path.endswith(".json") and head.startswith(b"["):
                 yield from _json_array_records(shown, handle.read())

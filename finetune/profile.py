@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,23 +29,80 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(Section):
+DataFormat = Literal["chat", "sharegpt", "alpaca"]
+
+
+def _check_hub_revision(source: str, revision: str | None) -> None:
+    if source.startswith("hf://datasets/") and not (revision and COMMIT_SHA.match(revision)):
+        raise ValueError(
+            f"hub dataset {source} needs revision: a 40-hex commit sha (a branch moves, and the pack "
+            "stage would reuse a stale pack); see the dataset's 'Files and versions' tab"
+        )
+
+
+class DataSourceConfig(Section):
+    """One source of a weighted mix (``data.sources``)."""
+
     source: str = Field(description="Local file/dir (jsonl/json/parquet), 'hf://datasets/<name>', or an fsspec URL.")
     revision: str | None = Field(None, description="Dataset revision for hub datasets.")
-    format: Literal["chat", "alpaca"] = "chat"
+    format: DataFormat | None = Field(None, description="Record shape of this source; data.format when unset.")
+    weight: float = Field(gt=0, description="Share of the packed training documents per epoch, relative to the "
+                                            "other sources' weights.")
+    train_split: str | None = Field(None, description="This source's training split; data.train_split when unset.")
+
+    @model_validator(mode="after")
+    def _hub_revision(self) -> DataSourceConfig:
+        _check_hub_revision(self.source, self.revision)
+        return self
+
+
+class ResolvedSource(NamedTuple):
+    """A source of the data section, its format and split filled in from the section where it leaves them."""
+
+    field: str
+    """The profile field naming it, for messages."""
+    source: str
+    revision: str | None
+    format: DataFormat
+    train_split: str
+    weight: float
+
+
+class DataConfig(Section):
+    source: str | None = Field(None, description="Local file/dir (jsonl/json/parquet), 'hf://datasets/<name>', or "
+                                                 "an fsspec URL. Exclusive with sources.")
+    sources: list[DataSourceConfig] | None = Field(
+        None, min_length=1, description="A weighted mix of sources instead of source (README: Bring your own data).")
+    revision: str | None = Field(None, description="Dataset revision for hub datasets.")
+    format: DataFormat = "chat"
     train_split: str = "train"
+    seed: int = Field(0, description="Seed of the weighted mix's sampling (data.sources).")
     max_seq_len: int = Field(256, gt=8)
     on_bad_record: Literal["drop", "fail"] = "drop"
     train_on_input: bool = False
 
     @model_validator(mode="after")
-    def _hub_revision(self) -> DataConfig:
-        if self.source.startswith("hf://datasets/") and not (self.revision and COMMIT_SHA.match(self.revision)):
+    def _one_source(self) -> DataConfig:
+        if self.source is not None and self.sources is not None:
             raise ValueError(
-                f"hub dataset {self.source} needs revision: a 40-hex commit sha (a branch moves, and the pack "
-                "stage would reuse a stale pack); see the dataset's 'Files and versions' tab"
+                "data.source and data.sources are exclusive: give one dataset as data.source or a weighted mix as "
+                "data.sources (a profile that extends one setting data.source needs `source: null` beside sources)"
             )
+        if self.source is None and self.sources is None:
+            raise ValueError("no data: set data.source (one dataset) or data.sources (a weighted mix)")
+        if self.sources is not None and self.revision is not None:
+            raise ValueError("data.revision pins data.source; with data.sources give each source its own revision")
+        if self.source is not None:
+            _check_hub_revision(self.source, self.revision)
         return self
+
+    def all_sources(self) -> list[ResolvedSource]:
+        """Every source with its format and split filled in; data.source as a mix of one."""
+        if self.source is not None:
+            return [ResolvedSource("data.source", self.source, self.revision, self.format, self.train_split, 1.0)]
+        return [ResolvedSource(f"data.sources.{index}.source", entry.source, entry.revision,
+                               entry.format or self.format, entry.train_split or self.train_split, entry.weight)
+                for index, entry in enumerate(self.sources or [])]
 
 
 class ModelConfig(Section):
@@ -359,9 +416,10 @@ def _spelling_hint(loc: tuple[Any, ...]) -> str:
 def _check_files(profile: Profile, source: str) -> None:
     """Local paths named by the profile must exist now, not hours into a run."""
     missing: list[tuple[str, str]] = []
-    if "://" not in profile.data.source and not profile.data.source.startswith("hf:"):
-        if not resolve_repo_path(profile.data.source).exists():
-            missing.append(("data.source", profile.data.source))
+    for entry in profile.data.all_sources():
+        if "://" not in entry.source and not entry.source.startswith("hf:"):
+            if not resolve_repo_path(entry.source).exists():
+                missing.append((entry.field, entry.source))
     if profile.model.source == "local" and profile.model.path and "://" not in profile.model.path:
         if not resolve_repo_path(profile.model.path).is_dir():
             missing.append(("model.path", profile.model.path))

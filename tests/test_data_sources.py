@@ -78,6 +78,15 @@ def test_json_arrays_and_parquet_rows_are_numbered(tmp_path: Path) -> None:
     assert rows[2].value == CHAT
 
 
+def test_a_json_array_with_a_byte_order_mark_and_crlf_is_still_an_array(tmp_path: Path) -> None:
+    unicode = {"messages": [{"role": "user", "content": "héllo ✓"}]}
+    text = "[\r\n" + json.dumps(CHAT) + ",\r\n" + json.dumps(unicode, ensure_ascii=False) + "]"
+    (tmp_path / "train.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    records = list(open_source(str(tmp_path)).records("train"))
+    assert [r.location for r in records] == [f"{tmp_path}/train.json:record {i}" for i in (1, 2)]
+    assert records[0].value == CHAT and records[1].value["messages"][0]["content"] == "héllo ✓"
+
+
 def test_a_broken_json_array_fails_with_its_line(tmp_path: Path) -> None:
     (tmp_path / "train.json").write_text('[\n{"a": 1},\n{"a": \n]')
     with pytest.raises(PermanentError, match=r"train\.json:4: unparsable JSON array"):

@@ -15,6 +15,7 @@ from torchtune import config
 from torchtune.data import padded_collate_packed
 
 import tasks.pack as pack
+from tasks.pack import mix
 from embedded.tokenizer import save_tokenizer
 from finetune.packed import IGNORE_INDEX, assign_packs, build_packs, write_meta, write_split
 from finetune.packed_dataset import PackedDataset, positions
@@ -22,6 +23,7 @@ from finetune.profile import REPO_ROOT, load_profile
 from finetune.stage import PermanentError, StageContext, execute_stage, stage_key
 from finetune.store import Artifact, Store
 from tasks.pack.chat import ChatEncoder, load_tokenizer
+from tasks.pack.records import BadRecord, to_messages
 
 PAD = 5
 
@@ -43,12 +45,16 @@ def _download(tokenizer_dir: Path) -> dict[str, Artifact]:
     return {"download": Artifact(stage="download", key="model", path=str(tokenizer_dir))}
 
 
-def _run(tmp_path: Path, tokenizer_dir: Path, source: Path, *overrides: str) -> tuple[dict[str, Any], Path, list[str]]:
-    profile = load_profile("tiny-cpu", [f"data.source={source}", *overrides])
+def _context(tmp_path: Path, tokenizer_dir: Path, *overrides: str) -> tuple[StageContext, list[str]]:
     out, logs = tmp_path / "out", []
-    out.mkdir()
-    ctx = StageContext(profile=profile, key="k", workdir=out, inputs=_download(tokenizer_dir), log=logs.append)
-    return pack.run(ctx), out, logs
+    out.mkdir(parents=True)
+    profile = load_profile("tiny-cpu", list(overrides))
+    return StageContext(profile=profile, key="k", workdir=out, inputs=_download(tokenizer_dir), log=logs.append), logs
+
+
+def _run(tmp_path: Path, tokenizer_dir: Path, source: Path, *overrides: str) -> tuple[dict[str, Any], Path, list[str]]:
+    ctx, logs = _context(tmp_path, tokenizer_dir, f"data.source={source}", *overrides)
+    return pack.run(ctx), ctx.workdir, logs
 
 
 def _jsonl(path: Path, rows: list[Any]) -> Path:
@@ -222,6 +228,76 @@ def test_alpaca_records_become_a_user_prompt_and_an_assistant_answer(tmp_path: P
     assert answers == ["t a c<|eot|>", "yes<|eot|>"]
 
 
+def _documents_of(rows: list[dict[str, Any]], tokenizer: Any) -> list[list[int]]:
+    return [tokenizer.apply_chat_template(row["messages"], tokenize=True)["input_ids"] for row in rows]
+
+
+def test_openai_text_content_parts_pack_as_their_joined_text(tmp_path: Path, tokenizer_dir: Path,
+                                                            tokenizer: Any) -> None:
+    parts = {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Reverse "}, {"type": "text", "text": "a b"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "b a"}]}]}
+    assert to_messages(parts, "chat") == [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Reverse a b"},
+                                          {"role": "assistant", "content": "b a"}]
+    metrics, out, _ = _run(tmp_path, tokenizer_dir, _jsonl(tmp_path / "data" / "train.jsonl", [parts]))
+    assert metrics["dropped"] == 0
+    assert [tokens for tokens, _ in _documents(PackedDataset(out))] == _documents_of(
+        [{"messages": to_messages(parts, "chat")}], tokenizer)
+
+
+def test_tool_and_ipython_roles_are_chat_roles() -> None:
+    record = {"messages": [{"role": "user", "content": "weather?"}, {"role": "ipython", "content": "{\"t\": 3}"},
+                           {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "3, sunny"}]}
+    assert [m["role"] for m in to_messages(record, "chat")] == ["user", "ipython", "tool", "assistant"]
+
+
+SHAREGPT = {"system": "Be brief.", "conversations": [
+    {"from": "human", "value": "Reverse a b"}, {"from": "gpt", "value": "b a"},
+    {"from": "human", "value": "weather?"}, {"from": "function", "value": "sunny"},
+    {"from": "observation", "value": "warm"}, {"from": "tool", "value": "dry"}, {"from": "gpt", "value": "nice"}]}
+
+
+def test_sharegpt_speakers_map_to_chat_roles(tmp_path: Path, tokenizer_dir: Path, tokenizer: Any) -> None:
+    messages = to_messages(SHAREGPT, "sharegpt")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("system", "Be brief."), ("user", "Reverse a b"), ("assistant", "b a"), ("user", "weather?"),
+        ("tool", "sunny"), ("tool", "warm"), ("tool", "dry"), ("assistant", "nice")]
+    metrics, out, _ = _run(tmp_path, tokenizer_dir, _jsonl(tmp_path / "data" / "train.jsonl", [SHAREGPT]),
+                           "data.format=sharegpt")
+    assert metrics["dropped"] == 0
+    assert [tokens for tokens, _ in _documents(PackedDataset(out))] == _documents_of([{"messages": messages}],
+                                                                                     tokenizer)
+
+
+def test_an_unknown_sharegpt_speaker_fails_naming_file_line_and_speaker(tmp_path: Path, tokenizer_dir: Path) -> None:
+    bot = {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]}
+    source = _jsonl(tmp_path / "data" / "train.jsonl", [SHAREGPT, bot])
+    with pytest.raises(PermanentError, match=re.escape(f"{source}:2: 'conversations[1].from' is 'bot'")):
+        _run(tmp_path, tokenizer_dir, source, "data.format=sharegpt", "data.on_bad_record=fail")
+
+
+def test_a_record_of_another_shape_names_the_format_it_looks_like() -> None:
+    with pytest.raises(BadRecord, match="missing field 'messages'.*looks like data.format: sharegpt"):
+        to_messages(SHAREGPT, "chat")
+    with pytest.raises(BadRecord, match="missing field 'conversations'.*looks like data.format: chat"):
+        to_messages(_chat("a", "b"), "sharegpt")
+
+
+def test_messy_json_lines_bom_crlf_unicode_and_broken_lines_pack(tmp_path: Path, tokenizer_dir: Path,
+                                                                 tokenizer: Any) -> None:
+    rows = [_chat("Reverse é ✓", "✓ é"), _chat("Reverse a b", "b a")]
+    lines = [json.dumps(rows[0], ensure_ascii=False).encode(), b'{"messages": [{"role": "user",',
+             b'"content": "hi"}]}', json.dumps(rows[1]).encode()]
+    source = tmp_path / "data" / "train.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    metrics, out, _ = _run(tmp_path, tokenizer_dir, source)
+    assert metrics["dropped_by_reason"] == {"invalid_json": 2}
+    assert [tokens for tokens, _ in _documents(PackedDataset(out))] == _documents_of(rows, tokenizer)
+
+
 # -- bad records -------------------------------------------------------------------------------------------------
 
 BAD_LINES: dict[str, tuple[str, str]] = {
@@ -232,6 +308,12 @@ BAD_LINES: dict[str, tuple[str, str]] = {
     "empty_text": (json.dumps(_chat("   ", "x")), "'messages[0].content' is empty"),
     "no_assistant_turn": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant message"),
     "too_long": (json.dumps(_chat("a " * 200, "b")), "exceed data.max_seq_len 64"),
+    "unknown_role": (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}),
+                     "'messages[1].role' is 'robot'; allowed: system, user, assistant, tool, ipython"),
+    "non_text_content": (json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
+        {"role": "assistant", "content": "a cat"}]}), "'messages[0].content[1]' is a 'image_url' part"),
 }
 
 
@@ -263,6 +345,88 @@ def test_a_split_with_no_usable_record_fails(tmp_path: Path, tokenizer_dir: Path
     source = _jsonl(tmp_path / "data" / "train.jsonl", ['{"text": "x"}'])
     with pytest.raises(PermanentError, match="no usable records"):
         _run(tmp_path, tokenizer_dir, source)
+
+
+# -- weighted mix -------------------------------------------------------------------------------------------------
+
+
+def test_mix_shares_add_up_and_draws_are_deterministic_per_seed() -> None:
+    sizes, weights = [100, 50, 10], [2.0, 1.0, 1.0]
+    picks, report = mix.plan(sizes, weights, seed=0)
+    assert [row["taken"] for row in report] == [80, 40, 40] and sum(len(p) for p in picks) == sum(sizes)
+    assert [row["with_replacement"] for row in report] == [False, False, True]
+    assert [row["max_repeats"] for row in report] == [1, 1, 4]
+    assert np.array_equal(picks[2], np.repeat(np.arange(10), 4))  # every document 4 times, none left out
+    assert len(set(picks[0].tolist())) == 80 and picks[0].tolist() == sorted(picks[0].tolist())
+    again, _ = mix.plan(sizes, weights, seed=0)
+    other, _ = mix.plan(sizes, weights, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(picks, again))
+    assert not np.array_equal(picks[0], other[0])
+    assert mix.allocate(10, [1, 1, 1]) == [4, 3, 3]  # largest remainder; ties to the earlier source
+
+
+def _mix_overrides(chat: Path, sharegpt: Path, chat_weight: float = 1, sharegpt_weight: float = 2) -> list[str]:
+    return ["data.source=null", f"data.sources=[{{source: {chat}, weight: {chat_weight}}}, "
+                                f"{{source: {sharegpt}, format: sharegpt, weight: {sharegpt_weight}}}]"]
+
+
+def _mix_files(tmp_path: Path) -> tuple[Path, Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    chats = [_chat(f"Reverse {a} {b}", f"{b} {a}") for a, b in ("ab", "cd", "ef", "gh", "ij", "kl")]
+    shared = [{"conversations": [{"from": "human", "value": f"Say {w}"}, {"from": "gpt", "value": w}]}
+              for w in ("yes", "no", "maybe")]
+    return (_jsonl(tmp_path / "chat" / "train.jsonl", chats), _jsonl(tmp_path / "sharegpt.jsonl", shared),
+            chats, [{"messages": to_messages(row, "sharegpt")} for row in shared])
+
+
+def test_mix_takes_each_sources_share_and_reports_replacement(tmp_path: Path, tokenizer_dir: Path,
+                                                              tokenizer: Any) -> None:
+    chat, sharegpt, chats, shared = _mix_files(tmp_path)
+    ctx, _ = _context(tmp_path, tokenizer_dir, *_mix_overrides(chat.parent, sharegpt))
+    metrics = pack.run(ctx)
+    docs = [tokens for tokens, _ in _documents(PackedDataset(ctx.workdir))]
+    chat_docs, shared_docs = _documents_of(chats, tokenizer), _documents_of(shared, tokenizer)
+    # 9 usable documents: 1/3 from the 6 chats (3 distinct ones), 2/3 from the 3 ShareGPT records (each twice).
+    assert len(docs) == 9 and metrics["samples"] == 9
+    taken_chats = [d for d in docs if d in chat_docs]
+    assert len(taken_chats) == 3 and len({tuple(d) for d in taken_chats}) == 3
+    assert sorted(docs.count(d) for d in shared_docs) == [2, 2, 2]
+    assert [(row["taken"], row["with_replacement"]) for row in metrics["mix"]] == [(3, False), (6, True)]
+    assert [row["with replacement"] for row in ctx.tables["mix"]] == ["no", "yes (up to 2x)"]
+    assert [row["share"] for row in ctx.tables["mix"]] == ["33.33%", "66.67%"]
+    prompts = [json.loads(line) for line in (ctx.workdir / "prompts.jsonl").read_text().splitlines()]
+    assert sum(row["messages"][-1]["content"].startswith("Say") for row in prompts) == 3
+
+    again, _ = _context(tmp_path / "again", tokenizer_dir, *_mix_overrides(chat.parent, sharegpt))
+    pack.run(again)
+    assert [tokens for tokens, _ in _documents(PackedDataset(again.workdir))] == docs  # same data, weights, seed
+
+
+def test_mix_key_follows_each_sources_content_weight_and_format(tmp_path: Path, tokenizer_dir: Path) -> None:
+    chat, sharegpt, _, _ = _mix_files(tmp_path)
+    inputs = _download(tokenizer_dir)
+
+    def key(*overrides: str) -> str:
+        return stage_key(pack.SPEC, load_profile("tiny-cpu", list(overrides)), inputs)
+
+    base = key(*_mix_overrides(chat.parent, sharegpt))
+    moved = tmp_path / "moved" / "train.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(chat.read_bytes())
+    assert key(*_mix_overrides(moved.parent, sharegpt)) == base
+    assert key(*_mix_overrides(chat.parent, sharegpt, sharegpt_weight=3)) != base
+    assert key(*_mix_overrides(chat.parent, sharegpt), "data.seed=1") != base
+    assert key(*_mix_overrides(chat.parent, sharegpt), "data.format=alpaca") != base  # the first source's format
+    sharegpt.write_bytes(sharegpt.read_bytes().replace(b"maybe", b"maybf"))
+    assert key(*_mix_overrides(chat.parent, sharegpt)) != base
+
+
+def test_a_mix_source_with_no_usable_records_fails_naming_it(tmp_path: Path, tokenizer_dir: Path) -> None:
+    chat, _, _, _ = _mix_files(tmp_path)
+    empty = _jsonl(tmp_path / "bad.jsonl", ['{"text": "x"}'])
+    ctx, _ = _context(tmp_path, tokenizer_dir, *_mix_overrides(chat.parent, empty))
+    with pytest.raises(PermanentError, match=f"split 'train' of data.sources.1.source {re.escape(str(empty))} "
+                                             "has no usable records"):
+        pack.run(ctx)
 
 
 # -- the stage as the pipeline runs it ------------------------------------------------------------------------------

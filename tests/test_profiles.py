@@ -86,3 +86,31 @@ def test_hub_dataset_needs_a_commit_sha() -> None:
         load_profile("tiny-cpu", ["data.source=hf://datasets/org/chats", "data.revision=main"])
     sha = "0123456789abcdef0123456789abcdef01234567"
     assert load_profile("tiny-cpu", ["data.source=hf://datasets/org/chats", f"data.revision={sha}"]).data.revision
+
+
+def test_data_source_and_sources_are_exclusive_and_one_is_needed() -> None:
+    mix = "data.sources=[{source: embedded/data, weight: 1}]"
+    with pytest.raises(ProfileError, match=r"data: data\.source and data\.sources are exclusive"):
+        load_profile("tiny-cpu", [mix])
+    with pytest.raises(ProfileError, match=r"data: no data: set data\.source .* or data\.sources"):
+        load_profile("tiny-cpu", ["data.source=null"])
+    with pytest.raises(ProfileError, match=r"data\.revision pins data\.source; .* each source its own revision"):
+        load_profile("tiny-cpu", ["data.source=null", mix, "data.revision=main"])
+    sources = load_profile("tiny-cpu", ["data.source=null", mix, "data.format=sharegpt"]).data.all_sources()
+    assert [(s.field, s.format, s.train_split, s.weight) for s in sources] == [
+        ("data.sources.0.source", "sharegpt", "train", 1.0)]
+
+
+def test_each_mix_source_is_checked_like_data_source() -> None:
+    sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def mix(second: str) -> list[str]:
+        return ["data.source=null", f"data.sources=[{{source: embedded/data, weight: 1}}, {second}]"]
+
+    with pytest.raises(ProfileError, match=r"data\.sources\.1\.source: path 'nowhere\.jsonl' does not exist"):
+        load_profile("tiny-cpu", mix("{source: nowhere.jsonl, weight: 1}"))
+    with pytest.raises(ProfileError, match=r"data\.sources\.1: .*hub dataset hf://datasets/org/chats needs revision"):
+        load_profile("tiny-cpu", mix("{source: hf://datasets/org/chats, weight: 1}"))
+    with pytest.raises(ProfileError, match=r"data\.sources\.0\.weight: .*greater than 0"):
+        load_profile("tiny-cpu", ["data.source=null", "data.sources=[{source: embedded/data, weight: 0}]"])
+    assert load_profile("tiny-cpu", mix(f"{{source: hf://datasets/org/chats, revision: '{sha}', weight: 2}}")).data

@@ -4,8 +4,10 @@ Output (finetune/packed.py's format): ``train/`` and, when the source has one, `
 names, whatever the source calls them), ``meta.json`` last, and ``prompts.jsonl``: up to 1000 training prompts with
 their token counts, the prompt/length distribution for benchmark and the calibration text for quantize.
 
-Keyed by the data's content (``fingerprint``) and the data section of the profile, so new data repacks and a moved
-directory or an edited comment does not.
+With ``data.sources`` the training split is a weighted mix of the sources (tasks/pack/mix.py) and the validation
+split every source's validation split, whole. Keyed by the data's content (``fingerprint``: every source's) and the
+data section of the profile (formats, weights, seed), so new data or a new weight repacks and a moved directory or an
+edited comment does not.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from finetune.data_sources import Record, open_source, validation_split
+from finetune.data_sources import DataSource, Record, open_source, validation_split
 from finetune.packed import build_packs, write_meta, write_split
-from finetune.profile import DataConfig, Profile
+from finetune.profile import DataConfig, DataFormat, Profile, ResolvedSource
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
+from tasks.pack import mix
 from tasks.pack.chat import ChatEncoder, Encoded, Segment, load_tokenizer, pad_id
 from tasks.pack.records import INVALID_JSON, TOO_LONG, BadRecord, BadRecords, Messages, to_messages
 
@@ -34,12 +39,37 @@ PROMPT_SEED = 0
 
 def config(profile: Profile) -> dict[str, Any]:
     # Where the data lives is keyed through its content (fingerprint), not its path.
-    return profile.data.model_dump(mode="json", exclude={"source", "revision"})
+    return profile.data.model_dump(mode="json", exclude={"source": True, "revision": True,
+                                                         "sources": {"__all__": {"source", "revision"}}})
 
 
 def fingerprint(profile: Profile) -> dict[str, Any]:
-    data = profile.data
-    return open_source(data.source, data.revision, data.train_split).fingerprint()
+    prints = [open_source(entry.source, entry.revision, entry.train_split).fingerprint()
+              for entry in profile.data.all_sources()]
+    return prints[0] if profile.data.sources is None else {"kind": "mix", "sources": prints}
+
+
+@dataclass
+class Input:
+    """One source as the stage reads it."""
+
+    entry: ResolvedSource
+    reader: DataSource
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry.field} {self.entry.source}"
+
+
+def open_inputs(data: DataConfig) -> list[Input]:
+    inputs = [Input(entry, open_source(entry.source, entry.revision, entry.train_split))
+              for entry in data.all_sources()]
+    for item in inputs:
+        available = item.reader.splits()
+        if item.entry.train_split not in available:
+            raise PermanentError(f"{item.name} has no split {item.entry.train_split!r} (train_split); "
+                                 f"it has {', '.join(available) or 'none'}")
+    return inputs
 
 
 class PromptSample:
@@ -80,6 +110,7 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 def encode_split(
     records: Iterable[Record],
+    data_format: DataFormat,
     data: DataConfig,
     encoder: ChatEncoder,
     bad: BadRecords,
@@ -97,7 +128,7 @@ def encode_split(
             try:
                 if record.error is not None:
                     raise BadRecord(INVALID_JSON, record.error)
-                messages = to_messages(record.value, data.format)
+                messages = to_messages(record.value, data_format)
                 segments.append(encoder.segments(messages, record.location))
             except BadRecord as problem:
                 bad.report(record.location, problem)
@@ -110,7 +141,7 @@ def encode_split(
             bad.report(locations[index], BadRecord(
                 TOO_LONG, f"{encoded.lengths[index]} tokens exceed data.max_seq_len {data.max_seq_len}"))
         if not fits.all():
-            encoded = encoded.select(fits)
+            encoded = encoded.take(np.flatnonzero(fits))
             conversations = [c for c, keep in zip(conversations, fits.tolist()) if keep]
         on_chunk(conversations, encoded)
         parts.append(encoded)
@@ -124,39 +155,45 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loaded = time.perf_counter()  # importing transformers alone takes seconds: keep it out of the throughput
     encoder = ChatEncoder(tokenizer, data.train_on_input)
     padding = pad_id(tokenizer)
-    source = open_source(data.source, data.revision, data.train_split)
-    available = source.splits()
-    if data.train_split not in available:
-        raise PermanentError(f"data.source {data.source} has no split {data.train_split!r} (data.train_split); "
-                             f"it has {', '.join(available) or 'none'}")
-    # Artifact split name -> source split name.
-    splits = {"train": data.train_split}
-    if (validation := validation_split(source)) is not None and validation != data.train_split:
-        splits["validation"] = validation
+    inputs = open_inputs(data)
+    # Artifact split name -> the (source, source split name) pairs it is made of.
+    splits = {"train": [(item, item.entry.train_split) for item in inputs]}
+    held_out = [(item, name) for item in inputs
+                if (name := validation_split(item.reader)) is not None and name != item.entry.train_split]
+    if held_out:
+        splits["validation"] = held_out
 
-    prompts = PromptSample()
+    samples = [PromptSample() for _ in inputs]
+    weights = [item.entry.weight for item in inputs]
     summary: dict[str, dict[str, Any]] = {}
-    for number, (name, source_split) in enumerate(splits.items()):
-        ctx.progress(number / len(splits), f"tokenizing {source_split}")
+    for number, (name, parts) in enumerate(splits.items()):
         bad = BadRecords(data.on_bad_record, ctx.log)
-        encoded, read = encode_split(source.records(source_split), data, encoder, bad,
-                                     prompts.offer if name == "train" else lambda c, e: None)
-        if encoded.lengths.size == 0:
-            raise PermanentError(f"split {source_split!r} of {data.source} has no usable records "
-                                 f"({read} read, {bad.total} dropped: {dict(bad.counts)})")
-        ctx.progress((number + 0.7) / len(splits), f"packing {source_split}")
-        packed = build_packs(encoded.tokens, encoded.labels, encoded.lengths, data.max_seq_len, padding)
+        documents, reads = _encode_parts(parts, data, encoder, bad, samples if name == "train" else None,
+                                         lambda message: ctx.progress(number / len(splits), message))
+        mixed: list[dict[str, Any]] = []
+        if name == "train" and data.sources is not None:
+            picks, shares = mix.plan([d.lengths.size for d in documents], weights, data.seed)
+            documents = [d.take(pick) for d, pick in zip(documents, picks)]
+            mixed = [{"source": item.entry.source, "format": item.entry.format, "read": read, **share}
+                     for item, read, share in zip(inputs, reads, shares)]
+            ctx.tables["mix"] = [_mix_row(row) for row in mixed]
+        ctx.progress((number + 0.7) / len(splits), f"packing {name}")
+        merged = Encoded.concat(documents)
+        packed = build_packs(merged.tokens, merged.labels, merged.lengths, data.max_seq_len, padding)
         write_split(ctx.workdir, name, packed)
-        summary[name] = {"source_split": source_split, "samples": read, "dropped": bad.total,
-                         "dropped_by_reason": dict(sorted(bad.counts.items())),
-                         "dropped_examples": bad.examples, **packed.stats()}
-        ctx.log(f"{name}: {read} records, {bad.total} dropped, {packed.stats()['packs']} packs, "
+        summary[name] = {"source_split": ", ".join(dict.fromkeys(split for _, split in parts)), "samples": sum(reads),
+                         "dropped": bad.total, "dropped_by_reason": dict(sorted(bad.counts.items())),
+                         "dropped_examples": bad.examples, **({"mix": mixed} if mixed else {}), **packed.stats()}
+        ctx.log(f"{name}: {sum(reads)} records, {bad.total} dropped, {packed.stats()['packs']} packs, "
                 f"density {packed.stats()['density']:.4f}")
 
+    prompts = mix.sample_rows([sample.rows() for sample in samples], weights,
+                              min(PROMPT_SAMPLE, summary["train"]["documents"]), PROMPT_SEED)
     with atomic_file(ctx.workdir / PROMPTS_FILE, "w") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prompts.rows())
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prompts)
     write_meta(ctx.workdir, data.max_seq_len, padding, summary,
-               {"data_format": data.format, "train_on_input": data.train_on_input, "prompts": len(prompts.kept)})
+               {"data_formats": [item.entry.format for item in inputs], "train_on_input": data.train_on_input,
+                "prompts": len(prompts)})
     finished = time.perf_counter()
     ctx.tables["pack"] = [_table_row(name, stats) for name, stats in summary.items()]
     ctx.progress(1.0, "packed")
@@ -165,12 +202,41 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {
         **{k: train[k] for k in ("samples", "dropped", "dropped_by_reason", "tokens", "trainable_tokens", "packs",
                                  "padding_fraction", "density")},
+        **({"mix": train["mix"]} if "mix" in train else {}),
         "splits": summary,
-        "prompts": len(prompts.kept),
+        "prompts": len(prompts),
         "seconds": round(finished - started, 3),
         "tokenizer_load_seconds": round(loaded - started, 3),
         "tokens_per_s": round(total_tokens / (finished - loaded), 1),
     }
+
+
+def _encode_parts(
+    parts: list[tuple[Input, str]],
+    data: DataConfig,
+    encoder: ChatEncoder,
+    bad: BadRecords,
+    samples: list[PromptSample] | None,
+    progress: Callable[[str], None],
+) -> tuple[list[Encoded], list[int]]:
+    """Each (source, split)'s usable documents and records read; prompts offered to the source's sample if given."""
+    documents, reads = [], []
+    for number, (item, split) in enumerate(parts):
+        progress(f"tokenizing {split} of {item.name}")
+        offer = samples[number].offer if samples is not None else lambda conversations, encoded: None
+        encoded, read = encode_split(item.reader.records(split), item.entry.format, data, encoder, bad, offer)
+        if encoded.lengths.size == 0:
+            raise PermanentError(f"split {split!r} of {item.name} has no usable records "
+                                 f"({read} read, {bad.total} dropped so far: {dict(bad.counts)})")
+        documents.append(encoded)
+        reads.append(read)
+    return documents, reads
+
+
+def _mix_row(row: dict[str, Any]) -> dict[str, Any]:
+    repeats = f"yes (up to {row['max_repeats']}x)" if row["with_replacement"] else "no"
+    return {"source": row["source"], "format": row["format"], "weight": row["weight"], "share": f"{row['share']:.2%}",
+            "records": row["read"], "usable": row["available"], "taken": row["taken"], "with replacement": repeats}
 
 
 def _table_row(name: str, stats: dict[str, Any]) -> dict[str, Any]:
@@ -181,4 +247,4 @@ def _table_row(name: str, stats: dict[str, Any]) -> dict[str, Any]:
             "density": f"{stats['density']:.2%}", "padding": f"{stats['padding_fraction']:.2%}"}
 
 
-SPEC = StageSpec(name="pack", version="1", run=run, config=config, upstream=("download",), fingerprint=fingerprint)
+SPEC = StageSpec(name="pack", version="2", run=run, config=config, upstream=("download",), fingerprint=fingerprint)

@@ -35,10 +35,15 @@ class Encoded:
     response_tokens: np.ndarray
     """Tokens of the last assistant turn, its end-of-turn token included."""
 
-    def select(self, keep: np.ndarray) -> Encoded:
-        tokens_kept = np.repeat(keep, self.lengths)
-        return Encoded(self.tokens[tokens_kept], self.labels[tokens_kept], self.lengths[keep],
-                       self.prompt_tokens[keep], self.response_tokens[keep])
+    def take(self, documents: np.ndarray) -> Encoded:
+        """The given documents (indices, in that order, repeats allowed)."""
+        lengths = self.lengths[documents]
+        starts = np.cumsum(self.lengths) - self.lengths
+        # Each kept token's source index: its document's source start plus its offset inside the document.
+        offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        gather = np.repeat(starts[documents], lengths) + offsets
+        return Encoded(self.tokens[gather], self.labels[gather], lengths,
+                       self.prompt_tokens[documents], self.response_tokens[documents])
 
     @staticmethod
     def concat(parts: list[Encoded]) -> Encoded:
