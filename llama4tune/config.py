@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,88 @@ class Llama4TextArgs:
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Llama4TextArgs) if f.type in ("int", int)}
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(Llama4TextArgs) if f.type in ("bool", bool)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+    """One value of a published config.json rewritten so that a library we call reads it."""
+
+    field: str
+    """Dotted path in config.json, e.g. ``text_config.attn_temperature_tuning``."""
+    published: Any
+    normalized: Any
+    needed_by: str
+    """The library call that rejects or misreads the published value."""
+
+
+def _scalar_type(declared: Any) -> type | None:
+    """bool/int/float when a transformers config field is declared as exactly that (optionally None)."""
+    options = set(typing.get_args(declared)) - {type(None)} if typing.get_args(declared) else {declared}
+    return next(iter(options)) if len(options) == 1 and next(iter(options)) in (bool, int, float) else None
+
+
+_KEEP = object()
+
+
+def _coerced(value: Any, declared: type) -> Any:
+    """The value in the declared scalar type when that conversion keeps its meaning, else ``_KEEP``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _KEEP
+    if declared is bool and isinstance(value, int):
+        return bool(value)  # an int flag: transformers 4.51 wrote attn_temperature_tuning as 4 and tested truthiness
+    if declared is float and isinstance(value, int):
+        return float(value)
+    if declared is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return _KEEP
+
+
+
+def normalize_hf_config(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[ConfigChange]]:
+    """The config as transformers reads it, and each value that had to change.
+
+    Hub Llama 4 configs were written by transformers 4.51; the pinned transformers checks every field strictly
+    against its declared type (``StrictDataclassFieldValidationError``), which rejects e.g. the published
+    ``attn_temperature_tuning: 4`` (declared bool) or a float field written as ``0``. Only such scalar type mismatches
+    are rewritten, into the declared type with the same meaning. Everything else stays as published, on purpose:
+    transformers reads ``torch_dtype`` as ``dtype`` and ``rope_theta`` + ``rope_scaling`` (Scout's llama3 scaling) as
+    ``rope_parameters`` with the same values, ignores extra keys (``for_llm_compressor``) and resets
+    ``cache_implementation: hybrid`` itself in ``generate``; vLLM, lm-eval and llm-compressor read configs through
+    transformers, so one normalized config.json serves them all.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    normalized = json.loads(json.dumps(raw))  # a deep copy with JSON types only
+    changes: list[ConfigChange] = []
+    default_type = "llama4" if isinstance(normalized.get("text_config"), Mapping) else "llama4_text"
+    model_type = normalized.get("model_type", default_type)
+    if model_type not in CONFIG_MAPPING:
+        return normalized, changes  # not a model transformers knows: validation names it
+    call = f"transformers {transformers.__version__} AutoConfig.from_pretrained"
+
+    def visit(section: dict[str, Any], cls: type, prefix: str) -> None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except (NameError, TypeError):
+            hints = {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        for name, value in list(section.items()):
+            sub_cls = getattr(cls, "sub_configs", {}).get(name)
+            if sub_cls is not None and isinstance(value, dict):
+                visit(value, sub_cls, f"{prefix}{name}.")
+                continue
+            declared = _scalar_type(hints.get(name))
+            fixed = _coerced(value, declared) if declared is not None else _KEEP
+            if fixed is not _KEEP:
+                section[name] = fixed
+                changes.append(ConfigChange(
+                    f"{prefix}{name}", value, fixed,
+                    f"{call}: {cls.__name__}.{name} is declared {declared.__name__} and strict validation "
+                    f"rejects a {type(value).__name__}"))
+
+    visit(normalized, CONFIG_MAPPING[model_type], "")
+    return normalized, changes
 
 
 def _read_mapping(config: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -118,8 +201,9 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     """Builds `Llama4TextArgs` from an HF config.json path/dir, a config dict, or returns args unchanged."""
     if isinstance(config, Llama4TextArgs):
         return config
-    source = str(config) if not isinstance(config, Mapping) else "<dict>"
-    cfg, _ = text_config_dict(config)
+    raw, source = _read_mapping(config)
+    # The same normalization the download stage applies for every other library (no second set of casts here).
+    cfg, _ = text_config_dict(normalize_hf_config(raw)[0])
     model_type = cfg.get("model_type", "llama4_text")
     if model_type not in ("llama4_text", "llama4"):
         raise ValueError(f"{source}: model_type {model_type!r} is not a Llama 4 text config")
@@ -138,9 +222,9 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     for name in _INT_FIELDS & values.keys():
         if values[name] is not None and not isinstance(values[name], int):
             raise ValueError(f"{source}: field {name!r} must be an integer, got {values[name]!r}")
-    # Older checkpoints store attn_temperature_tuning as an int (e.g. 4); any truthy value enables it.
-    values["attn_temperature_tuning"] = bool(values["attn_temperature_tuning"])
-    values["tie_word_embeddings"] = bool(values["tie_word_embeddings"])
+    for name in _BOOL_FIELDS & values.keys():
+        if not isinstance(values[name], bool):
+            raise ValueError(f"{source}: field {name!r} must be true or false, got {values[name]!r}")
 
     n_layers = values["num_hidden_layers"]
     interval = int(cfg.get("no_rope_layer_interval") or 4)

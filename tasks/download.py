@@ -9,12 +9,26 @@ Sources:
 
 ``HF_TOKEN`` is read from the environment at call time and handed to huggingface_hub only: it never enters a log line,
 the profile, the key or the artifact.
+
+Read as published: every file lands byte for byte and is verified against its source hash. Hub configs were written by
+older transformers (``attn_temperature_tuning: 4``) and the pinned one rejects some of their values, so the artifact's
+``config.json`` is the normalized config (``llama4tune.config.normalize_hf_config``) that every later stage and every
+library reads through the artifact path, and the published bytes stay in ``as-published/config.json``. Why not a
+separate "view" directory of links: the store hashes every file it lists (hard links would hash 800 GB twice) and
+object stores keep no links; a sub-folder is also what checkpoint copiers skip (only top-level files are HF format).
+Each rewritten value is recorded, with the library call that needed it, in the metrics and a UI table.
+
+The checkpoint is checked before later stages pay for it: a quantized base (the FP8 Maverick) is refused before any
+weight is fetched; a config transformers or our model cannot read, an architecture other than Llama 4, or a missing
+tokenizer fails at once (``PermanentError``) naming the file and the field.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +41,14 @@ from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file, scratch_root
 
 REQUIRED_FILES = ("config.json",)
+PUBLISHED_DIR = "as-published"
+"""Where the verbatim published config.json is kept when normalization rewrote the top-level one."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""pack tokenizes with the model's fast tokenizer and the chat template in its tokenizer_config.json."""
+ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+BF16_REPOS = {"meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8": "meta-llama/Llama-4-Maverick-17B-128E-Instruct"}
+"""Quantized repos people pick as a base, and the bf16 weights they were made from."""
+_FP8_SUFFIX = re.compile(r"[-_]fp8$", re.IGNORECASE)
 
 
 def embedded_model_dir(seed: int) -> Path:
@@ -92,6 +114,42 @@ def _git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _bf16_hint(repo_id: str | None) -> str:
+    if repo_id in BF16_REPOS:
+        return f"fine-tune {BF16_REPOS[repo_id]} instead"
+    if repo_id and _FP8_SUFFIX.search(repo_id):
+        return f"fine-tune the bf16 repo it was quantized from ({_FP8_SUFFIX.sub('', repo_id)}?) instead"
+    return "fine-tune the bf16 checkpoint it was quantized from instead"
+
+
+def refuse_quantized_name(model: ModelConfig) -> None:
+    """A known quantized repo id is refused before any network call."""
+    if model.repo_id and (model.repo_id in BF16_REPOS or _FP8_SUFFIX.search(model.repo_id)):
+        raise PermanentError(f"model.repo_id: {model.repo_id} holds FP8-quantized weights; training needs the bf16 "
+                             f"weights (dequantizing 400B parameters on load is not supported): "
+                             f"{_bf16_hint(model.repo_id)}")
+
+
+def refuse_quantized_config(config: dict[str, Any], where: str, repo_id: str | None) -> None:
+    """A config with a quantization_config (fbgemm_fp8, fp8, compressed-tensors, ...) is no base to fine-tune."""
+    for prefix, section in (("", config), ("text_config.", config.get("text_config"))):
+        quant = section.get("quantization_config") if isinstance(section, dict) else None
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise PermanentError(f"{where}: field '{prefix}quantization_config' (quant_method {method!r}): the "
+                                 f"checkpoint is quantized and training needs bf16 weights; {_bf16_hint(repo_id)}")
+
+
+def _read_config(path: Path | str, text: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise PermanentError(f"{path}: must be a JSON object, got {type(config).__name__}")
+    return config
+
+
 def _download_hub(ctx: StageContext) -> dict[str, Any]:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -101,6 +159,12 @@ def _download_hub(ctx: StageContext) -> dict[str, Any]:
     info = HfApi().model_info(model.repo_id, revision=revision, files_metadata=True, token=token)
     expected = {s.rfilename: s for s in info.siblings or [] if s.rfilename in _filtered(
         [s.rfilename for s in info.siblings or []], model)}
+    # The config alone first: a quantized base is refused before any weight is fetched.
+    from huggingface_hub import hf_hub_download
+
+    config_path = hf_hub_download(model.repo_id, "config.json", revision=revision, local_dir=ctx.workdir, token=token)
+    refuse_quantized_config(_read_config(config_path, Path(config_path).read_text()),
+                            f"{model.repo_id}@{revision}/config.json", model.repo_id)
     ctx.log(f"downloading {len(expected)} files of {model.repo_id}@{revision}")
     snapshot_download(
         model.repo_id, revision=revision, local_dir=ctx.workdir, token=token,
@@ -141,6 +205,9 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
         raise PermanentError(f"model.path: {source} is not a directory")
     found = fs.find(root, detail=True)
     names = {str(path)[len(root.rstrip('/')) + 1:]: info for path, info in found.items()}
+    if "config.json" in names:  # read before copying anything: a quantized base is refused before its weights move
+        config_url = f"{root.rstrip('/')}/config.json"
+        refuse_quantized_config(_read_config(config_url, fs.cat_file(config_url).decode()), config_url, None)
     wanted = _filtered(sorted(names), model)
     for done, name in enumerate(wanted, 1):
         _copy_verified(fs, f"{root.rstrip('/')}/{name}", ctx.workdir / name, names[name].get("size"))
@@ -148,16 +215,76 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
     return {"source": model.source, "path": source}
 
 
+def normalize_config(workdir: Path) -> list[dict[str, Any]]:
+    """Check config.json as published and rewrite what the libraries we call reject; returns the changes made.
+
+    The published bytes move to ``as-published/config.json``, so the artifact still holds (and hashes) them.
+    """
+    from llama4tune.config import normalize_hf_config
+
+    path = workdir / "config.json"
+    published_path = workdir / PUBLISHED_DIR / "config.json"
+    if published_path.is_file():  # a resumed attempt normalized already: start again from the published bytes
+        os.replace(published_path, path)
+    config = _read_config(path, path.read_text())
+    refuse_quantized_config(config, str(path), None)
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and architectures and set(architectures) <= set(ARCHITECTURES)):
+        raise PermanentError(f"{path}: field 'architectures' is {architectures!r}; this pipeline fine-tunes Llama 4 "
+                             f"checkpoints ({' or '.join(ARCHITECTURES)})")
+    normalized, changes = normalize_hf_config(config)
+    if changes:
+        published_path.parent.mkdir(exist_ok=True)
+        os.replace(path, published_path)
+        with atomic_file(path, "w") as handle:
+            json.dump(normalized, handle, indent=2)
+            handle.write("\n")
+    return [{"field": c.field, "published": c.published, "normalized": c.normalized, "needed by": c.needed_by}
+            for c in changes]
+
+
+def check_readable(workdir: Path) -> None:
+    """The normalized checkpoint loads in transformers and in our model; its tokenizer is there and loads."""
+    import transformers
+
+    from llama4tune.config import load_text_args
+
+    path = workdir / "config.json"
+    try:
+        transformers.AutoConfig.from_pretrained(workdir)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the config is permanent; its message names the field
+        raise PermanentError(f"{path}: transformers {transformers.__version__} AutoConfig.from_pretrained cannot "
+                             f"read it: {exc}") from None
+    try:
+        load_text_args(path)
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
+    for name in TOKENIZER_FILES:
+        if not (workdir / name).is_file():
+            raise PermanentError(f"{workdir / name}: missing; packing needs the model's fast tokenizer "
+                                 f"({' and '.join(TOKENIZER_FILES)}, with its chat_template)")
+    _read_config(workdir / "tokenizer_config.json", (workdir / "tokenizer_config.json").read_text())
+    try:
+        transformers.AutoTokenizer.from_pretrained(workdir)
+    except Exception as exc:  # noqa: BLE001 - as above: a tokenizer that does not load now never will
+        raise PermanentError(f"{workdir}: transformers AutoTokenizer.from_pretrained cannot load "
+                             f"{' / '.join(TOKENIZER_FILES)}: {exc}") from None
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     model = ctx.profile.model
+    refuse_quantized_name(model)
     metrics = _download_hub(ctx) if model.source == "hub" else _download_local(ctx)
     for required in REQUIRED_FILES:
         if not (ctx.workdir / required).is_file():
             raise PermanentError(f"model source has no {required}: not a Hugging Face checkpoint directory")
+    changes = normalize_config(ctx.workdir)
+    check_readable(ctx.workdir)
     files = sorted(p for p in ctx.workdir.rglob("*") if p.is_file())
-    metrics.update(files=len(files), bytes=sum(p.stat().st_size for p in files))
+    metrics.update(files=len(files), bytes=sum(p.stat().st_size for p in files), config_normalized=changes)
     ctx.tables["model_files"] = [
         {"file": str(p.relative_to(ctx.workdir)), "MB": round(p.stat().st_size / 1e6, 3)} for p in files]
+    ctx.tables["config_normalized"] = changes
     return metrics
 
 
@@ -167,4 +294,4 @@ def config(profile: Profile) -> dict[str, Any]:
     return {"source": model.source, "allow": model.allow_patterns, "ignore": model.ignore_patterns}
 
 
-SPEC = StageSpec(name="download", version="1", run=run, config=config, fingerprint=fingerprint, resumable=True)
+SPEC = StageSpec(name="download", version="2", run=run, config=config, fingerprint=fingerprint, resumable=True)

@@ -10,12 +10,11 @@ from finetune.profile import load_profile
 from finetune.stage import PermanentError, execute_stage
 from finetune.store import Store
 from tasks import download
+from tests.llama4_fixtures import small_files
 
 
 def _local_model(root: Path) -> Path:
-    model = root / "model"
-    model.mkdir()
-    (model / "config.json").write_text('{"architectures": ["Llama4ForCausalLM"]}')
+    model = small_files("llama4-scout-text-only-finetune", root / "model")  # a hub-style config and a tokenizer
     (model / "model.safetensors").write_bytes(b"\0" * 4096)
     (model / "original").mkdir()
     (model / "original" / "consolidated.pth").write_bytes(b"\1" * 100)
@@ -29,9 +28,10 @@ def _profile(model: Path, *extra: str):
 def test_local_source_is_copied_with_ignore_patterns(tmp_path: Path) -> None:
     profile = _profile(_local_model(tmp_path), "model.ignore_patterns=[original/*]")
     artifact, tables = execute_stage(download.SPEC, profile, Store(tmp_path / "store"), {})
-    assert sorted(artifact.files) == ["config.json", "model.safetensors", "tables.json"]
-    assert artifact.metrics["files"] == 2 and {r["file"] for r in tables["model_files"]} == {
-        "config.json", "model.safetensors"}
+    copied = {"config.json", "as-published/config.json", "generation_config.json", "model.safetensors",
+              "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}
+    assert set(artifact.files) == copied | {"tables.json"}
+    assert artifact.metrics["files"] == len(copied) and {r["file"] for r in tables["model_files"]} == copied
 
 
 def test_key_follows_local_model_content(tmp_path: Path) -> None:
@@ -62,7 +62,9 @@ def test_fsspec_url_source_goes_through_the_same_copy(tmp_path: Path) -> None:
     import fsspec
 
     fs = fsspec.filesystem("memory")
-    fs.pipe({"/models/tiny/config.json": b"{}", "/models/tiny/model.safetensors": b"weights"})
+    model = _local_model(tmp_path)
+    fs.pipe({f"/models/tiny/{p.relative_to(model)}": p.read_bytes() for p in model.rglob("*") if p.is_file()})
+    fs.pipe("/models/tiny/model.safetensors", b"weights")
     profile = _profile(tmp_path, "model.path=memory://models/tiny")
     artifact, _ = execute_stage(download.SPEC, profile, Store(tmp_path / "store"), {})
     assert (Path(artifact.path) / "model.safetensors").read_bytes() == b"weights"
