@@ -26,7 +26,15 @@ def _prefect_defaults() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
+    profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
+    if not args.no_plan_check:
+        from finetune.plan import PlanDoesNotFit, PlanError, check_fits
+
+        try:
+            check_fits(profile)  # before any stage: no download, no GPU rented
+        except (PlanDoesNotFit, PlanError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     _prefect_defaults()
     from flows.finetune import finetune
 
@@ -59,6 +67,18 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from finetune.plan import PlanError, plan, table
+
+    try:
+        result = plan(load_profile(args.profile, args.overrides))
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
@@ -104,8 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
     run.add_argument("--until", default="benchmark", help="stop after this stage")
     run.add_argument("--json", action="store_true", help="print a JSON summary per stage")
+    run.add_argument("--no-plan-check", action="store_true",
+                     help="start even when `finetune plan` says the run does not fit (as plan.enforce=false)")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
     run.set_defaults(func=_cmd_run)
+
+    plan = sub.add_parser("plan", help="memory per GPU and node, time and cost of a profile at real size")
+    plan.add_argument("--profile", default="tiny-cpu", help="profile name or YAML path")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
+    plan.set_defaults(func=_cmd_plan)
 
     profiles = sub.add_parser("profiles", help="list the shipped profiles")
     profiles.set_defaults(func=_cmd_profiles)

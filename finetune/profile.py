@@ -278,6 +278,19 @@ class DeployConfig(Section):
     job_variables: dict[str, Any] = Field(default_factory=dict)
 
 
+class PlanConfig(Section):
+    """``finetune plan``: the sizing check every run passes before its first stage, and the cost estimate."""
+
+    enforce: bool = Field(True, description="Refuse to start a run whose plan does not fit its GPUs or hosts "
+                                            "(exit code 2); false lets a user who knows better go on.")
+    price_per_gpu_hour: float | None = Field(None, gt=0, description="Price of one GPU-hour, for the cost estimate.")
+    dataset_tokens: int | None = Field(None, gt=0, description="Packed training tokens per epoch, for hours per "
+                                                               "epoch (without it: hours per million tokens).")
+    mfu: float = Field(0.35, gt=0, le=1, description="Assumed model FLOPs utilisation of the step time estimate.")
+    host_ram_gib_per_node: float | None = Field(None, gt=0, description="Host RAM of a training node; the GPU "
+                                                                        "catalog's usual node when unset.")
+
+
 class Profile(Section):
     name: str
     description: str
@@ -289,6 +302,7 @@ class Profile(Section):
     quantize: QuantizeConfig = QuantizeConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     deploy: DeployConfig = DeployConfig()
+    plan: PlanConfig = PlanConfig()
     retries: int = Field(2, ge=0, description="Retries per stage on transient failure or preemption.")
 
     @model_validator(mode="after")

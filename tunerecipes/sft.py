@@ -42,6 +42,7 @@ from torchtune.modules.peft import (
 
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
+from tunerecipes import sharding
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
 from tunerecipes.sampler import ResumableSampler
 
@@ -140,19 +141,13 @@ class SFTRecipe:
         if self.method == "lora" and not (adapters and "lora_rank" in cfg.model and "lora_alpha" in cfg.model):
             raise RecipeError("config", f"method 'lora' needs a LoRA model builder with lora_rank and lora_alpha "
                                         f"set; {cfg.model._component_} has {len(adapters)} adapter parameters")
-        layers = list(getattr(model, "layers", []))
         if cfg.enable_activation_checkpointing:
-            training.set_activation_checkpointing(model, auto_wrap_policy={type(layer) for layer in layers})
-            layers = list(model.layers)
+            sharding.checkpoint_activations(model)
         if cfg.compile:
             training.compile_model(model, verbose=self.is_rank_zero)
         if self.distributed:
-            shard_modules = set(map(id, layers))
-            training.shard_model(
-                model, [lambda name, module: id(module) in shard_modules],
-                cpu_offload=bool(cfg.fsdp_cpu_offload),
-                reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
-            )
+            sharding.shard(model, cpu_offload=bool(cfg.fsdp_cpu_offload),
+                           reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)))
         with training.set_default_dtype(self.dtype), self.device:
             for module in model.modules():
                 if hasattr(module, "adapter_params") and hasattr(module, "initialize_parameters"):

@@ -1,0 +1,117 @@
+"""The accelerators a plan can be made for, and the constants every estimate rests on.
+
+One table, so that a measurement on a real GPU can calibrate it in one place. Figures are the vendors' published
+numbers (dense bf16, no sparsity) and typical 8-GPU cloud nodes; the names say where each comes from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GIB = 2**30
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    hbm_gib: float
+    """Memory a process can allocate (nvidia-smi's total less what the driver keeps)."""
+    bf16_dense_tflops: float
+    intra_node_gbps: float
+    """GB/s per GPU, one direction, inside a node (NVLink)."""
+    inter_node_gbps: float
+    """GB/s per GPU, one direction, between nodes (the node's NICs divided by its GPUs)."""
+    host_to_device_gbps: float
+    """GB/s per GPU between host RAM and HBM (PCIe), what FSDP CPU offload moves through."""
+    host_ram_gib_per_node: float
+    """Host RAM of the usual 8-GPU node of this type."""
+    gpus_per_node: int = 8
+    source: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CATALOG: dict[str, Accelerator] = {
+    accelerator.name: accelerator
+    for accelerator in (
+        Accelerator(
+            name="H100-80GB", hbm_gib=79.6, bf16_dense_tflops=989.0, intra_node_gbps=450.0, inter_node_gbps=50.0,
+            host_to_device_gbps=50.0, host_ram_gib_per_node=1800.0,
+            source="H100 SXM5 datasheet (989 TFLOPS dense bf16, NVLink 4 900 GB/s bidirectional); 8x400 Gb/s "
+                   "InfiniBand/EFA per node; PCIe Gen5 x16; host RAM of AWS p5 (2048 GiB), GCP a3-highgpu "
+                   "(1872 GB), Azure ND H100 v5 (1900 GiB), rounded down",
+        ),
+        Accelerator(
+            name="H200-141GB", hbm_gib=139.8, bf16_dense_tflops=989.0, intra_node_gbps=450.0, inter_node_gbps=50.0,
+            host_to_device_gbps=50.0, host_ram_gib_per_node=1800.0,
+            source="H200 SXM datasheet (141 GB HBM3e, same compute as H100, NVLink 4); 8x400 Gb/s per node; "
+                   "host RAM of AWS p5en (2048 GiB), Azure ND H200 v5 (1850 GiB), rounded down",
+        ),
+        Accelerator(
+            name="A100-80GB", hbm_gib=79.2, bf16_dense_tflops=312.0, intra_node_gbps=300.0, inter_node_gbps=25.0,
+            host_to_device_gbps=25.0, host_ram_gib_per_node=1100.0,
+            source="A100 SXM4 80GB datasheet (312 TFLOPS bf16, NVLink 3 600 GB/s bidirectional); 8x200 Gb/s per "
+                   "node; PCIe Gen4; host RAM of AWS p4de (1152 GiB)",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Every assumption an estimate makes, reported with the estimate."""
+
+    mfu: float = 0.35
+    """Model FLOPs utilisation of a step's compute (tuned MoE training reaches 0.3-0.45 on H100)."""
+    collective_efficiency: float = 0.7
+    """Share of the link bandwidth NCCL's ring collectives achieve (bus bandwidth / link bandwidth)."""
+    cuda_context_gib: float = 1.0
+    """CUDA context, cuBLAS/cuDNN workspaces per process."""
+    nccl_buffers_gib: float = 1.0
+    """NCCL's own channel buffers per process."""
+    fragmentation: float = 0.05
+    """Caching-allocator fragmentation, as a share of what the step allocates."""
+    host_process_gib: float = 4.0
+    """Host RAM of one trainer process besides tensors (Python, torch, CUDA host runtime, dataloader)."""
+    host_optimizer_gbps: float = 8.0
+    """Bytes/s one trainer process streams through the CPU optimizer step under FSDP CPU offload (torchrun sets
+    OMP_NUM_THREADS=1, so this is one core's AdamW over param, grad and two states)."""
+    checkpoint_write_gbps_per_node: float = 2.0
+    """GB/s one node writes a DCP checkpoint to the shared store (network filesystem or object store)."""
+    checkpoint_read_gbps_per_node: float = 2.0
+    """GB/s one node reads the base checkpoint from the store."""
+    vllm_activation_reserve_gib: float = 6.0
+    """vLLM's profiling-run peak (max_num_batched_tokens 8192: activations, sampler logits) and CUDA graphs."""
+    awq_cached_activation_copies: float = 3.0
+    """Copies of a layer's calibration inputs AWQ keeps on the GPU while it searches scales (inputs, fp
+    reference outputs, the candidate's outputs)."""
+    quantize_host_overhead: float = 1.1
+    """Host RAM of llm-compressor over the bf16 weights it holds (unpacked expert copies of one layer, calibration
+    cache, Python)."""
+    logits_chunks: int = 8
+    """CEWithChunkedOutputLoss's num_output_chunks (profiles/recipes/sft.yaml's loss)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lookup(gpu_type: str) -> Accelerator:
+    """The catalog entry for ``train.gpu_type``; an unknown type lists the known ones."""
+    try:
+        return CATALOG[gpu_type]
+    except KeyError:
+        from finetune.plan.errors import PlanError
+
+        raise PlanError(f"unknown GPU type {gpu_type!r} (train.gpu_type); known: {', '.join(CATALOG)}") from None
+
+
+def this_machine() -> Accelerator:
+    """CPU profiles run in this machine's RAM: the 'accelerator' is the host itself."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return Accelerator(name="cpu (this machine)", hbm_gib=round(ram, 1), bf16_dense_tflops=0.0, intra_node_gbps=0.0,
+                       inter_node_gbps=0.0, host_to_device_gbps=0.0, host_ram_gib_per_node=round(ram, 1),
+                       gpus_per_node=1, source="os.sysconf(SC_PHYS_PAGES)")

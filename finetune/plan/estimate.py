@@ -1,0 +1,92 @@
+"""Step time, hours and cost: compute from the FLOPs of the active parameters and attention at an assumed MFU,
+communication from the bytes FSDP moves per step at the pool's bandwidth; the step takes the longer of the two
+(FSDP overlaps them) plus what cannot overlap (the CPU optimizer step under offload)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.plan.catalog import GB, GIB, Accelerator, Constants
+from finetune.plan.model import MeasuredModel
+from finetune.profile import Profile
+
+
+def flops_per_token(args: Any, seq_len: int, *, lora: bool, checkpointing: bool) -> dict[str, float]:
+    """Forward FLOPs per token of the active weights (2 per multiply-add) and of attention, and the training total:
+    backward costs 2x forward for full SFT, 1x for LoRA (frozen weights need input gradients only), attention 2x
+    either way; activation checkpointing adds a forward."""
+    d, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    linear = 0.0
+    attention = 0.0
+    for layer in range(args.num_hidden_layers):
+        linear += d * (q + 2 * kv) + q * d
+        if args.is_moe_layer(layer):
+            linear += (args.num_experts_per_tok + 1) * 3 * d * args.intermediate_size + d * args.num_local_experts
+        else:
+            linear += 3 * d * args.intermediate_size_mlp
+        chunk = args.chunk_size(layer)
+        keys = min(seq_len, chunk) / 2 if chunk else seq_len / 2  # causal: a token sees half the window on average
+        attention += 2 * 2 * q * keys
+    linear += d * args.vocab_size
+    forward = 2 * linear + attention
+    backward = (2 if lora else 4) * linear + 2 * attention
+    total = forward + backward + (forward if checkpointing else 0)
+    return {"active_params": linear, "forward": forward, "train": total}
+
+
+def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator, constants: Constants, *,
+             batch_size: int, accum: int, cpu_offload: bool, reshard_after_forward: bool, checkpointing: bool,
+             states: int, checkpoint_bytes: int) -> dict[str, Any]:
+    train = profile.train
+    seq = profile.data.max_seq_len
+    flops = flops_per_token(args, seq, lora=train.method == "lora", checkpointing=checkpointing)
+    tokens_per_gpu = batch_size * seq * accum
+    tokens_per_step = tokens_per_gpu * train.world_size
+    compute_s = tokens_per_gpu * flops["train"] / (gpu.bf16_dense_tflops * 1e12 * constants.mfu)
+
+    ws = model.world_size
+    share = (ws - 1) / ws if model.sharded else 0.0
+    layers = sum(unit.full_bytes for unit in model.units)
+    gather = (model.root.full_bytes + layers * (2 if reshard_after_forward else 1)) * share
+    reduce_scatter = (model.root.trainable_full_bytes + sum(unit.trainable_full_bytes for unit in model.units)) * share
+    link = gpu.inter_node_gbps if train.nnodes > 1 else gpu.intra_node_gbps
+    comm_bytes = accum * (gather + reduce_scatter)
+    comm_s = comm_bytes / (link * GB * constants.collective_efficiency) if comm_bytes else 0.0
+    offload_s = 0.0
+    if cpu_offload:
+        # Shards go up for forward and backward and gradients come down every micro-batch; AdamW then reads and
+        # writes parameter, gradient and states on one CPU core.
+        pcie = accum * (2 * model.local_param_bytes + model.local_trainable_bytes)
+        comm_s += pcie / (gpu.host_to_device_gbps * GB)
+        offload_s = 2 * (2 + states) * model.local_trainable_bytes / (constants.host_optimizer_gbps * GB)
+    step_s = max(compute_s, comm_s) + offload_s
+    gpu_hours_per_mtok = step_s / tokens_per_step * 1e6 / 3600 * train.world_size
+    price = profile.plan.price_per_gpu_hour
+    save_s = checkpoint_bytes / train.nnodes / (constants.checkpoint_write_gbps_per_node * GB)
+    stall_s = (model.local_trainable_bytes if train.method == "lora" else model.local_param_bytes)
+    stall_s = (stall_s + states * model.local_trainable_bytes) / (gpu.host_to_device_gbps * GB) \
+        if train.async_checkpoint else save_s
+    out: dict[str, Any] = {
+        "flops_per_token": {name: round(value) for name, value in flops.items()},
+        "tokens_per_step": tokens_per_step,
+        "compute_s_per_step": round(compute_s, 2),
+        "comm_gib_per_step_per_gpu": round(comm_bytes / GIB, 1),
+        "interconnect": f"{'inter' if train.nnodes > 1 else 'intra'}-node {link:g} GB/s per GPU",
+        "comm_s_per_step": round(comm_s, 2),
+        "cpu_optimizer_s_per_step": round(offload_s, 2),
+        "step_s": round(step_s, 2),
+        "bound": "communication" if comm_s > compute_s else "compute",
+        "hours_per_million_tokens": round(step_s / tokens_per_step * 1e6 / 3600, 3),
+        "gpu_hours_per_million_tokens": round(gpu_hours_per_mtok, 2),
+        "cost_per_million_tokens": round(gpu_hours_per_mtok * price, 2) if price else None,
+        "checkpoint_save_s": round(save_s, 1),
+        "checkpoint_training_stall_s": round(stall_s, 1),
+        "checkpoint_interval_min": round(train.checkpoint_every_steps * step_s / 60, 1),
+    }
+    if profile.plan.dataset_tokens:
+        epoch_h = profile.plan.dataset_tokens / tokens_per_step * step_s / 3600
+        out["hours_per_epoch"] = round(epoch_h, 2)
+        out["hours_total"] = round(epoch_h * train.epochs, 2)
+        out["gpu_hours_total"] = round(epoch_h * train.epochs * train.world_size, 1)
+        out["cost_total"] = round(epoch_h * train.epochs * train.world_size * price, 2) if price else None
+    return out

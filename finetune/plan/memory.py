@@ -1,0 +1,109 @@
+"""Training memory per GPU and per node, from the measured shards and the activation estimate.
+
+Per GPU (rank 0, the largest shard): sharded parameters, gradients and optimizer states (on the host under FSDP
+CPU offload); what FSDP gathers (the root unit stays gathered from forward to the end of backward; a layer unit and
+the prefetched next one; the unit's unsharded gradients before their reduce-scatter); activations; the optimizer's
+foreach temporaries; NCCL buffers and the CUDA context; allocator fragmentation on top. Loading the base weights is
+its own, earlier peak: every tensor arrives whole on every GPU before it is sharded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.plan.activations import Activations
+from finetune.plan.catalog import GIB, Constants
+from finetune.plan.model import MeasuredModel
+
+# Optimizer states per trainable parameter, kept in the parameter's dtype (torch.optim's zeros_like).
+OPTIMIZER_STATES = {"torch.optim.AdamW": 2, "torch.optim.Adam": 2, "torch.optim.SGD": 1}
+ADAM_LIKE = 2
+
+
+def optimizer_states(component: str) -> tuple[int, str]:
+    """States per parameter, and a note when the optimizer is not in the table (counted as Adam-like)."""
+    if component in OPTIMIZER_STATES:
+        return OPTIMIZER_STATES[component], ""
+    return ADAM_LIKE, f"optimizer {component} is not in the planner's table: counted with Adam's 2 states"
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    breakdown: dict[str, float]
+    """GiB per GPU by component; their sum times (1 + fragmentation) is the peak."""
+    peak_gib: float
+    load_peak_gib: float
+    host_gib_per_node: float
+    host_breakdown: dict[str, float]
+    checkpoint_bytes: int
+    checkpoint_bytes_per_rank: int
+
+
+def training_memory(model: MeasuredModel, activations: Activations, *, states: int, cpu_offload: bool,
+                    reshard_after_forward: bool, lora: bool, async_save: bool, nproc_per_node: int,
+                    on_gpu: bool, constants: Constants) -> TrainingMemory:
+    params, trainable = model.local_param_bytes, model.local_trainable_bytes
+    optimizer = states * trainable
+    sharded_state = params + trainable + optimizer  # parameters, gradients, optimizer states of this rank
+    units = model.units
+    largest_unit = max(units, key=lambda unit: unit.full_bytes, default=None)
+    if not model.sharded or largest_unit is None:
+        gathered = unsharded_grads = 0
+    elif reshard_after_forward:
+        gathered = model.root.full_bytes + 2 * largest_unit.full_bytes
+        unsharded_grads = model.root.trainable_full_bytes + max(unit.trainable_full_bytes for unit in units)
+    else:
+        gathered = model.root.full_bytes + sum(unit.full_bytes for unit in units)
+        unsharded_grads = model.root.trainable_full_bytes + max(unit.trainable_full_bytes for unit in units)
+    on_device = 0 if cpu_offload else sharded_state
+    # foreach AdamW allocates one tensor per parameter for the denominator; it runs after activations are freed.
+    step_temp = 0 if cpu_offload else trainable
+    working = max(gathered + unsharded_grads + activations.total, step_temp)
+    breakdown = {
+        "params": 0 if cpu_offload else params,
+        "grads": 0 if cpu_offload else trainable,
+        "optimizer_states": 0 if cpu_offload else optimizer,
+        "gathered_units_and_prefetch": gathered,
+        "unsharded_grads_before_reduce_scatter": unsharded_grads,
+        "activations_kept": activations.layers_bytes,
+        "activations_backward_working_set": activations.working_bytes,
+        "logits_and_loss": activations.logits_bytes,
+        "optimizer_step_temporaries": max(0, step_temp - (gathered + unsharded_grads + activations.total)),
+    }
+    fixed = 0.0
+    if on_gpu:
+        fixed = constants.cuda_context_gib + (constants.nccl_buffers_gib if model.sharded else 0.0)
+    allocated = (on_device + working) / GIB
+    fragmentation = allocated * constants.fragmentation if on_gpu else 0.0
+    breakdown_gib = {name: value / GIB for name, value in breakdown.items()}
+    if on_gpu:
+        breakdown_gib["cuda_context"] = constants.cuda_context_gib
+        breakdown_gib["comm_buffers_nccl"] = constants.nccl_buffers_gib if model.sharded else 0.0
+        breakdown_gib["allocator_fragmentation"] = fragmentation
+    peak = allocated + fixed + fragmentation
+    # Every rank receives each base tensor whole before keeping its shard (set_model_state_dict broadcasting
+    # from rank 0), so the largest tensor sits beside the shards loaded so far.
+    load_peak = (0 if cpu_offload else params) / GIB + model.largest_tensor_bytes / GIB + fixed
+
+    checkpoint_per_rank = (trainable if lora else params) + optimizer
+    checkpoint_total = checkpoint_per_rank * model.world_size if model.sharded else checkpoint_per_rank
+    base_state_dict = (model.total_params - (model.trainable_params if lora else 0)) * model.dtype_bytes
+    host = {
+        # Each rank's checkpointer reads the whole base checkpoint into its own RAM before sharding it.
+        "base_weights_while_loading": nproc_per_node * base_state_dict,
+        "offloaded_params_grads_optimizer": nproc_per_node * sharded_state if cpu_offload else 0,
+        "optimizer_step_temporaries_offloaded": nproc_per_node * trainable if cpu_offload else 0,
+        "async_checkpoint_staging": nproc_per_node * checkpoint_per_rank if async_save else 0,
+    }
+    process = nproc_per_node * constants.host_process_gib * GIB
+    if not on_gpu:  # CPU runs keep the training state itself in host RAM
+        host["training_state_and_activations"] = nproc_per_node * (on_device + working)
+    load_phase = host["base_weights_while_loading"] + host["offloaded_params_grads_optimizer"]
+    train_phase = sum(value for name, value in host.items() if name != "base_weights_while_loading")
+    host_gib = {name: value / GIB for name, value in host.items()}
+    host_gib["trainer_processes"] = process / GIB
+    return TrainingMemory(
+        breakdown=breakdown_gib, peak_gib=peak, load_peak_gib=load_peak,
+        host_gib_per_node=(max(load_phase, train_phase) + process) / GIB, host_breakdown=host_gib,
+        checkpoint_bytes=checkpoint_total, checkpoint_bytes_per_rank=checkpoint_per_rank,
+    )

@@ -1,0 +1,184 @@
+"""The model as the recipe will hold it: built on the meta device by our builders, wrapped and sharded by the
+recipe's own functions (tunerecipes.sharding), measured from the DTensor shards rank 0 keeps.
+
+World sizes this machine cannot spawn run over torch's fake process group: collectives are not executed, but
+``fully_shard`` lays out every parameter exactly as on the real ranks. Rank 0 holds the largest shard when a
+dimension does not divide evenly, so its bytes are the per-GPU figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.plan.errors import PlanError
+from finetune.plan.published import TEXT_CONFIGS, VISION_PARAMS
+from finetune.plan.recipe import RecipeSettings, model_section
+from finetune.profile import Profile, resolve_repo_path
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    text_config: dict[str, Any]
+    """HF Llama4TextConfig fields."""
+    origin: str
+    """Where the numbers came from, shown in the plan."""
+    vision_params: float
+    """Vision tower + projector parameters of a multimodal checkpoint (not trained; served and quantized)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One FSDP unit (or, unsharded, the whole model)."""
+
+    name: str
+    full_bytes: int
+    """The unit's parameters gathered (padded as FSDP pads them), the all-gather's output on every rank."""
+    local_bytes: int
+    trainable_full_bytes: int
+    """Unsharded gradients in backward, before the reduce-scatter."""
+
+
+@dataclass(frozen=True)
+class MeasuredModel:
+    world_size: int
+    sharded: bool
+    dtype_bytes: int
+    total_params: int
+    trainable_params: int
+    local_param_bytes: int
+    local_trainable_bytes: int
+    largest_tensor_bytes: int
+    units: list[Unit]
+    """Decoder-layer units first, the root unit (embeddings, final norm, output) last."""
+    root: Unit
+
+
+def model_config(profile: Profile) -> ModelConfig:
+    """The base model's text config: the local checkpoint's or hub cache's config.json, else the published dims."""
+    from llama4tune.config import text_config_dict
+
+    model = profile.model
+    vision = VISION_PARAMS if model.multimodal else 0.0
+    if model.source == "embedded":
+        from embedded.tiny_model import TINY_TEXT_CONFIG
+
+        return ModelConfig(dict(TINY_TEXT_CONFIG), "embedded tiny model (embedded/tiny_model.py)", 0.0)
+    local = _local_config_file(profile)
+    if local is not None:
+        text, multimodal = text_config_dict(local)
+        return ModelConfig(text, f"{local}", VISION_PARAMS if multimodal else 0.0)
+    if model.repo_id in TEXT_CONFIGS:
+        return ModelConfig(dict(TEXT_CONFIGS[model.repo_id]),
+                           f"published dims of {model.repo_id} (its config.json is not available locally)", vision)
+    where = model.path if model.source == "local" else model.repo_id
+    raise PlanError(f"cannot size model {where}: no config.json found locally (model.path, or the Hugging Face cache "
+                    f"for model.repo_id) and no published dims for it (known: {', '.join(TEXT_CONFIGS)})")
+
+
+def _local_config_file(profile: Profile) -> Path | None:
+    model = profile.model
+    if model.source == "local" and model.path and "://" not in model.path:
+        path = resolve_repo_path(model.path) / "config.json"
+        return path if path.is_file() else None
+    if model.source == "hub" and model.repo_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model.repo_id, "config.json", revision=model.revision)
+        return Path(cached) if isinstance(cached, str) else None
+    return None
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[Any]:
+    """A DeviceMesh over ``world_size`` ranks of torch's fake process group, this process being rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise PlanError("finetune plan needs a process of its own: a process group is already initialized here")
+    dist.init_process_group(backend="fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings) -> Any:
+    """The recipe's model on the meta device, in the recipe's dtype, activation checkpointing applied."""
+    import importlib
+
+    import torch
+    from torchtune import training
+
+    from tunerecipes import sharding
+
+    section = {**model_section(profile.train, config.text_config, profile.data.max_seq_len),
+               **settings.model_overrides}
+    module, _, name = section.pop("_component_").rpartition(".")
+    builder = getattr(importlib.import_module(module), name)
+    dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = builder(**section)
+    if settings.activation_checkpointing:
+        sharding.checkpoint_activations(model)
+    return model
+
+
+def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, world_size: int) -> MeasuredModel:
+    """Build, shard as the recipe does for ``world_size`` processes (none for one), and count rank 0's bytes."""
+    from tunerecipes import sharding
+
+    model = build_model(profile, config, settings)
+    if profile.train.method == "lora":
+        from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+        set_trainable_params(model, get_adapter_params(model))
+    if world_size == 1:
+        return _count(model, world_size, sharded=False, dtype=settings.dtype)
+    with fake_world(world_size) as mesh:
+        sharding.shard(model, cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
+                       mesh=mesh)
+        return _count(model, world_size, sharded=True, dtype=settings.dtype)
+
+
+def _local(param: Any) -> Any:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> MeasuredModel:
+    from torch.distributed.fsdp import FSDPModule
+
+    params = list(model.parameters())
+    owners: list[tuple[str, Any]] = [(name or "root", module) for name, module in model.named_modules()
+                                     if isinstance(module, FSDPModule)] if sharded else [("model", model)]
+    # A parameter belongs to the innermost unit holding it: the smallest subtree claims it first.
+    owners.sort(key=lambda item: sum(1 for _ in item[1].parameters()))
+    claimed: set[int] = set()
+    units = []
+    for name, module in owners:
+        own = [p for p in module.parameters() if id(p) not in claimed]
+        claimed.update(map(id, own))
+        local = sum(_local(p).numel() * p.element_size() for p in own)
+        units.append(Unit(
+            name=name,
+            full_bytes=local * world_size if sharded else local,
+            local_bytes=local,
+            trainable_full_bytes=sum(p.numel() * p.element_size() for p in own if p.requires_grad),
+        ))
+    return MeasuredModel(
+        world_size=world_size, sharded=sharded, dtype_bytes=DTYPE_BYTES[dtype],
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        local_param_bytes=sum(_local(p).numel() * p.element_size() for p in params),
+        local_trainable_bytes=sum(_local(p).numel() * p.element_size() for p in params if p.requires_grad),
+        largest_tensor_bytes=max(p.numel() * p.element_size() for p in params),
+        units=units[:-1], root=units[-1],
+    )
+

@@ -1,0 +1,103 @@
+"""A plan as rows a person reads: the terminal table of ``finetune plan`` and the markdown the flow posts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _gib(value: float) -> str:
+    return f"{value:,.1f} GiB" if value >= 0.1 or value == 0 else f"{value * 1024:,.1f} MiB"
+
+
+def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    b = plan["breakdown"]
+    out = [
+        ("GPUs", f"{plan['nnodes']} x {plan['nproc_per_node']} {plan['gpu']} ({plan['gpu_memory_gib']:g} GiB each)"),
+        ("parameters", f"{plan['total_params'] / 1e9:,.2f}B total, {plan['trainable_params'] / 1e6:,.1f}M trainable "
+                       f"({plan['method']}, {plan['recipe']['dtype']})"),
+        ("FSDP", f"{plan['fsdp_units']} units, largest layer unit {_gib(plan['largest_gathered_unit_gib'])}, root "
+                 f"(embeddings + output) {_gib(plan['root_unit_gib'])}" if plan["fsdp_units"] else "not sharded"),
+        ("per GPU: params / grads / optimizer",
+         f"{_gib(b['params'])} / {_gib(b['grads'])} / {_gib(b['optimizer_states'])}"
+         + (" (offloaded to host)" if plan["recipe"]["cpu_offload"] else "")),
+        ("per GPU: gathered units + prefetch", f"{_gib(b['gathered_units_and_prefetch'])} (+ unsharded grads "
+                                               f"{_gib(b['unsharded_grads_before_reduce_scatter'])})"),
+        ("per GPU: activations", f"{_gib(b['activations_kept'])} kept + {_gib(b['activations_backward_working_set'])} "
+                                 f"backward + {_gib(b['logits_and_loss'])} logits (seq {plan['recipe']['seq_len']}, "
+                                 f"checkpointing {'on' if plan['recipe']['activation_checkpointing'] else 'off'})"),
+    ]
+    if "cuda_context" in b:
+        out.append(("per GPU: NCCL + CUDA context + fragmentation",
+                    f"{_gib(b['comm_buffers_nccl'])} + {_gib(b['cuda_context'])} + {_gib(b['allocator_fragmentation'])}"))
+    out += [
+        ("peak per GPU (training)", f"{_gib(plan['per_gpu_peak_gib'])} of {plan['gpu_memory_gib']:g} GiB "
+                                    f"(headroom {plan['headroom_pct']:g}%)"),
+        ("peak per GPU (loading base weights)", _gib(plan["base_weight_load_peak_gib"])),
+        ("host RAM per node", f"{_gib(plan['host_memory_gib_per_node'])} of {plan['host_ram_gib_per_node']:g} GiB: "
+         + ", ".join(f"{name} {_gib(value)}" for name, value in plan["host_breakdown"].items() if value)),
+    ]
+    ckpt = plan["checkpoint"]
+    estimate = plan["estimate"]
+    save = f"{_gib(ckpt['gib_per_save'])} per save every {ckpt['every_steps']} steps"
+    if estimate:
+        save += (f" (~{estimate['checkpoint_interval_min']:g} min), written in ~{estimate['checkpoint_save_s']:g} s, "
+                 f"training stalls ~{estimate['checkpoint_training_stall_s']:g} s"
+                 + (" (async)" if ckpt["async"] else ""))
+    out.append(("checkpoint", save))
+    serve = plan["serving"]["evaluate_and_benchmark"]
+    if serve["engine"] == "vllm":
+        for kind in ("bf16", "w4a16"):
+            s = serve[kind]
+            out.append((f"serving {kind} (vLLM, TP {s['tensor_parallel_size']})",
+                        f"{_gib(s['weights_gib_per_gpu'])} weights + {_gib(s['activation_reserve_gib'])} reserve + "
+                        f"{_gib(s['kv_cache_gib_per_sequence'])} KV per sequence vs {_gib(s['vllm_budget_gib'])}: "
+                        + ("fits" if s["fits"] else "does NOT fit")
+                        + f", {s['max_sequences_at_max_model_len']} sequences at max_model_len"))
+    else:
+        out.append(("serving", f"{serve['engine']}: {_gib(serve['weights_gib'])} in host RAM"))
+    quant = plan["serving"]["quantize"]
+    out.append(("quantize (llm-compressor AWQ)", f"host {_gib(quant['host_ram_gib'])} of "
+                f"{quant['host_ram_available_gib']:g} GiB, GPU per layer {_gib(quant['gpu_gib_per_layer'])}: "
+                + ("fits" if quant["fits"] else "does NOT fit")))
+    if estimate:
+        cost = estimate["cost_per_million_tokens"]
+        out += [
+            ("step time", f"{estimate['step_s']:g} s ({estimate['bound']}-bound: compute {estimate['compute_s_per_step']:g}"
+                          f" s at MFU {plan['constants']['mfu']:g}, communication {estimate['comm_s_per_step']:g} s "
+                          f"for {estimate['comm_gib_per_step_per_gpu']:g} GiB per GPU over {estimate['interconnect']})"),
+            ("per million tokens", f"{estimate['hours_per_million_tokens']:g} h, "
+                                   f"{estimate['gpu_hours_per_million_tokens']:g} GPU-h"
+                                   + (f", {cost:g} per the profile's price" if cost is not None else "")),
+        ]
+        if "hours_per_epoch" in estimate:
+            out.append(("per epoch", f"{estimate['hours_per_epoch']:g} h ({estimate['gpu_hours_total']:g} GPU-h for "
+                                     f"all epochs)"))
+    out.append(("fits", f"training {'yes' if plan['fits'] else 'NO'}, serving and quantization "
+                        f"{'yes' if plan['serving_fits'] else 'NO'}"))
+    return out
+
+
+def table(plan: dict[str, Any]) -> str:
+    """The terminal table, with the plan's notes, knobs and constants under it."""
+    lines = [f"plan for profile {plan['profile']}"]
+    width = max(len(name) for name, _ in rows(plan))
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows(plan)]
+    if plan["knobs"]:
+        lines.append("  single changes and where they get:")
+        lines += [f"    {knob}" for knob in plan["knobs"]]
+    lines += [f"  note: {note}" for note in plan["notes"]]
+    lines.append("  constants: " + ", ".join(f"{k}={v}" for k, v in plan["constants"].items()))
+    lines.append(f"  GPU: {plan['gpu_catalog_entry']['source']}")
+    lines.append(f"  activations: {plan['activation_formula']}")
+    return "\n".join(lines)
+
+
+def markdown(plan: dict[str, Any]) -> str:
+    """The same as a markdown table, for a Prefect artifact."""
+    lines = [f"### Plan: {plan['profile']}", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows(plan)]
+    if plan["knobs"]:
+        lines += ["", "**Single changes and where they get:**", ""] + [f"- {knob}" for knob in plan["knobs"]]
+    lines += [""] + [f"- {note}" for note in plan["notes"]]
+    lines += ["", "Constants: " + ", ".join(f"`{k}={v}`" for k, v in plan["constants"].items())]
+    return "\n".join(lines) + "\n"

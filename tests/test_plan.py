@@ -1,0 +1,102 @@
+"""`finetune plan`: the recipe's own sharding measured on the meta device (fake process group), the fit verdicts
+of the shipped profiles, and `finetune run` refusing a plan that does not fit before any stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import cli
+from finetune.plan import PlanDoesNotFit, PlanError, check_fits, markdown, table
+from finetune.plan.planner import plan
+from finetune.profile import REPO_ROOT, load_profile
+from finetune.stage import PermanentError
+
+JSON_KEYS = {"profile", "world_size", "gpu_memory_gib", "per_gpu_peak_gib", "breakdown", "host_memory_gib_per_node",
+             "total_params", "trainable_params", "fits", "serving", "serving_fits", "checkpoint", "estimate"}
+
+
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def maverick_lora() -> dict:
+    return plan(load_profile("maverick-lora"))
+
+
+def test_tiny_cpu_fits_this_machine() -> None:
+    result = plan(load_profile("tiny-cpu"))
+    assert result["fits"] and result["serving_fits"]
+    assert result["gpu"] == "cpu" and result["estimate"] is None
+
+
+def test_scout_lora_fits_eight_h100() -> None:
+    result = plan(load_profile("scout-lora"))
+    assert (result["gpu"], result["world_size"]) == ("H100-80GB", 8)
+    assert result["fits"], result
+    assert 0 < result["per_gpu_peak_gib"] < result["gpu_memory_gib"]
+    # 108B parameters in bf16 over 8 ranks: the FSDP shard of rank 0 is an eighth (plus padding).
+    assert result["params_gib_per_gpu"] == pytest.approx(result["total_params"] * 2 / 8 / 2**30, rel=0.01)
+
+
+def test_maverick_lora_does_not_fit_today(maverick_lora: dict) -> None:
+    assert not maverick_lora["fits"]
+    assert maverick_lora["per_gpu_peak_gib"] > maverick_lora["gpu_memory_gib"]
+    # One whole 128-expert MoE layer is gathered at a time: ~32.6 GB.
+    assert maverick_lora["largest_gathered_unit_gib"] == pytest.approx(32.6e9 / 2**30, rel=0.01)
+    assert not maverick_lora["serving"]["evaluate_and_benchmark"]["bf16"]["fits"]  # 93.5 GiB of weights per H100
+
+
+def test_check_fits_names_figures_and_knobs(monkeypatch: pytest.MonkeyPatch, maverick_lora: dict) -> None:
+    monkeypatch.setattr("finetune.plan.plan", lambda profile: maverick_lora)
+    with pytest.raises(PlanDoesNotFit) as error:
+        check_fits(load_profile("maverick-lora"))
+    assert isinstance(error.value, PermanentError)
+    message = str(error.value)
+    assert "GiB per GPU" in message and "79.6 GiB" in message and "train.fsdp_cpu_offload=true" in message
+    check_fits(load_profile("maverick-lora", ["plan.enforce=false"]))  # a user who knows better goes on
+
+
+def test_plan_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan", "--profile", "tiny-cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert JSON_KEYS <= set(result)
+    assert "peak per GPU" in table(result) and markdown(result).startswith("### Plan: tiny-cpu")
+
+
+def test_unknown_gpu_type_lists_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(PlanError, match="H100-80GB, H200-141GB"):
+        plan(load_profile("scout-lora", ["train.gpu_type=B300"]))
+    assert cli.main(["plan", "--profile", "scout-lora", "train.gpu_type=B300"]) == 2
+    assert "unknown GPU type 'B300'" in capsys.readouterr().err
+
+
+def test_fsdp_shard_per_rank_is_total_over_world_size() -> None:
+    from finetune.plan.model import measure, model_config
+    from finetune.plan.recipe import recipe_settings
+
+    profile = load_profile("tiny-cpu")
+    measured = measure(profile, model_config(profile), recipe_settings(profile), world_size=4)
+    assert measured.sharded and len(measured.units) == 4  # one unit per decoder layer, the root apart
+    for unit in measured.units:
+        # full SFT: every parameter trainable, so trainable_full_bytes is the unit's unpadded size
+        assert unit.local_bytes == pytest.approx(unit.trainable_full_bytes / 4, rel=0.02)
+
+
+def test_run_refuses_a_plan_that_does_not_fit_before_any_stage(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "run", "--profile", "maverick-lora", "--store", str(store)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "does not fit" in done.stderr and "GiB" in done.stderr
+    assert not store.exists() or not any(store.iterdir())
