@@ -2,8 +2,8 @@
 against `finetune run --profile tiny-cpu` (ephemeral API), fresh and fully cached.
 
 Setup (not timed): `prefect server start` on a free loopback port, `bash deployments/create-pools.sh`, one process
-worker on `local-process`, `prefect --no-prompt deploy --all` (finetune/local_prefect.py). The deployment runs use
-store A, the direct runs store B, so each side's first run is a fresh seven-stage run. Then ``--repeats`` cached
+worker on `local-process`, `prefect --no-prompt deploy --all` (tests/local_prefect.py, the tests' harness). The
+deployment runs use store A, the direct runs store B, so each side's first run is a fresh seven-stage run. Then ``--repeats`` cached
 reruns of each, alternating (what a schedule tick does when nothing changed); medians reported.
 
     python bench/bench_deployment.py [--work /tmp/bench-deployment] [--repeats 3]
@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.local_prefect import LocalPrefect, start_cluster
 from finetune.profile import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # the loopback cluster harness lives with the tests
+from tests.local_prefect import LocalPrefect, start_cluster  # noqa: E402
 
 
 def deployment_run(cluster: LocalPrefect) -> float:

@@ -95,7 +95,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from finetune.render import RenderError, render
+    from tasks.train.render import RenderError, render
 
     try:
         text = render(load_profile(args.profile, args.overrides), args.overrides, args.target,

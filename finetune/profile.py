@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "profiles"
@@ -276,6 +276,17 @@ class DeployConfig(Section):
     gpu_stages: list[Literal["train", "evaluate", "quantize", "benchmark"]] = ["train"]
     image: str | None = None
     job_variables: dict[str, Any] = Field(default_factory=dict)
+    stage_concurrency: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description="Stages of one run working at once, per work pool. Default: 1 in the pool the flow runs in (its "
+                    "stages share one machine), unbounded in the GPU pool when stages are dispatched there (each "
+                    "stage flow run gets its own pod).")
+
+    @property
+    def gpu_job_variables(self) -> dict[str, Any]:
+        """What a GPU run of this profile asks its pool for (image, GPUs, node selector, ...): job_variables with
+        ``image`` on top. Every GPU launch path (stage dispatch, pool node runs, rendered JobSets) uses this."""
+        return {**self.job_variables, **({"image": self.image} if self.image else {})}
 
 
 class PlanConfig(Section):
@@ -311,6 +322,10 @@ class Profile(Section):
             raise ValueError("benchmark.engine 'vllm' needs a GPU; CPU profiles use engine 'transformers-serve'")
         if self.model.family == "tiny" and self.model.source == "hub":
             raise ValueError("model.family 'tiny' is the embedded model: use source 'embedded'")
+        if self.train.lora is not None and self.train.lora.apply_to_experts and self.convert.keep_peft_adapter:
+            raise ValueError("train.lora.apply_to_experts adapts the fused routed-expert weights, which a PEFT LoRA "
+                             "adapter cannot express, so convert.keep_peft_adapter cannot be kept: set "
+                             "convert.keep_peft_adapter: false (the merged model carries every adapter)")
         return self
 
 

@@ -28,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from finetune.hashing import copy_hashed, sha256_file, sha256_stream
+from finetune.profile import REPO_ROOT
 
 MANIFEST = "artifact.json"
 FORMAT_VERSION = 1
@@ -241,6 +242,11 @@ def _intact(path: Path, record: FileRecord, deep: bool) -> bool:
     if stat.st_size != record.size:
         return False
     return not (deep or stat.st_mtime_ns != record.mtime_ns) or sha256_file(path) == record.sha256
+
+
+def default_store_url() -> str:
+    """Where artifacts go when no --store is given: FINETUNE_STORE, else .store/ in the checkout."""
+    return os.environ.get("FINETUNE_STORE", str(REPO_ROOT / ".store"))
 
 
 def scratch_root() -> Path:

@@ -1,45 +1,40 @@
-"""The ``finetune`` flow: profile -> download -> pack -> train -> convert -> evaluate -> quantize -> benchmark.
+"""The ``finetune`` flow: the pipeline of flows/pipeline.py, submitted as a DAG.
 
-``download`` runs before ``pack`` because packing applies the model's own tokenizer and chat template.
-Every stage is content-keyed (see flows/stage_tasks.py), so a rerun picks up exactly where work stopped.
+Every step is submitted at once with its upstream steps' futures as inputs: Prefect starts a stage when what it
+reads is finished, so the base model's evaluation runs beside training and the run graph in the UI shows the real
+dependencies. Stages sharing a machine take turns through their pool's concurrency limit (flows/slots.py). The
+quality gate (tuned vs base) is a task of its own that quantization waits for: a failed gate stops everything
+downstream of it. Every stage is content-keyed (flows/stage_tasks.py), so a rerun picks up exactly where work
+stopped.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from finetune.hashing import hash_json
-from finetune.profile import REPO_ROOT, Profile, load_profile, resolved_yaml
-from finetune.store import Artifact, Store
-from flows.multinode import check_shared_store
-from flows.stage_tasks import StageResult, run_stage
+from finetune.profile import Profile, load_profile, resolved_yaml
+from finetune.store import Artifact, Store, default_store_url
+from flows.dispatch import gpu_pool_target
+from flows.pipeline import GATE_BASE, GATE_TUNED, Step, spec, stage_keys, steps_until
+from flows.slots import stage_slots
+from flows.stage_tasks import Payload, StageResult, Submitted, payload_artifact, stage_result, submit_stage
 from tasks.evaluate.report import RESULTS_FILE, check_gate, compare, markdown_table, recovery, scores
-
-# Stage order of the pipeline; `until` stops after the named one.
-STAGES = ("download", "pack", "train", "convert", "evaluate", "quantize", "benchmark")
-
-
-def default_store_url() -> str:
-    return os.environ.get("FINETUNE_STORE", str(REPO_ROOT / ".store"))
+from tasks.train.pool import check_shared_store
 
 
 def _run_name() -> str:
     params = flow_run.parameters
     profile = load_profile(params["profile"], params.get("overrides") or [])
-    return f"{profile.name}-data-{hash_json(_spec('pack').fingerprint(profile), 8)}"
+    return f"{profile.name}-data-{hash_json(spec('pack').fingerprint(profile), 8)}"
 
 
-def _spec(stage: str):
-    return importlib.import_module(f"tasks.{stage}").SPEC
-
-
-@flow(name="finetune", flow_run_name=_run_name, persist_result=True, log_prints=True)
+@flow(name="finetune", flow_run_name=_run_name, persist_result=True, result_serializer="json", log_prints=True)
 def finetune(
     profile: str = "tiny-cpu",
     overrides: list[str] | None = None,
@@ -47,61 +42,74 @@ def finetune(
     until: str = "benchmark",
 ) -> dict[str, Any]:
     """Run the pipeline for one profile. Returns per stage: key, cached, seconds, path, metrics."""
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
+    steps = steps_until(until)
     resolved = load_profile(profile, overrides or [])
     artifacts_store = Store(store or default_store_url())
     check_shared_store(resolved, artifacts_store)
     create_markdown_artifact(
         f"# Profile `{resolved.name}`\n\n{resolved.description}\n\n```yaml\n{resolved_yaml(resolved)}```",
         key="resolved-profile", description="The fully resolved profile this run used")
+    keys = stage_keys(resolved, steps)
+    targets = {step.label: gpu_pool_target(step.stage, resolved) for step in steps}
+    pools = {step.label: resolved.deploy.gpu_work_pool if targets[step.label] else resolved.deploy.work_pool
+             for step in steps}
     results: dict[str, StageResult] = {}
-    wanted = STAGES[: STAGES.index(until) + 1]
-
-    def stage(name: str, inputs: dict[str, str], label: str | None = None) -> StageResult:
-        result = run_stage(_spec(name), resolved, artifacts_store,
-                           {slot: results[src].artifact for slot, src in inputs.items()}, label=label)
-        results[label or name] = result
-        return result
-
-    chain: list[tuple[str, dict[str, str], str | None]] = [
-        ("download", {}, None),
-        ("pack", {"download": "download"}, None),
-        ("train", {"download": "download", "pack": "pack"}, None),
-        ("convert", {"download": "download", "train": "train"}, None),
-        ("evaluate", {"model": "download"}, "evaluate-base"),
-        ("evaluate", {"model": "convert"}, "evaluate-tuned"),
-        ("quantize", {"convert": "convert", "pack": "pack"}, None),
-        ("evaluate", {"model": "quantize"}, "evaluate-quantized"),
-        ("benchmark", {"convert": "convert", "quantize": "quantize", "pack": "pack"}, None),
-    ]
     try:
-        for name, inputs, label in chain:
-            if name not in wanted:
-                break
-            stage(name, inputs, label)
-            if name == "evaluate":  # the gate and the recovery table read its scores on this machine
-                artifacts_store.materialize(results[label].artifact, [RESULTS_FILE])
-            if label == "evaluate-tuned":
-                quality_gate(resolved, results["evaluate-base"].artifact, results["evaluate-tuned"].artifact)
-            if label == "evaluate-quantized":
-                post_recovery(results["evaluate-tuned"].artifact, results["evaluate-quantized"].artifact)
+        with stage_slots(resolved, set(pools.values())) as slots:
+            submitted: dict[str, Submitted] = {}
+            gate: PrefectFuture | None = None
+            for step in steps:
+                submitted[step.label] = submit_stage(
+                    spec(step.stage), keys[step.label], resolved, artifacts_store,
+                    {slot: submitted[src].future for slot, src in step.inputs.items()}, step.label,
+                    gpu_pool=targets[step.label], slot=slots[pools[step.label]],
+                    wait_for=[gate] if step.after_gate and gate is not None else None)
+                if step.label == GATE_TUNED:
+                    gate = quality_gate.submit(resolved, artifacts_store.url, submitted[GATE_BASE].future,
+                                               submitted[GATE_TUNED].future)
+            failure = _collect(steps, submitted, gate, artifacts_store, results)
+        if failure is not None:
+            failure.result()  # raises the first failure in pipeline order
+        if "evaluate-quantized" in results:
+            post_recovery(artifacts_store, results["evaluate-tuned"].artifact, results["evaluate-quantized"].artifact)
     finally:
         _post_lineage(resolved.name, artifacts_store, results)
-    return {name: result.summary() for name, result in results.items()}
+    return {label: result.summary() for label, result in results.items()}
+
+
+def _collect(steps: list[Step], submitted: dict[str, Submitted], gate: PrefectFuture | None, store: Store,
+             results: dict[str, StageResult]) -> Any:
+    """Wait for every step in pipeline order, post each finished one's tables; return the first failed state (a
+    step that never started because something upstream failed is not a failure of its own)."""
+    failure = None
+    for step in steps:
+        future = submitted[step.label].future
+        future.wait()
+        if future.state.is_completed():
+            results[step.label] = stage_result(submitted[step.label], store)
+        elif future.state.is_failed() or future.state.is_crashed():
+            failure = failure or future.state
+        if step.label == GATE_TUNED and gate is not None:
+            gate.wait()
+            if gate.state.is_failed() or gate.state.is_crashed():
+                failure = failure or gate.state
+    return failure
 
 
 @task(name="quality-gate")
-def quality_gate(profile: Profile, base: Artifact, tuned: Artifact) -> None:
+def quality_gate(profile: Profile, store_url: str, base: Payload, tuned: Payload) -> None:
     """Compare tuned with base and stop the pipeline (before quantization) if the profile's gate fails."""
-    rows = compare(base, tuned)
+    store = Store(store_url)
+    base_artifact, tuned_artifact = (store.materialize(payload_artifact(p, store), [RESULTS_FILE])
+                                     for p in (base, tuned))
+    rows = compare(base_artifact, tuned_artifact)
     create_markdown_artifact(f"# Tuned vs base\n\n{markdown_table(rows)}\n", key="eval-deltas",
                              description="lm-eval scores of the tuned model against its base")
     check_gate(rows, profile.evaluate.gate)
 
 
-def post_recovery(bf16: Artifact, w4: Artifact) -> None:
-    rows = recovery(scores(bf16), scores(w4))
+def post_recovery(store: Store, bf16: Artifact, w4: Artifact) -> None:
+    rows = recovery(*(scores(store.materialize(artifact, [RESULTS_FILE])) for artifact in (bf16, w4)))
     create_markdown_artifact(f"# 4-bit vs bf16 quality\n\n{markdown_table(rows)}\n", key="quantized-recovery",
                              description="Share of each bf16 score the W4A16 model keeps")
 

@@ -2,13 +2,19 @@
 
 Caching has two layers that agree on one key (finetune.stage.stage_key):
 - Prefect's cache record (persisted in the store's results directory) answers a rerun without running the task;
-- the store's artifact.json is the truth: before calling the task the flow checks it still verifies, and forces
+- the store's artifact.json is the truth: before submitting the task the flow checks it still verifies, and forces
   ``refresh_cache`` when it does not, so a deleted or altered file is recomputed rather than trusted.
+
+Stages are submitted as futures: a task receives its upstream tasks' futures as inputs, so Prefect starts it when
+they finish and draws the dependency in the run graph. Each running stage holds one slot of its pool's concurrency
+limit (flows/slots.py), so stages that share a machine take turns.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +26,18 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.concurrency.sync import concurrency
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import State
 
 from finetune.profile import Profile
 from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables, stage_key
 from finetune.store import Artifact, Store
+from flows.dispatch import dispatch_to_gpu_pool
+
+Payload = dict[str, Any]
+"""What the stage task returns (and Prefect caches): the artifact's JSON with its path, and its UI tables."""
 
 
 @dataclass
@@ -44,6 +56,16 @@ class StageResult:
         }
 
 
+def prefect_progress(description: str) -> Callable[[float, str], None]:
+    """A progress artifact in the UI and the callback that moves it (fraction 0..1, message)."""
+    progress_id = create_progress_artifact(0.0, description=description)
+
+    def progress(fraction: float, message: str) -> None:
+        update_progress_artifact(progress_id, min(100.0, max(0.0, 100.0 * fraction)), description=message)
+
+    return progress
+
+
 def _retry_unless_permanent(task, task_run, state: State) -> bool:
     """Retry transient failures and preemptions; bad input fails at once."""
     try:
@@ -60,54 +82,83 @@ def _artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
+def payload_artifact(payload: Payload, store: Store) -> Artifact:
+    data = payload["artifact"]
+    return Artifact.from_json(data, str(store.local_dir(data["stage"], data["key"])))
+
+
+def _payload(artifact: Artifact, tables: dict[str, list[dict[str, Any]]]) -> Payload:
+    return {"artifact": artifact.to_json() | {"path": artifact.path}, "tables": tables}
+
+
 @task(
     cache_key_fn=lambda context, parameters: f"{parameters['spec'].name}-{parameters['key']}",
     persist_result=True,
+    # JSON, not pickle: the results live in the store, and whoever can write a store must not run code here.
+    result_serializer="json",
     retry_condition_fn=_retry_unless_permanent,
     retry_delay_seconds=5,
 )
 def run_stage_task(
-    spec: StageSpec, key: str, profile: Profile, store_url: str, inputs: dict[str, Artifact]
-) -> dict[str, Any]:
-    logger = get_run_logger()
-    progress_id = create_progress_artifact(0.0, description=f"{spec.name} {key[:10]}")
+    spec: StageSpec, key: str, profile: Profile, store_url: str, inputs: dict[str, Payload | Artifact],
+    label: str, gpu_pool: str | None, slot: str | None,
+) -> Payload:
+    """Run (or reuse) one stage. ``inputs`` are upstream payloads (resolved from their futures) or artifacts;
+    ``gpu_pool`` names the finetune-stage deployment to run it on instead of here; ``slot`` the concurrency limit
+    whose slot it holds while it works."""
+    store = Store(store_url)
+    artifacts = {name: value if isinstance(value, Artifact) else payload_artifact(value, store)
+                 for name, value in inputs.items()}
+    if stage_key(spec, profile, artifacts) != key:
+        raise RuntimeError(f"{label}: inputs give another key than the flow computed ({key[:12]}): a bug")
+    with concurrency(slot, occupy=1, strict=True) if slot else contextlib.nullcontext():
+        if gpu_pool is not None and store.verified_artifact(spec.name, key) is None:
+            remote = dispatch_to_gpu_pool(spec, profile, store, artifacts, key, label, gpu_pool)
+            return _payload(remote, read_tables(store.materialize(remote, [TABLES_FILE])))
+        logger = get_run_logger()
+        artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=logger.info,
+                                         progress=prefect_progress(f"{label} {key[:10]}"))
+    return _payload(artifact, tables)
 
-    def progress(fraction: float, message: str) -> None:
-        update_progress_artifact(progress_id, min(100.0, max(0.0, 100.0 * fraction)), description=message)
 
-    artifact, tables = execute_stage(
-        spec, profile, Store(store_url), inputs, key=key, log_fn=logger.info, progress=progress)
-    update_progress_artifact(progress_id, 100.0, description=f"{spec.name} done")
-    return {"artifact": artifact.to_json() | {"path": artifact.path}, "tables": tables}
+@dataclass
+class Submitted:
+    label: str
+    future: PrefectFuture
+    verified: bool
+    """The store already held this stage's finished artifact when it was submitted."""
 
 
-def run_stage(
-    spec: StageSpec, profile: Profile, store: Store, inputs: dict[str, Artifact], label: str | None = None
-) -> StageResult:
-    """Run (or reuse) one stage from inside the flow and post its tables to the UI."""
-    from flows.stage_flow import dispatch_to_gpu_pool  # imports this module
-
-    label = label or spec.name
-    key = stage_key(spec, profile, inputs)
+def submit_stage(
+    spec: StageSpec, key: str, profile: Profile, store: Store, inputs: Mapping[str, PrefectFuture | Artifact],
+    label: str, *, gpu_pool: str | None = None, slot: str | None = None, wait_for: list[PrefectFuture] | None = None,
+) -> Submitted:
+    """Submit one stage: it starts when its input futures (and ``wait_for``) have finished."""
     verified = store.verified_artifact(spec.name, key) is not None
-    # GPU-bound stages of a deployed pipeline run as their own flow run in the GPU pool (flows/stage_flow.py).
-    remote = None if verified else dispatch_to_gpu_pool(spec, profile, store, inputs, key, label)
-    if remote is not None:
-        tables = read_tables(store.materialize(remote, [TABLES_FILE]))
-        return _post_tables(StageResult(artifact=remote, cached=False, tables=tables), label, store)
-    state = run_stage_task.with_options(
+    future = run_stage_task.with_options(
         name=label,
         task_run_name=f"{label}-{key[:10]}",
         retries=profile.retries,
         refresh_cache=not verified,
         result_storage=store.results_dir(),
-    )(spec=spec, key=key, profile=profile, store_url=store.url, inputs=inputs, return_state=True)
-    payload = state.result()
-    data = dict(payload["artifact"])
-    artifact = Artifact.from_json(data, str(store.local_dir(spec.name, key)))
-    # A Prefect cache hit never re-ran the task; a store hit ran it but found the artifact finished.
-    cached = state.name == "Cached" or verified
-    return _post_tables(StageResult(artifact=artifact, cached=cached, tables=payload["tables"]), label, store)
+    ).submit(spec=spec, key=key, profile=profile, store_url=store.url, inputs=dict(inputs), label=label,
+             gpu_pool=gpu_pool, slot=slot, wait_for=wait_for or [])
+    return Submitted(label, future, verified)
+
+
+def stage_result(submitted: Submitted, store: Store) -> StageResult:
+    """The finished stage's result (raises its failure), with its tables and plots posted to the UI."""
+    payload = submitted.future.result()
+    # A Prefect cache hit never re-ran the task; a store hit ran it but found the artifact already finished.
+    cached = submitted.future.state.name == "Cached" or submitted.verified
+    result = StageResult(artifact=payload_artifact(payload, store), cached=cached, tables=payload["tables"])
+    return _post_tables(result, submitted.label, store)
+
+
+def run_stage(spec: StageSpec, profile: Profile, store: Store, inputs: dict[str, Artifact], label: str) -> StageResult:
+    """Run one stage here and now (the GPU pool's stage flow): same task, same caching."""
+    key = stage_key(spec, profile, inputs)
+    return stage_result(submit_stage(spec, key, profile, store, inputs, label), store)
 
 
 def _post_tables(result: StageResult, label: str, store: Store) -> StageResult:

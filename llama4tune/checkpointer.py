@@ -38,7 +38,9 @@ from torchtune.training.checkpointing import FormattedCheckpointFiles, get_large
 from finetune.checkpoint_pickle import torch_load
 from llama4tune.config import Llama4TextArgs, load_text_args, text_config_dict
 from llama4tune.convert import hf_to_tune_key, is_multimodal_only_key, tune_to_hf_key, tune_to_peft_key
-from llama4tune.lora import peft_adapter_config
+from llama4tune.peft import CONFIG_FILE as PEFT_CONFIG
+from llama4tune.peft import WEIGHTS_FILE as PEFT_WEIGHTS
+from llama4tune.peft import NoPeftForm, peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ INDEX_FNAME = "model.safetensors.index.json"
 RECIPE_STATE_DIRNAME = "recipe_state"
 # Files never carried from checkpoint_dir into an epoch folder (weights are rewritten).
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-_NOT_COPIED_NAMES = {"adapter_config.json", "original_repo_id.json"}
+_NOT_COPIED_NAMES = {PEFT_CONFIG, "original_repo_id.json"}
 
 
 class Llama4HFCheckpointer:
@@ -260,16 +262,19 @@ class Llama4HFCheckpointer:
 
     def _write_adapter(self, adapter: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any] | None, folder: Path) -> None:
         torch.save(dict(adapter), folder / "adapter_model.pt")
-        try:
-            peft = {tune_to_peft_key(k, self._save_multimodal): v.contiguous() for k, v in adapter.items()}
-        except KeyError as exc:
-            # Expert LoRA / trained router have no PEFT form: keep the torchtune file only.
-            log.warning("Adapter not saved in PEFT format: %s", exc)
+        if adapter_config is None:
             return
-        save_file(peft, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        if adapter_config is not None:
-            config = peft_adapter_config(adapter_config, base_model_name_or_path=self.repo_id)
-            (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        try:
+            weights, config = peft_adapter(
+                adapter, lambda key: tune_to_peft_key(key, self._save_multimodal), adapter_config["r"],
+                adapter_config["lora_alpha"], dropout=adapter_config.get("lora_dropout", 0.0),
+                base_model_name_or_path=self.repo_id)
+        except NoPeftForm as exc:
+            # Expert LoRA: only with convert.keep_peft_adapter off (profiles refuse the pair), so nothing reads it.
+            log.info("Adapter not saved in PEFT format: %s", exc)
+            return
+        save_file(weights, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
     def _copy_side_files(self, folder: Path) -> None:
         for path in self._checkpoint_dir.iterdir():

@@ -136,17 +136,6 @@ def tune_to_peft_key(tune_key: str, multimodal_prefix: bool = False) -> str:
     return f"{PEFT_PREFIX}{hf_weight.removesuffix('.weight')}.lora_{match.group(2).upper()}.weight"
 
 
-def peft_to_tune_key(peft_key: str, config: ConfigLike) -> str:
-    """Inverse of tune_to_peft_key."""
-    match = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$", peft_key)
-    if match is None:
-        raise KeyError(f"unrecognised PEFT LoRA key: {peft_key!r}")
-    tune = hf_to_tune_key(f"{match.group(1)}.weight", config)
-    if tune is None:
-        raise KeyError(f"{peft_key!r} does not target the text decoder")
-    return f"{tune.removesuffix('.weight')}.lora_{match.group(2).lower()}.weight"
-
-
 def hf_to_tune(state_dict: Mapping[str, torch.Tensor], config: ConfigLike) -> dict[str, torch.Tensor]:
     """Whole HF state dict -> tune state dict (same tensor objects; non-text keys dropped)."""
     args = load_text_args(config)

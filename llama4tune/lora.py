@@ -1,4 +1,4 @@
-"""Merging LoRA adapters of a llama4tune model into base weights, and PEFT adapter export.
+"""Merging LoRA adapters of a llama4tune model into base weights (PEFT export is llama4tune/peft.py).
 
 torchtune's `get_merged_lora_ckpt` handles LoRALinear (`<m>.lora_a.weight` / `<m>.lora_b.weight`)
 but not our per-expert adapters (`<m>.experts.lora_gate_up_a` ...), which it would mistake for
@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
-from llama4tune.convert import tune_to_peft_key
-
 _LINEAR_A = re.compile(r"^(.+)\.lora_a\.weight$")
 _EXPERT_A = re.compile(r"^(.+)\.lora_(gate_up|down)_a$")
-# Our module names -> HF module names that PEFT's target_modules matches by suffix.
-_PEFT_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
-                 "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}  # fmt: skip
 
 
 def merge_linear_lora(base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, alpha: float) -> torch.Tensor:
@@ -65,47 +59,3 @@ def _require(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str], module
     missing = [k for k in keys if k not in state_dict]
     if missing:
         raise KeyError(f"LoRA module {module!r}: missing {missing} in the state dict")
-
-
-def adapter_to_peft(adapter_state_dict: Mapping[str, torch.Tensor], multimodal_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """torchtune adapter weights (LoRALinear only) -> PEFT `adapter_model.safetensors` keys."""
-    return {tune_to_peft_key(k, multimodal_prefix): v for k, v in adapter_state_dict.items()}
-
-
-def peft_adapter_config(adapter_config: Mapping[str, Any], base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """PEFT `adapter_config.json` content from the adapter config torchtune's LoRA recipes save.
-
-    `adapter_config` has `r`, `lora_alpha` and torchtune module names in `target_modules` (q_proj,
-    output_proj, w1, w2, w3, output). gate/up/down_proj then match both the dense MLPs and the shared
-    experts (PEFT matches name suffixes): exactly what apply_lora_to_mlp adapts.
-    """
-    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in adapter_config]
-    if missing:
-        raise KeyError(f"adapter config is missing {missing}")
-    unknown = [m for m in adapter_config["target_modules"] if m not in _PEFT_TARGETS]
-    if unknown:
-        raise ValueError(f"adapter config target_modules {unknown} have no PEFT equivalent")
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": adapter_config["r"],
-        "lora_alpha": adapter_config["lora_alpha"],
-        "lora_dropout": adapter_config.get("lora_dropout", 0.0),
-        "target_modules": sorted({_PEFT_TARGETS[m] for m in adapter_config["target_modules"]}),
-        "bias": "none",
-        "base_model_name_or_path": base_model_name_or_path,
-    }
-
-
-def validate_base_load(model: torch.nn.Module, missing: Sequence[str], unexpected: Sequence[str]) -> None:
-    """Checks `model.load_state_dict(base, strict=False)` left only adapter parameters unloaded.
-
-    torchtune's validate_missing_and_unexpected_for_lora only knows LoRALinear names; this also
-    accepts expert adapters and a trainable router (whatever get_adapter_params reports).
-    """
-    from torchtune.modules.peft import get_adapter_params
-
-    adapter = set(get_adapter_params(model))
-    not_adapter = [k for k in missing if k not in adapter]
-    if not_adapter or unexpected:
-        raise KeyError(f"base checkpoint mismatch: missing non-adapter keys {not_adapter[:5]}, unexpected {list(unexpected)[:5]}")

@@ -32,6 +32,8 @@ from finetune.procs import free_port
 from tasks.benchmark.server import Server, ServerError, serving
 from tasks.benchmark.workload import build_workload
 
+pytestmark = pytest.mark.slow  # starts real HTTP servers (transformers serve)
+
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROMPTS = 4
 MAX_TOKENS = 8

@@ -201,11 +201,26 @@ def test_convert_lora_hf_format_keeps_merged_weights_and_carries_adapter(base_di
     assert _max_diff(_peft_logits(base_dir, out / "adapter"), expected) <= 1e-4
 
 
-def test_convert_expert_lora_merges_without_peft_adapter(base_dir: Path, tmp_path: Path) -> None:
+def test_convert_expert_lora_merges_and_refuses_a_peft_adapter_it_cannot_express(base_dir: Path, tmp_path: Path) -> None:
     model = trained_model(base_dir, lora=True, lora_experts=True)
-    metrics = convert(base_dir, save_dcp_final(model, tmp_path / "train", "lora"), tmp_path / "out")
+    train = save_dcp_final(model, tmp_path / "train", "lora")
+    with pytest.raises(PermanentError, match=r"no PEFT LoRA form.*set convert.keep_peft_adapter: false"):
+        convert(base_dir, train, tmp_path / "refused")  # profiles refuse this pair up front; a checkpoint still can
+    metrics = convert(base_dir, train, tmp_path / "out", ["convert.keep_peft_adapter=false"])
     assert metrics["peft_adapter"] is None and not (tmp_path / "out" / "adapter").exists()
     assert _max_diff(hf_logits(tmp_path / "out"), tune_logits(model)) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "hf"])
+def test_both_final_formats_export_the_same_peft_adapter(base_dir: Path, tmp_path: Path, fmt: str) -> None:
+    """One exporter (llama4tune/peft.py): exact module names in target_modules whichever format training saved."""
+    model = trained_model(base_dir, lora=True)
+    save = save_dcp_final if fmt == "dcp" else functools.partial(_save_hf_final, base_dir=base_dir)
+    convert(base_dir, save(model, root=tmp_path / "train", method="lora"), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] and all(name.startswith("model.layers.") for name in config["target_modules"])
+    assert "model.layers.0.self_attn.q_proj" in config["target_modules"]
+    assert (config["r"], config["lora_alpha"]) == (LORA["rank"], LORA["alpha"])
 
 
 @pytest.fixture(scope="module")

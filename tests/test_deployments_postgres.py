@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.local_prefect import start_cluster
+from tests.local_prefect import start_cluster
 from finetune.procs import free_port
 
 pytestmark = pytest.mark.e2e

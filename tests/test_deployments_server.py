@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune.local_prefect import LocalPrefect, start_cluster
+from tests.local_prefect import LocalPrefect, start_cluster
 from finetune.profile import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
@@ -285,7 +285,6 @@ def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: 
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     from finetune.profile import load_profile
-    from flows.multinode import pool_job_variables
 
     profile = load_profile("maverick-lora")
 
@@ -295,7 +294,7 @@ def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: 
             run = await client.create_flow_run_from_deployment(
                 deployment.id, parameters={"profile": profile.name, "overrides": [], "workdir": "/store/train/k",
                                            "node_rank": 1, "rendezvous": "r"},
-                job_variables=pool_job_variables(profile))
+                job_variables=profile.deploy.gpu_job_variables)
             try:
                 pool = await client.read_work_pool(profile.deploy.gpu_work_pool)
                 config = await KubernetesWorkerJobConfiguration.resolve_for_flow_run(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import importlib
 import json
 import logging
 import os
@@ -31,6 +30,9 @@ import pytest
 import yaml
 
 from finetune.stage import PermanentError
+from flows import pipeline
+
+pytestmark = pytest.mark.slow  # drives every stage (trainer, servers) in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 SENTINEL = "hf_FAULTCAMPAIGNSENTINEL0123456789abcdef"  # HF_TOKEN of every fault run: must never be written anywhere
@@ -43,32 +45,17 @@ SMALL = [
     "quantize.calibration_samples=4", "quantize.calibration_seq_len=64",
     "benchmark.num_prompts=2", "benchmark.concurrencies=[1]", "benchmark.max_tokens=4",
 ]
-# slot -> (stage, upstream slots). "evaluate" scores the base model: it needs no training.
-CHAIN: dict[str, tuple[str, dict[str, str]]] = {
-    "download": ("download", {}),
-    "pack": ("pack", {"download": "download"}),
-    "train": ("train", {"download": "download", "pack": "pack"}),
-    "convert": ("convert", {"download": "download", "train": "train"}),
-    "evaluate": ("evaluate", {"model": "download"}),
-    "quantize": ("quantize", {"convert": "convert", "pack": "pack"}),
-    "benchmark": ("benchmark", {"convert": "convert", "quantize": "quantize", "pack": "pack"}),
-}
-ALL = "evaluate,benchmark"
+# Every stage once; "evaluate-base" scores the base model: it needs no training.
+ALL = "evaluate-base,benchmark"
 
 
 def needed(targets: str) -> list[str]:
-    """The slots the comma-separated ``targets`` depend on, upstream first, ending with the targets."""
-    order: list[str] = []
+    """The pipeline steps the comma-separated ``targets`` depend on, upstream first, ending with the targets."""
+    return [step.label for step in pipeline.needed(targets.split(","))]
 
-    def visit(slot: str) -> None:
-        for upstream in CHAIN[slot][1].values():
-            visit(upstream)
-        if slot not in order:
-            order.append(slot)
 
-    for target in targets.split(","):
-        visit(target)
-    return order
+def stage_of(slot: str) -> str:
+    return pipeline.STEPS[slot].stage
 
 
 def run_chain(store_url: str, targets: str, overrides: list[str], profile_name: str = "tiny-cpu",
@@ -81,11 +68,10 @@ def run_chain(store_url: str, targets: str, overrides: list[str], profile_name: 
     profile = load_profile(profile_name, overrides)
     store = Store(store_url)
     done: dict[str, Any] = {}
-    for slot in needed(targets):
-        stage, upstream = CHAIN[slot]
-        spec = importlib.import_module(f"tasks.{stage}").SPEC
-        inputs = {name: done[src] for name, src in upstream.items()}
-        cached = store.verified_artifact(stage, stage_key(spec, profile, inputs)) is not None
+    for step in pipeline.needed(targets.split(",")):
+        slot, spec = step.label, pipeline.spec(step.stage)
+        inputs = pipeline.step_inputs(step, done)
+        cached = store.verified_artifact(step.stage, stage_key(spec, profile, inputs)) is not None
         emit({"event": "start", "slot": slot, "cached": cached})
         done[slot], _ = execute_stage(spec, profile, store, inputs)
         emit({"event": "done", "slot": slot, "cached": cached, "key": done[slot].key, "path": done[slot].path})
@@ -201,7 +187,7 @@ def leftovers(store: Path) -> list[str]:
 def copy_stages(source: Path, target: Path, slots: list[str]) -> None:
     """Put finished artifacts of ``slots`` from one store into another (mtimes kept: they verify without rehash)."""
     for slot in slots:
-        stage = CHAIN[slot][0]
+        stage = stage_of(slot)
         for work in (source / stage).iterdir():
             if (work / "artifact.json").is_file() and not (target / stage / work.name).exists():
                 shutil.copytree(work, target / stage / work.name)
@@ -279,8 +265,8 @@ def test_damaged_artifacts_are_recomputed_alone_and_kept_aside(reference: Refere
     cut mid-JSON (pack), an artifact.json naming another key (evaluate). train is intact and must not rerun."""
     store = tmp_path / "store"
     store.mkdir()
-    damaged = ["download", "pack", "evaluate", "convert", "quantize"]
-    copy_stages(reference.store, store, needed("evaluate,quantize"))
+    damaged = ["download", "pack", "evaluate-base", "convert", "quantize"]
+    copy_stages(reference.store, store, needed("evaluate-base,quantize"))
     originals = {}
     for slot in ("download", "convert", "quantize"):
         shard = sorted((store / slot / reference.keys[slot]).glob("*.safetensors"))[0]
@@ -289,17 +275,17 @@ def test_damaged_artifacts_are_recomputed_alone_and_kept_aside(reference: Refere
             handle.truncate(len(originals[shard]) // 2)
     torn = _manifest(store, "pack", reference.keys["pack"])
     torn.write_text(torn.read_text()[:200])
-    other = _manifest(store, "evaluate", reference.keys["evaluate"])
-    other.write_text(other.read_text().replace(reference.keys["evaluate"], "0" * 20))
+    other = _manifest(store, "evaluate", reference.keys["evaluate-base"])
+    other.write_text(other.read_text().replace(reference.keys["evaluate-base"], "0" * 20))
 
-    driven = run_driver(store, "evaluate,quantize", reference.env)
+    driven = run_driver(store, "evaluate-base,quantize", reference.env)
     assert driven.returncode == 0, driven.output[-4000:]
     assert {e["slot"]: e["cached"] for e in driven.events if e["event"] == "done"} == {
-        slot: slot not in damaged for slot in needed("evaluate,quantize")}
+        slot: slot not in damaged for slot in needed("evaluate-base,quantize")}
     assert all(shard.read_bytes() == content for shard, content in originals.items())
     for slot in damaged:
         assert_same_result(store, reference, slot)
-        (kept,) = (store / slot / ".quarantine").iterdir()  # the damaged copy is moved aside, never deleted
+        (kept,) = (store / stage_of(slot) / ".quarantine").iterdir()  # the damaged copy is moved aside, never deleted
         assert kept.name.startswith(reference.keys[slot])
     assert leftovers(store) == []
 
@@ -552,7 +538,7 @@ def _same_meaning(stage: str, name: str, mine: Path, theirs: Path, roots: tuple[
 
 def assert_same_result(store: Path, reference: Reference, slot: str) -> None:
     """The artifact of ``slot`` in ``store`` equals the reference's: byte for byte except VOLATILE files."""
-    stage, key = CHAIN[slot][0], reference.keys[slot]
+    stage, key = stage_of(slot), reference.keys[slot]
     mine = json.loads(_manifest(store, stage, key).read_text())["files"]
     theirs = json.loads(_manifest(reference.store, stage, key).read_text())["files"]
     assert sorted(mine) == sorted(theirs), f"{slot}: different files"

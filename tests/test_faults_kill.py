@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from tests.test_faults import (  # noqa: F401  (reference: the shared session fixture)
-    ALL, CHAIN, Reference, assert_same_result, kill_tree, leftovers, needed, parse_events, reference, start_driver,
+    ALL, Reference, assert_same_result, kill_tree, leftovers, needed, parse_events, reference, stage_of, start_driver,
 )
+
+pytestmark = pytest.mark.slow  # drives and kills every stage in subprocesses
 
 ORDER = needed(ALL)
 STEPS = 6  # train.max_steps in SMALL
@@ -29,7 +31,7 @@ class Watched:
     def __init__(self, store: Path, targets: str, env: dict[str, str]):
         self.proc = start_driver(store, targets, env)
         self.lines: list[str] = []
-        self.started: dict[str, threading.Event] = {slot: threading.Event() for slot in CHAIN}
+        self.started: dict[str, threading.Event] = {slot: threading.Event() for slot in ORDER}
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -55,7 +57,7 @@ def _kill_during(reference: Reference, store: Path, slot: str, rng: random.Rando
     targets = ",".join(ORDER[: ORDER.index(slot) + 1])
     watched = Watched(store, targets, reference.env)
     assert watched.started[slot].wait(timeout=300), watched.tail()
-    work = store / CHAIN[slot][0] / reference.keys[slot]
+    work = store / stage_of(slot) / reference.keys[slot]
     if slot == "train":
         point = f"step {rng.randint(1, STEPS - 1)}"
         _wait_for_lines(work / "metrics.jsonl", int(point.split()[1]), watched)

@@ -62,6 +62,19 @@ def test_lora_method_without_lora_section_is_rejected() -> None:
         load_profile("tiny-cpu", ["train.method=lora"])
 
 
+@pytest.mark.parametrize("final_format", ["train.enable_dcp=true", "train.enable_dcp=false"])
+def test_expert_lora_with_a_peft_adapter_is_refused_before_training_in_either_final_format(final_format: str) -> None:
+    expert_lora = ["train.method=lora", "train.lora={rank: 4, alpha: 8, apply_to_experts: true}", final_format]
+    with pytest.raises(ProfileError, match=r"set convert.keep_peft_adapter: false"):
+        load_profile("tiny-cpu", expert_lora)
+    assert load_profile("tiny-cpu", [*expert_lora, "convert.keep_peft_adapter=false"]).train.lora.apply_to_experts
+
+
+def test_stage_concurrency_limits_are_positive() -> None:
+    with pytest.raises(ProfileError, match=r"deploy.stage_concurrency.local-process"):
+        load_profile("tiny-cpu", ["deploy.stage_concurrency={local-process: 0}"])
+
+
 def test_vllm_on_cpu_is_rejected_with_the_fix() -> None:
     with pytest.raises(ProfileError, match=r"engine 'transformers-serve'"):
         load_profile("tiny-cpu", ["benchmark.engine=vllm"])

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from finetune.profile import list_profiles, load_profile
-from finetune.render import RenderError, jobset, node_command, render, skypilot_task, torchrun_args, validate
+from tasks.train.launch import node_command, torchrun_args
+from tasks.train.render import RenderError, jobset, render, skypilot_task, validate
 
 PROFILES = sorted(list_profiles())
 

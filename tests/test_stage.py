@@ -122,9 +122,10 @@ def test_the_flow_and_every_stage_spec_load_without_torch_transformers_or_lm_eva
     # A cached rerun only computes keys and verifies artifacts: the heavy libraries would cost it seconds.
     script = textwrap.dedent("""
         import importlib, sys
-        from flows.finetune import STAGES
-        for stage in STAGES:
-            importlib.import_module(f"tasks.{stage}").SPEC
+        import flows.finetune
+        from flows.pipeline import PIPELINE, spec
+        for step in PIPELINE:
+            spec(step.stage)
         print(sorted({"torch", "transformers", "lm_eval", "llmcompressor", "vllm"} & set(sys.modules)))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -24,6 +24,8 @@ from tunerecipes.checkpoint_layout import latest_checkpoint
 from tunerecipes.report import parse_metrics
 from tasks import download, pack, train
 
+pytestmark = pytest.mark.slow  # starts real trainers
+
 STEPS, EVERY = 6, 2
 BASE = [
     "data.max_seq_len=64", f"train.max_steps={STEPS}", "train.batch_size=2", "train.warmup_steps=1",

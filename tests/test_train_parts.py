@@ -10,11 +10,11 @@ import torch
 
 from finetune.profile import load_profile
 from finetune.stage import PermanentError
+from tasks.train import launch, recipe_config
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
 from tunerecipes.report import ERROR_PREFIX, METRICS_PREFIX, parse_error, parse_metrics
 from tunerecipes.sampler import ResumableSampler
-from tasks import train
 
 
 def write_fake_complete(path: Path) -> None:
@@ -114,7 +114,7 @@ def test_render_config_maps_the_profile_and_applies_overrides(tmp_path: Path) ->
     model_dir, pack_dir = tmp_path / "model", tmp_path / "pack"
     model_dir.mkdir()
     (model_dir / "tokenizer.json").write_text("{}")
-    cfg = train.render_config(profile.train, 64, tmp_path / "work", model_dir, pack_dir)
+    cfg = recipe_config.render_config(profile.train, 64, tmp_path / "work", model_dir, pack_dir)
     assert cfg["model"] == {
         "_component_": "llama4tune.lora_llama4_from_hf_config", "config": str(model_dir), "max_seq_len": 64,
         "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True, "apply_lora_to_experts": False,
@@ -136,35 +136,35 @@ def test_render_config_maps_the_profile_and_applies_overrides(tmp_path: Path) ->
 def test_render_config_rejects_misspelt_overrides(tmp_path: Path, override: str, complaint: str) -> None:
     profile = tiny(f"train.recipe_overrides={override}")
     with pytest.raises(PermanentError, match=complaint):
-        train.render_config(profile.train, 64, tmp_path, tmp_path, tmp_path)
+        recipe_config.render_config(profile.train, 64, tmp_path, tmp_path, tmp_path)
 
 
 def test_launch_commands_per_launcher(tmp_path: Path) -> None:
     config = tmp_path / "cfg.yaml"
-    single = train.launch_commands(tiny().train, config, "run1")
-    assert single == [[single[0][0], "run", train.RECIPE, "--config", str(config)]]
-    [two] = train.launch_commands(tiny("train.nproc_per_node=2").train, config, "run1")
+    single = launch.launch_commands(tiny().train, config, "run1")
+    assert single == [[single[0][0], "run", launch.RECIPE, "--config", str(config)]]
+    [two] = launch.launch_commands(tiny("train.nproc_per_node=2").train, config, "run1")
     assert two[1:6] == ["run", "--nnodes", "1", "--nproc_per_node", "2"]
-    nodes = train.launch_commands(tiny("train.launcher=local-nodes", "train.nnodes=2").train, config, "run1")
+    nodes = launch.launch_commands(tiny("train.launcher=local-nodes", "train.nnodes=2").train, config, "run1")
     assert len(nodes) == 2 and nodes[0] == nodes[1]
     joined = " ".join(nodes[0])
     assert "--nnodes 2 " in joined and "--rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in joined
     assert "--rdzv_id run1" in joined
-    assert train.launch_commands(tiny("train.launcher=prefect-pool", "train.nnodes=2").train, config, "run1") == []
+    assert launch.launch_commands(tiny("train.launcher=prefect-pool", "train.nnodes=2").train, config, "run1") == []
 
 
 @pytest.mark.parametrize("launcher", ["skypilot", "jobset"])
 def test_engine_launchers_need_the_endpoint_their_rendered_job_exports(
     tmp_path: Path, launcher: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune.render import ENDPOINT_ENV, RDZV_ID_ENV
+    from tasks.train.launch import ENDPOINT_ENV, RDZV_ID_ENV
 
     profile = tiny(f"train.launcher={launcher}", "train.nnodes=2")
     monkeypatch.delenv(ENDPOINT_ENV, raising=False)
     with pytest.raises(PermanentError, match=f"runs inside a job rendered by `finetune render --target {launcher}`"):
-        train.launch_commands(profile.train, tmp_path, "run1")
+        launch.launch_commands(profile.train, tmp_path, "run1")
     monkeypatch.setenv(ENDPOINT_ENV, "10.0.0.7:29500")
     monkeypatch.setenv(RDZV_ID_ENV, "job-42")
-    [node] = train.launch_commands(profile.train, tmp_path / "torchtune_config.yaml", "run1")
+    [node] = launch.launch_commands(profile.train, tmp_path / "torchtune_config.yaml", "run1")
     joined = " ".join(node)
     assert "--rdzv_backend c10d --rdzv_endpoint 10.0.0.7:29500 --rdzv_id job-42" in joined

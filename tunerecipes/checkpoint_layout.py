@@ -1,5 +1,13 @@
-"""Where mid-run checkpoints live and which of them count (filesystem only: no torch, so the train stage can look
-for a resume point without importing it).
+"""The layout of a training run's output directory, and which mid-run checkpoints count (filesystem only: no torch,
+so the train stage and convert can read it without importing torch). The recipe, the train stage and convert all
+name these files through this module.
+
+Output directory::
+
+    torchtune_config.yaml   the rendered recipe config (written by the train stage)
+    metrics.jsonl           one record per optimizer step (written by the recipe, rank 0)
+    checkpoints/step_<N>/   mid-run DCP checkpoints (below)
+    final/                  the final checkpoint (DCP or HF) with train_meta.json, written last
 
 Layout under the checkpoint root::
 
@@ -17,6 +25,11 @@ import re
 import shutil
 from pathlib import Path
 
+CONFIG_FILE = "torchtune_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+META_FILE = "train_meta.json"
 METADATA = ".metadata"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

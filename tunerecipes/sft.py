@@ -47,7 +47,6 @@ from tunerecipes.report import RecipeError, emit_error, emit_metrics
 from tunerecipes.sampler import ResumableSampler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-META_FILE = "train_meta.json"
 IGNORE_INDEX = -100
 # train_meta.json "lora" field <- model builder argument (llama4tune's and torchtune's names).
 LORA_META = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
@@ -271,8 +270,8 @@ class SFTRecipe:
 
     # -- training ------------------------------------------------------------------------------------------------
     def train(self) -> None:
-        final = self.output_dir / "final"
-        if (final / META_FILE).is_file():  # written last, before the atomic rename
+        final = self.output_dir / layout.FINAL_DIR
+        if (final / layout.META_FILE).is_file():  # written last, before the atomic rename
             self.log(f"{final} is already complete; nothing to do")
             return
         self.log(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch, {self.samples_per_step} "
@@ -379,7 +378,7 @@ class SFTRecipe:
                  f"{time.perf_counter() - clock:.2f}s")
 
     def _save_final(self) -> None:
-        final = self.output_dir / "final"
+        final = self.output_dir / layout.FINAL_DIR
         tmp = self.output_dir / f"{layout.TMP_PREFIX}final"
         if self.is_rank_zero and tmp.exists():
             shutil.rmtree(tmp)
@@ -397,7 +396,7 @@ class SFTRecipe:
         if self.is_rank_zero:
             meta = {"format": fmt, "method": self.method, "lora": self._lora_meta(), "step": self.step,
                     "model": OmegaConf.to_container(self.cfg.model, resolve=True)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / layout.META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -435,12 +434,12 @@ class SFTRecipe:
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         emit_metrics(record)
-        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+        with open(self.output_dir / layout.METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     def _trim_metrics_log(self) -> None:
         """Keep only the records up to the step training restarts from, so the log reads as one run."""
-        path = self.output_dir / "metrics.jsonl"
+        path = self.output_dir / layout.METRICS_FILE
         if not path.exists():
             return
         kept = [line for line in path.read_text().splitlines()

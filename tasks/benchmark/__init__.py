@@ -2,13 +2,22 @@
 
 Upstream: ``convert`` (bf16 HF checkpoint), ``quantize`` (compressed-tensors W4A16 checkpoint), ``pack``
 (``prompts.jsonl``, the prompt/length distribution). Writes ``results.json``, ``latency_vs_throughput.png``,
-server logs under ``logs/``, and the ``comparison`` table.
+server logs under ``logs/``, and the ``comparison`` table. The work is in runner.py, imported on first run.
 """
 
 from __future__ import annotations
 
-from finetune.stage import StageSpec
-from tasks.benchmark.runner import run, stage_config
+from typing import Any
+
+from finetune.profile import Profile
+from finetune.stage import StageSpec, deferred
+
+
+def stage_config(profile: Profile) -> dict[str, Any]:
+    return profile.benchmark.model_dump(mode="json")
+
+
+run = deferred("tasks.benchmark.runner")
 
 SPEC = StageSpec(
     name="benchmark",
@@ -18,4 +27,4 @@ SPEC = StageSpec(
     upstream=("convert", "quantize", "pack"),
 )
 
-__all__ = ["SPEC", "run"]
+__all__ = ["SPEC", "run", "stage_config"]

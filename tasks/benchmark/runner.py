@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.procs import free_port, handling_sigterm
-from finetune.profile import BenchmarkConfig, Profile
+from finetune.profile import BenchmarkConfig
 from finetune.stage import PermanentError, Preempted, StageContext
 from finetune.store import atomic_file
-from tasks.benchmark import loadgen, report, vllm_cli
+from tasks.benchmark import loadgen, report, stage_config, vllm_cli
 from tasks.benchmark.engines import ENGINES, VLLM, Engine
 from tasks.benchmark.server import Server, log_tail, run_client, serving
 from tasks.benchmark.workload import BenchRequest, build_workload, describe
@@ -35,10 +35,6 @@ LEVEL_TIMEOUT_S = 3600.0
 
 class BenchmarkError(PermanentError):
     """Too many requests failed: the numbers would not describe a working server."""
-
-
-def stage_config(profile: Profile) -> dict[str, Any]:
-    return profile.benchmark.model_dump(mode="json")
 
 
 def _checkpoint(ctx: StageContext, slot: str, quantized: bool) -> Path:

@@ -3,7 +3,7 @@
 Adapter layouts (llama4tune / torchtune):
 - LoRALinear: ``<m>.weight`` + ``<m>.lora_a.weight`` [r, in] + ``<m>.lora_b.weight`` [out, r]
 - routed experts: ``<m>.<w>_proj`` + ``<m>.lora_<w>_a`` [E, in, r] + ``<m>.lora_<w>_b`` [E, r, out]
-Only the LoRALinear kind has a PEFT equivalent.
+Only the LoRALinear kind has a PEFT equivalent (llama4tune/peft.py, the one PEFT exporter).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from finetune.stage import PermanentError
 from finetune.store import atomic_file
+from llama4tune.peft import CONFIG_FILE, WEIGHTS_FILE, peft_adapter
 from tasks.convert.sources import TensorInfo, TensorSource
 
 _LINEAR_A = re.compile(r"^(?P<module>.+)\.lora_a\.weight$")
@@ -92,37 +93,17 @@ def write_peft_adapter(
     *,
     peft_key: Callable[[str], str],
     dtype: torch.dtype,
-    config_extra: Mapping[str, Any],
 ) -> Path:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel`` loads on the base model.
-
-    ``target_modules`` lists the exact module names adapted, so PEFT adapts nothing else (a suffix such as
-    ``q_proj`` would also match a multimodal base's vision tower).
-    """
+    """``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel`` loads on the base model
+    (llama4tune/peft.py builds both; adapters are small, so they are loaded whole)."""
     from safetensors.torch import save
 
-    if any(m.kind != "linear" for m in modules.values()):
-        raise ValueError("routed-expert adapters have no PEFT LoRA equivalent")
     keys = [k for m in modules.values() for k in (m.a, m.b)]
-    weights = {peft_key(k): t.contiguous() for k, t in source.load(keys, dtype).items()}
-    targets = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in weights})
-    config = {
-        **config_extra,
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": spec.rank,
-        "lora_alpha": spec.alpha,
-        "target_modules": targets,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-    }
+    weights, config = peft_adapter(source.load(keys, dtype), peft_key, spec.rank, spec.alpha)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out_dir / "adapter_model.safetensors") as handle:
-        handle.write(save(weights, metadata={"format": "pt"}))  # adapters are small: bytes in memory
-    with atomic_file(out_dir / "adapter_config.json", "w") as handle:
+    with atomic_file(out_dir / WEIGHTS_FILE) as handle:
+        handle.write(save(weights, metadata={"format": "pt"}))
+    with atomic_file(out_dir / CONFIG_FILE, "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")
     return out_dir

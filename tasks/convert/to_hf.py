@@ -13,17 +13,19 @@ import torch
 
 from finetune.stage import PermanentError, StageContext
 from finetune.store import atomic_file
+from llama4tune.peft import CONFIG_FILE as PEFT_CONFIG
+from llama4tune.peft import WEIGHTS_FILE as PEFT_WEIGHTS
+from llama4tune.peft import NoPeftForm
 from tasks.convert.checkpoint import ConvertResult, KeyMap, convert_checkpoint
 from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config, read_json_object
 from tasks.convert.lora import LoraModule, LoraSpec, write_peft_adapter
 from tasks.convert.shards import parse_size
 from tasks.convert.sources import DcpSource, SafetensorsSource, TensorSource
+from tunerecipes.checkpoint_layout import FINAL_DIR
+from tunerecipes.checkpoint_layout import META_FILE as TRAIN_META
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TRAIN_META = "train_meta.json"
 ADAPTER_DIR = "adapter"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
 DCP_MODEL_PREFIX = "model."
 
 
@@ -105,7 +107,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     settings = ctx.profile.convert
     dtype = DTYPES[settings.dtype]
     base_dir = Path(ctx.inputs["download"].path)
-    final_dir = Path(ctx.inputs["train"].path) / "final"
+    final_dir = Path(ctx.inputs["train"].path) / FINAL_DIR
     meta = read_train_meta(final_dir)
     config = read_config(base_dir)
     source = open_trained(final_dir, meta)
@@ -164,12 +166,12 @@ def _write_adapter(
                 shutil.copyfileobj(src, dst)
         ctx.log(f"PEFT adapter carried over from {final_dir}")
         return ADAPTER_DIR
-    if any(m.kind != "linear" for m in result.lora_modules.values()):
-        ctx.log("routed-expert LoRA has no PEFT equivalent: adapter/ not written (the merged model has it all)")
-        return None
-    write_peft_adapter(
-        source, result.lora_modules, meta.lora, out, peft_key=peft_key_map(key_map, result.lora_modules),
-        dtype=dtype, config_extra={"lora_dropout": 0.0, "base_model_name_or_path": None},
-    )
+    try:
+        write_peft_adapter(source, result.lora_modules, meta.lora, out,
+                           peft_key=peft_key_map(key_map, result.lora_modules), dtype=dtype)
+    except NoPeftForm as exc:
+        # Profiles refuse this combination before training; a checkpoint trained otherwise ends here, clearly.
+        raise PermanentError(f"convert.keep_peft_adapter is on, but {exc}: set convert.keep_peft_adapter: false "
+                             "(the merged model carries every adapter)") from exc
     ctx.log(f"PEFT adapter ({len(result.lora_modules)} modules) written to {out}")
     return ADAPTER_DIR

@@ -1,4 +1,5 @@
-"""Multi-node training whose nodes an engine places, never hand-rolled SSH.
+"""Multi-node training on a Prefect GPU work pool: one flow run per node, placed by the pool's worker (never
+hand-rolled SSH).
 
 ``train.launcher: prefect-pool``: the train stage (running in the CPU orchestration flow) writes the training config
 into its directory in the store, then submits one ``finetune-train-node/<gpu pool>`` flow run per node with
@@ -12,8 +13,7 @@ the other nodes' torchrun agents restart their workers and wait in the rendezvou
 endpoint and joins, and the recipe resumes from the newest checkpoint in the shared store. Node 0 hosts the
 rendezvous store, so its loss fails the other nodes and the stage is retried as a whole.
 
-``train.launcher: skypilot | jobset`` (see finetune/render.py): the launcher placed the nodes and says where node 0
-is. Node 0 runs the pipeline; ``python -m flows.multinode join`` runs the trainer of every other node.
+The node runs are the ``finetune-train-node`` flow (flows/stage_flow.py), which calls ``run_node`` here.
 
 The store must be a directory every node mounts at the same path (a shared volume): the trainers write their
 checkpoints into the train stage's directory.
@@ -21,23 +21,22 @@ checkpoints into the train stage's directory.
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import socket
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from finetune.procs import free_port
-from finetune.profile import Profile, TrainConfig
-from finetune.render import ENDPOINT_ENV, RDZV_ID_ENV, node_command
+from finetune.profile import Profile
 from finetune.stage import PermanentError, StageContext
-from finetune.store import Artifact, Store
+from finetune.store import Store
+from tasks.train.launch import NODE_ADDR_ENV, check_devices, launch_trainers, node_command, report_step, tune_executable
+from tunerecipes.checkpoint_layout import CONFIG_FILE, METRICS_FILE
 
 NODE_FLOW = "finetune-train-node"
-NODE_ADDR_ENV = "FINETUNE_NODE_ADDR"
 # How long a node waits for node 0's endpoint (GPU nodes may have to be provisioned first).
 ENDPOINT_TIMEOUT_S = float(os.environ.get("FINETUNE_RDZV_TIMEOUT_S", "1800"))
 POLL_S = 1.0
@@ -65,18 +64,6 @@ def variable_name(rdzv_id: str) -> str:
     return f"finetune-rdzv-{rdzv_id}"
 
 
-def pool_job_variables(profile: Profile) -> dict[str, Any]:
-    """Job variables a GPU run of this profile asks its pool for (image, GPUs, node selector, ...)."""
-    variables = dict(profile.deploy.job_variables)
-    if profile.deploy.image:
-        variables["image"] = profile.deploy.image
-    return variables
-
-
-def _tune() -> str:
-    return str(Path(sys.executable).with_name("tune"))
-
-
 # -- coordinator: the train stage ---------------------------------------------------------------------------------
 def train_on_pool(ctx: StageContext, config_path: Path) -> None:
     """Run the training described by ``config_path`` (in ctx.workdir) as one flow run per node in the GPU pool."""
@@ -101,8 +88,8 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
                 parameters={"profile": params["profile"], "overrides": params.get("overrides") or [],
                             "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id},
                 flow_run_name=f"{profile.name}-train-{ctx.key[:8]}-node-{rank}",
-                job_variables=pool_job_variables(profile),
-                tags=["finetune-train-node", f"rdzv-{rdzv_id}"],
+                job_variables=profile.deploy.gpu_job_variables,
+                tags=[NODE_FLOW, f"rdzv-{rdzv_id}"],
                 timeout=0,
             ))
         with get_client(sync_client=True) as client:
@@ -135,21 +122,16 @@ def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], wo
 
 def _report_progress(ctx: StageContext, workdir: Path) -> None:
     """The coordinator has no trainer output of its own: follow rank 0's metrics file in the shared store."""
-    from tasks.train import METRICS_FILE
-
     path = workdir / METRICS_FILE
     try:
         last = path.read_text().strip().rsplit("\n", 1)[-1]
     except (FileNotFoundError, IndexError):
         return
-    import json
-
     try:
         record = json.loads(last)
     except json.JSONDecodeError:
         return  # a line being written
-    total = record.get("total_steps") or 1
-    ctx.progress(min(1.0, record.get("step", 0) / total), f"step {record.get('step')}/{total} loss {record.get('loss')}")
+    report_step(ctx, record)
 
 
 def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
@@ -169,8 +151,6 @@ def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
 # -- one node -----------------------------------------------------------------------------------------------------
 def run_node(ctx: StageContext, node_rank: int, rdzv_id: str) -> None:
     """This node's trainer for the training whose config is in ctx.workdir; node 0 publishes the endpoint."""
-    from tasks.train import CONFIG_FILE, check_devices, launch_trainers
-
     check_devices(ctx.profile.train)
     config_path = Path(ctx.workdir) / CONFIG_FILE
     if not config_path.is_file():
@@ -179,7 +159,7 @@ def run_node(ctx: StageContext, node_rank: int, rdzv_id: str) -> None:
     endpoint = publish_endpoint(rdzv_id) if node_rank == 0 else await_endpoint(rdzv_id)
     ctx.log(f"node {node_rank}: rendezvous {rdzv_id} at {endpoint}")
     # Node 0 hosts the rendezvous store, so a preempted node of another rank leaves it standing and rejoins it.
-    launch_trainers(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=_tune(),
+    launch_trainers(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=tune_executable(),
                                        is_host=node_rank == 0)])
 
 
@@ -212,60 +192,3 @@ def await_endpoint(rdzv_id: str, timeout_s: float = ENDPOINT_TIMEOUT_S) -> str:
             raise TimeoutError(f"node 0 of rendezvous {rdzv_id} did not publish its endpoint within {timeout_s:.0f}s")
         time.sleep(POLL_S)
     return str(endpoint)
-
-
-# -- nodes placed by SkyPilot / JobSet ------------------------------------------------------------------------------
-def external_node_command(train: TrainConfig, config_path: Path) -> list[str]:
-    """This node's trainer command when a launcher placed the nodes and exported node 0's endpoint."""
-    endpoint, rdzv_id = os.environ.get(ENDPOINT_ENV), os.environ.get(RDZV_ID_ENV)
-    if not endpoint or not rdzv_id:
-        raise PermanentError(f"train.launcher '{train.launcher}' runs inside a job rendered by `finetune render "
-                             f"--target {train.launcher}`, which sets {ENDPOINT_ENV} and {RDZV_ID_ENV}; they are unset")
-    return node_command(train, config_path, endpoint, rdzv_id, tune=_tune())
-
-
-def train_key(profile: Profile) -> str:
-    """The train stage's key as the pipeline computes it (keys depend on the upstream keys, not their files)."""
-    from finetune.stage import stage_key
-    from tasks import download, pack, train
-
-    download_key = stage_key(download.SPEC, profile, {})
-    upstream = {"download": Artifact("download", download_key, "")}
-    upstream["pack"] = Artifact("pack", stage_key(pack.SPEC, profile, upstream), "")
-    return stage_key(train.SPEC, profile, upstream)
-
-
-def join(profile: Profile, store: Store, timeout_s: float = ENDPOINT_TIMEOUT_S) -> None:
-    """Wait until node 0's pipeline has written the training config to the shared store, then train with it."""
-    from tasks.train import CONFIG_FILE, launch_trainers
-
-    workdir = store.local_dir("train", train_key(profile))
-    config_path = workdir / CONFIG_FILE
-    deadline = time.monotonic() + timeout_s
-    while not config_path.is_file():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{config_path} did not appear within {timeout_s:.0f}s (is node 0's pipeline running "
-                               "against the same shared store?)")
-        time.sleep(5 * POLL_S)
-    ctx = StageContext(profile=profile, key=workdir.name, workdir=workdir, inputs={}, log=print)
-    launch_trainers(ctx, [external_node_command(profile.train, config_path)])
-
-
-def main(argv: list[str] | None = None) -> int:
-    from finetune.profile import load_profile
-
-    parser = argparse.ArgumentParser(prog="python -m flows.multinode", description="Nodes placed by SkyPilot/JobSet.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    joiner = sub.add_parser("join", help="train as a non-zero node of a rendered SkyPilot task / JobSet")
-    joiner.add_argument("--profile", required=True)
-    joiner.add_argument("--store", default=None)
-    joiner.add_argument("overrides", nargs="*", metavar="key.path=value")
-    args = parser.parse_args(argv)
-    from flows.finetune import default_store_url
-
-    join(load_profile(args.profile, args.overrides), Store(args.store or default_store_url()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

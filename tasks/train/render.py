@@ -1,5 +1,4 @@
-"""Launch specs rendered from a profile: the torchrun command of one training node, a SkyPilot task and a Kubernetes
-JobSet, for users who place the nodes of a multi-node run with SkyPilot or JobSet instead of a Prefect GPU pool.
+"""Launch specs rendered from a profile: a SkyPilot task and a Kubernetes JobSet, for users who place the nodes of a multi-node run with SkyPilot or JobSet instead of a Prefect GPU pool.
 
 Every node of a rendered job runs the same script. Node 0 runs the pipeline (``finetune run``); its train stage starts
 node 0's trainer. The other nodes run ``python -m flows.multinode join``, which waits until node 0 has written the
@@ -16,12 +15,12 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finetune.profile import REPO_ROOT, Profile, TrainConfig
+from finetune.profile import REPO_ROOT, Profile
+from tasks.train.launch import ENDPOINT_ENV, NODE_ADDR_ENV, RDZV_ID_ENV
 
 TARGETS = ("skypilot", "jobset")
 RDZV_PORT = 29500
@@ -29,40 +28,10 @@ SCHEMA_DIR = REPO_ROOT / "deployments" / "schemas"
 GPU_POOL_TEMPLATE = REPO_ROOT / "deployments" / "kubernetes-gpu-pool.json"
 IMAGE_WORKDIR = "/opt/llama4-finetune"
 STORE_MOUNT = "/store"
-# Environment a node's trainer reads its rendezvous from when an outside launcher placed it (flows/multinode.py).
-ENDPOINT_ENV = "FINETUNE_RDZV_ENDPOINT"
-RDZV_ID_ENV = "FINETUNE_RDZV_ID"
 
 
 class RenderError(ValueError):
     """A profile that cannot be rendered for a target, or a rendered document its schema rejects."""
-
-
-def torchrun_args(train: TrainConfig, endpoint: str, rdzv_id: str, is_host: bool | None = None) -> list[str]:
-    """torchrun's node and rendezvous flags: elastic ranges and restarts come from train.elastic.
-
-    ``is_host`` says whether this node's agent hosts the c10d rendezvous store; None leaves it to torchrun, which
-    guesses from the endpoint's host name (on one machine every agent matches, and whichever binds first hosts).
-    """
-    elastic = train.elastic
-    nnodes = f"{elastic.min_nodes}:{elastic.max_nodes}" if elastic else str(train.nnodes)
-    args = ["--nnodes", nnodes, "--nproc_per_node", str(train.nproc_per_node),
-            "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id]
-    rdzv_conf = [] if is_host is None else [f"is_host={int(is_host)}"]
-    if elastic is not None:
-        rdzv_conf.append(f"join_timeout={elastic.join_timeout_s}")
-        args += ["--max_restarts", str(elastic.max_restarts)]
-    if rdzv_conf:
-        args += ["--rdzv_conf", ",".join(rdzv_conf)]
-    return args
-
-
-def node_command(train: TrainConfig, config_path: Path, endpoint: str, rdzv_id: str, tune: str = "tune",
-                 is_host: bool | None = None) -> list[str]:
-    """``tune run`` for one node of a multi-node run (torchrun underneath)."""
-    from tasks.train import RECIPE  # the stage owns which recipe trains
-
-    return [tune, "run", *torchrun_args(train, endpoint, rdzv_id, is_host), RECIPE, "--config", str(config_path)]
 
 
 def _pipeline_args(profile: Profile, overrides: list[str], launcher: str) -> str:
@@ -140,9 +109,7 @@ def _pool_variables(profile: Profile) -> dict[str, Any]:
     sized exactly like a pool node."""
     template = json.loads(GPU_POOL_TEMPLATE.read_text())
     values = {name: spec["default"] for name, spec in template["variables"]["properties"].items() if "default" in spec}
-    values.update(profile.deploy.job_variables)
-    if profile.deploy.image:
-        values["image"] = profile.deploy.image
+    values.update(profile.deploy.gpu_job_variables)
     return values
 
 
@@ -157,7 +124,7 @@ def jobset(profile: Profile, overrides: list[str], store: str) -> dict[str, Any]
                           f"'{values['store_pvc']}'; give a path on it (e.g. {STORE_MOUNT}/artifacts)")
     env = [{"name": k, "value": v} for k, v in {**values.get("env", {}), **envs}.items()]
     env += [
-        {"name": "FINETUNE_NODE_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": NODE_ADDR_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": values["hf_token_secret"], "key": values["hf_token_secret_key"], "optional": True}}},
     ]

@@ -1,0 +1,95 @@
+"""The pipeline, defined once: which stage runs under which label and which finished steps it reads.
+
+The ``finetune`` flow submits these steps as a DAG, the multi-node ``join`` computes the train key from it, and the
+fault tests drive stages through it, so every path agrees on the dependencies and on the keys.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from finetune.profile import Profile
+from finetune.stage import StageSpec, stage_key
+from finetune.store import Artifact
+
+# Stage order of the pipeline; `until` stops after the named one.
+STAGES = ("download", "pack", "train", "convert", "evaluate", "quantize", "benchmark")
+
+
+@dataclass(frozen=True)
+class Step:
+    label: str
+    stage: str
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    """Input slot of the stage -> label of the step whose artifact fills it."""
+    after_gate: bool = False
+    """Waits for the quality gate's verdict (tuned vs base): nothing downstream of a failed gate runs."""
+
+
+PIPELINE: tuple[Step, ...] = (
+    Step("download", "download"),
+    Step("pack", "pack", {"download": "download"}),
+    Step("train", "train", {"download": "download", "pack": "pack"}),
+    Step("convert", "convert", {"download": "download", "train": "train"}),
+    # The base model's scores need only the download: they run while training does.
+    Step("evaluate-base", "evaluate", {"model": "download"}),
+    Step("evaluate-tuned", "evaluate", {"model": "convert"}),
+    Step("quantize", "quantize", {"convert": "convert", "pack": "pack"}, after_gate=True),
+    Step("evaluate-quantized", "evaluate", {"model": "quantize"}),
+    Step("benchmark", "benchmark", {"convert": "convert", "quantize": "quantize", "pack": "pack"}),
+)
+STEPS: dict[str, Step] = {step.label: step for step in PIPELINE}
+# The gate compares these two steps' scores.
+GATE_BASE, GATE_TUNED = "evaluate-base", "evaluate-tuned"
+
+
+def spec(stage: str) -> StageSpec:
+    """The stage's StageSpec (``tasks.<stage>.SPEC``); stage modules load without torch."""
+    return importlib.import_module(f"tasks.{stage}").SPEC
+
+
+def steps_until(until: str) -> list[Step]:
+    """The steps a run that stops after stage ``until`` takes: those whose stage and upstream stages all come
+    no later than ``until``."""
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
+    last = STAGES.index(until)
+    chosen: list[Step] = []
+    for step in PIPELINE:
+        upstream_ok = all(src in {s.label for s in chosen} for src in step.inputs.values())
+        if STAGES.index(step.stage) <= last and upstream_ok:
+            chosen.append(step)
+    return chosen
+
+
+def needed(targets: Iterable[str]) -> list[Step]:
+    """The steps ``targets`` (labels) depend on, in pipeline order, ending with the targets."""
+    wanted: set[str] = set()
+
+    def visit(label: str) -> None:
+        if label not in STEPS:
+            raise ValueError(f"unknown step {label!r} (known: {', '.join(STEPS)})")
+        wanted.add(label)
+        for src in STEPS[label].inputs.values():
+            visit(src)
+
+    for target in targets:
+        visit(target)
+    return [step for step in PIPELINE if step.label in wanted]
+
+
+def step_inputs(step: Step, done: Mapping[str, Artifact]) -> dict[str, Artifact]:
+    """The artifacts a step reads, from the finished (or placeholder) artifacts of the steps before it."""
+    return {slot: done[src] for slot, src in step.inputs.items()}
+
+
+def stage_keys(profile: Profile, steps: Iterable[Step]) -> dict[str, str]:
+    """Every step's key, without running anything: a key depends on its inputs' keys, not on their files."""
+    placeholders: dict[str, Artifact] = {}
+    keys: dict[str, str] = {}
+    for step in steps:
+        keys[step.label] = stage_key(spec(step.stage), profile, step_inputs(step, placeholders))
+        placeholders[step.label] = Artifact(step.stage, keys[step.label], "")
+    return keys
