@@ -27,7 +27,9 @@ def _prefect_defaults() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
-    if not args.no_plan_check:
+    if args.no_plan_check:
+        args.overrides = [*args.overrides, "plan.enforce=false"]  # the flow checks the plan again
+    else:
         from finetune.plan import PlanDoesNotFit, PlanError, check_fits
 
         try:

@@ -18,6 +18,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from finetune.hashing import hash_json
+from finetune.plan import check_fits, markdown, plan
 from finetune.profile import Profile, load_profile, resolved_yaml
 from finetune.store import Artifact, Store, default_store_url
 from flows.dispatch import gpu_pool_target
@@ -49,6 +50,10 @@ def finetune(
     create_markdown_artifact(
         f"# Profile `{resolved.name}`\n\n{resolved.description}\n\n```yaml\n{resolved_yaml(resolved)}```",
         key="resolved-profile", description="The fully resolved profile this run used")
+    # Before any stage: a run that cannot fit its GPUs fails here, not after the GPUs are rented.
+    create_markdown_artifact(markdown(plan(resolved)), key="plan",
+                             description="Memory per GPU and node, time and cost of this run at its real size")
+    check_fits(resolved)
     keys = stage_keys(resolved, steps)
     targets = {step.label: gpu_pool_target(step.stage, resolved) for step in steps}
     pools = {step.label: resolved.deploy.gpu_work_pool if targets[step.label] else resolved.deploy.work_pool

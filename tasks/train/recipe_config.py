@@ -8,10 +8,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune.profile import REPO_ROOT, TrainConfig, deep_merge
+from finetune.plan.recipe import TEMPLATE, model_section
+from finetune.profile import TrainConfig, deep_merge
 from finetune.stage import PermanentError
 
-TEMPLATE = REPO_ROOT / "profiles" / "recipes" / "sft.yaml"
 # Recipe config sections whose keys are a component's keyword arguments: overrides may add new ones.
 COMPONENT_SECTIONS = {"model", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss"}
 
@@ -20,17 +20,8 @@ def render_config(train: TrainConfig, max_seq_len: int, workdir: Path, model_dir
     """The complete recipe config for this profile (plain dict, interpolations such as ${output_dir} kept)."""
     base = OmegaConf.to_container(OmegaConf.load(TEMPLATE), resolve=False)
     assert isinstance(base, dict)
-    model: dict[str, Any] = {"config": str(model_dir), "max_seq_len": max_seq_len}
-    if train.method == "lora":
-        assert train.lora is not None
-        model.update(
-            _component_="llama4tune.lora_llama4_from_hf_config",
-            lora_attn_modules=list(train.lora.attn_modules), apply_lora_to_mlp=train.lora.apply_to_mlp,
-            apply_lora_to_experts=train.lora.apply_to_experts, lora_rank=train.lora.rank,
-            lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
-        )
-    else:
-        model["_component_"] = "llama4tune.llama4_from_hf_config"
+    # The same model section `finetune plan` sizes, so the plan and the trainer cannot drift apart.
+    model = model_section(train, str(model_dir), max_seq_len)
     tokenizer = model_dir / "tokenizer.json"
     rendered = deep_merge(base, {
         "output_dir": str(workdir),
