@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,14 +112,28 @@ def run_stage_task(
                  for name, value in inputs.items()}
     if stage_key(spec, profile, artifacts) != key:
         raise RuntimeError(f"{label}: inputs give another key than the flow computed ({key[:12]}): a bug")
-    with concurrency(slot, occupy=1, strict=True) if slot else contextlib.nullcontext():
+    logger = get_run_logger()
+    with _holding(slot, logger.info):
         if gpu_pool is not None and store.verified_artifact(spec.name, key) is None:
             remote = dispatch_to_gpu_pool(spec, profile, store, artifacts, key, label, gpu_pool)
             return _payload(remote, read_tables(store.materialize(remote, [TABLES_FILE])))
-        logger = get_run_logger()
         artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=logger.info,
                                          progress=prefect_progress(f"{label} {key[:10]}"))
     return _payload(artifact, tables)
+
+
+@contextlib.contextmanager
+def _holding(slot: str | None, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold one slot of the pool's concurrency limit while the stage works (the task run is already Running while
+    it waits, so the wait is logged)."""
+    if slot is None:
+        yield
+        return
+    started = time.monotonic()
+    with concurrency(slot, occupy=1, strict=True):
+        if (waited := time.monotonic() - started) > 1.0:
+            log(f"waited {waited:.1f} s for a free slot of concurrency limit {slot}")
+        yield
 
 
 @dataclass

@@ -91,3 +91,42 @@ def test_the_ui_shows_profile_tables_plots_deltas_and_lineage(pipeline_run: Pipe
         assert key in seen["keys"], key
     assert {"markdown", "table", "progress"} <= set(seen["types"])
     assert any(name.startswith("tiny-cpu-data-") and state == "Completed" for name, state in seen["runs"])
+
+
+_READ_TASK_GRAPH = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.sorting import FlowRunSort
+
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC)
+        first = next(r for r in runs if r.name.startswith("tiny-cpu-data-"))
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [first.id]}))
+        names = {str(t.id): t.name.rsplit("-", 1)[0] for t in tasks}
+        print(json.dumps({names[str(t.id)]: {
+            "upstream": sorted({names.get(str(i.id), "?") for inputs in t.task_inputs.values() for i in inputs
+                                if getattr(i, "input_type", "") == "task_run"})} for t in tasks}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_run_graph_has_the_real_dependencies_and_stages_sharing_a_machine_take_turns(
+        pipeline_run: PipelineRun) -> None:
+    proc = subprocess.run([sys.executable, "-c", _READ_TASK_GRAPH], env=pipeline_run.env, capture_output=True,
+                          text=True, check=True)
+    graph = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The base model's scores need only the download: not a link in a chain behind training.
+    assert graph["evaluate-base"]["upstream"] == ["download"]
+    assert graph["evaluate-tuned"]["upstream"] == ["convert"]
+    assert graph["quality-gate"]["upstream"] == ["evaluate-base", "evaluate-tuned"]
+    assert "quality-gate" in graph["quantize"]["upstream"]  # quantization waits for the gate's verdict
+    assert graph["benchmark"]["upstream"] == ["convert", "pack", "quantize"]
+    # tiny-cpu's one pool allows one stage at a time (deploy.stage_concurrency default): the stages' work (timed in
+    # their manifests; a task run waiting for its slot is already Running) never overlaps.
+    spans = sorted(
+        (timings["started"], timings["finished"], name) for name, info in pipeline_run.summary["stages"].items()
+        for timings in [json.loads((Path(info["path"]) / "artifact.json").read_text())["timings"]])
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
