@@ -21,16 +21,15 @@ import pytest
 import torch
 
 from embedded import tokenizer as tiny_tokenizer
+from finetune.procs import free_port, handling_sigterm
 from finetune.profile import BenchmarkConfig, load_profile
 from finetune.stage import PermanentError, Preempted, StageContext, execute_stage
 from finetune.store import Artifact, Store
 from tasks.benchmark import SPEC, loadgen, run
-from tasks.benchmark.engines import TRANSFORMERS_SERVE
-from finetune.procs import handling_sigterm
 from tasks.benchmark.runner import BenchmarkError, _check_level, _raise_preempted
-from finetune.procs import free_port
-from tasks.benchmark.server import Server, ServerError, serving
 from tasks.benchmark.workload import build_workload
+from tasks.serving.engines import TRANSFORMERS_SERVE
+from tasks.serving.server import Server, ServerError, serving
 
 pytestmark = pytest.mark.slow  # starts real HTTP servers (transformers serve)
 

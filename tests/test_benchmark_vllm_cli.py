@@ -29,8 +29,9 @@ import pytest
 
 from finetune.profile import BenchmarkConfig
 from tasks.benchmark import vllm_cli
-from tasks.benchmark.engines import VLLM
 from tasks.benchmark.workload import BenchRequest
+from tasks.serving import vllm
+from tasks.serving.engines import VLLM
 
 # flag -> whether it takes a value (False: store_true)
 VLLM_SERVE_FLAGS = {
@@ -74,7 +75,7 @@ def parse_flags(args: list[str], known: dict[str, bool]) -> tuple[list[str], dic
 
 def test_vllm_serve_command_uses_only_documented_flags() -> None:
     cfg = BenchmarkConfig(tensor_parallel_size=8, max_model_len=4096, gpu_memory_utilization=0.85)
-    args = vllm_cli.serve_args(Path("/models/bf16"), 8123, cfg)
+    args = vllm.serve_args(Path("/models/bf16"), 8123, cfg)
     assert args[0] == "serve"
     positionals, flags = parse_flags(args[1:], VLLM_SERVE_FLAGS)
     assert positionals == ["/models/bf16"]
@@ -91,7 +92,7 @@ def test_vllm_engine_runs_the_vllm_cli_found_on_path(tmp_path: Path, monkeypatch
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     cfg = BenchmarkConfig()
-    assert VLLM.serve_command(Path("/m"), 9000, cfg) == [str(script), *vllm_cli.serve_args(Path("/m"), 9000, cfg)]
+    assert VLLM.serve_command(Path("/m"), 9000, cfg) == [str(script), *vllm.serve_args(Path("/m"), 9000, cfg)]
 
 
 def test_vllm_bench_command_uses_only_documented_flags_and_choices(tmp_path: Path) -> None:
@@ -161,7 +162,7 @@ def test_bench_result_without_latency_percentiles_is_rejected(tmp_path: Path) ->
         vllm_cli.parse_result(path, concurrency=1)
 
 
-@pytest.mark.skipif(vllm_cli.vllm_executable() is not None, reason="vllm is installed here")
+@pytest.mark.skipif(vllm.vllm_executable() is not None, reason="vllm is installed here")
 def test_vllm_engine_without_vllm_installed_is_a_permanent_error(tmp_path: Path) -> None:
     from finetune.profile import load_profile
     from finetune.stage import PermanentError, StageContext
@@ -171,5 +172,5 @@ def test_vllm_engine_without_vllm_installed_is_a_permanent_error(tmp_path: Path)
     profile = load_profile("scout-lora")
     assert profile.benchmark.engine == "vllm"
     inputs = {slot: Artifact(stage=slot, key="k", path=str(tmp_path)) for slot in ("convert", "quantize", "pack")}
-    with pytest.raises(PermanentError, match="no vllm CLI is found"):
+    with pytest.raises(PermanentError, match="no vLLM CLI is found"):
         run(StageContext(profile=profile, key="k", workdir=tmp_path, inputs=inputs))

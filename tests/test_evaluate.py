@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import gzip
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 import pytest
 
 from embedded.tiny_model import build_tiny_model
-from finetune.profile import BenchmarkConfig, GateConfig, RequireRise, load_profile
+from finetune.profile import GateConfig, RequireRise, load_profile
 from finetune.stage import PermanentError, StageContext, execute_stage, stage_key
 from finetune.store import Artifact, Store
 from tasks import evaluate
@@ -125,27 +123,23 @@ def test_key_follows_tasks_and_local_data_but_not_the_gate(tmp_path: Path) -> No
     assert key() != before
 
 
-def _vllm_init_parameters() -> set[str]:
-    """lm-eval's VLLM.__init__ parameters, read from its source: the module imports vllm, which CPU CI lacks."""
-    source = Path(importlib.util.find_spec("lm_eval.models.vllm_causallms").origin).read_text()
-    cls = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "VLLM")
-    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
-    return {a.arg for a in init.args.args + init.args.kwonlyargs} | {init.args.kwarg.arg}
+def test_server_model_args_are_local_completions_parameters_with_the_served_context_length() -> None:
+    import inspect
 
-
-def test_vllm_model_args_carry_the_serving_geometry_lm_eval_accepts() -> None:
-    serving = BenchmarkConfig(tensor_parallel_size=8, max_model_len=16384, gpu_memory_utilization=0.85)
-    args = harness.vllm_model_args("/models/tuned", serving, max_gen_toks=1024)
-    assert args == {"pretrained": "/models/tuned", "dtype": "auto", "tensor_parallel_size": 8,
-                    "gpu_memory_utilization": 0.85, "max_model_len": 16384, "max_gen_toks": 1024, "seed": 1234}
-    accepted = _vllm_init_parameters()
-    # gpu_memory_utilization is not VLLM's own parameter: it travels in **kwargs to vllm.LLM's engine args.
-    assert set(args) - accepted == {"gpu_memory_utilization"} and "kwargs" in accepted
+    from lm_eval.models.api_models import TemplateAPI
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     maverick = load_profile("maverick-lora")
     assert maverick.evaluate.backend == "vllm"
-    built = harness.model_args(maverick.evaluate, maverick.benchmark, "/m")
-    assert built["tensor_parallel_size"] == 8 and built["max_gen_toks"] == maverick.evaluate.max_gen_toks
+    args = harness.completions_model_args("/models/tuned", "http://127.0.0.1:8123", maverick.benchmark.max_model_len,
+                                          maverick.evaluate.max_gen_toks)
+    accepted = set(inspect.signature(LocalCompletionsAPI).parameters) | set(inspect.signature(TemplateAPI).parameters)
+    assert set(args) <= accepted
+    assert args["base_url"] == "http://127.0.0.1:8123/v1/completions"  # echo + logprobs: completions, not chat
+    # lm-eval's API backends default to max_length 2048 and left-truncate past it: the server's length, not that.
+    assert args["max_length"] == maverick.benchmark.max_model_len != 2048
+    assert args["tokenized_requests"] is True and args["tokenizer"] == args["model"] == "/models/tuned"
+    assert args["max_gen_toks"] == maverick.evaluate.max_gen_toks
 
 
 def test_hf_model_args_use_fp32_on_cpu() -> None:

@@ -21,9 +21,10 @@ from finetune.profile import BenchmarkConfig
 from finetune.stage import PermanentError, Preempted, StageContext
 from finetune.store import atomic_file
 from tasks.benchmark import loadgen, report, stage_config, vllm_cli
-from tasks.benchmark.engines import ENGINES, VLLM, Engine
-from tasks.benchmark.server import Server, log_tail, run_client, serving
 from tasks.benchmark.workload import BenchRequest, build_workload, describe
+from tasks.serving import vllm
+from tasks.serving.engines import ENGINES, VLLM, Engine
+from tasks.serving.server import Server, log_tail, run_client, serving
 
 # Which upstream artifact holds which model, in the order they are benchmarked.
 MODELS = {"bf16": "convert", "w4a16": "quantize"}
@@ -96,7 +97,7 @@ class _Level:
         filename = f"{name}-c{concurrency}.json"
         args = vllm_cli.bench_args(server.base_url, model, self.dataset, len(self.requests), concurrency,
                                    result_dir, filename)
-        run_client([*vllm_cli.vllm_command(), *args], result_dir / f"{name}-c{concurrency}.log",
+        run_client([*vllm.vllm_command(), *args], result_dir / f"{name}-c{concurrency}.log",
                    LEVEL_TIMEOUT_S, self.engine.env())
         return vllm_cli.parse_result(result_dir / filename, concurrency)
 
@@ -149,7 +150,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
     engine = ENGINES[cfg.engine]
     if engine is VLLM:
-        vllm_cli.vllm_command()  # fails at once, before any work, when there is no vllm to run
+        vllm.require_vllm()  # fails at once, before any work, when there is no (recent enough) vllm to run
     model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()}
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)

@@ -1,4 +1,4 @@
-"""Command lines for ``vllm serve`` and ``vllm bench serve``, and reading the benchmark's result JSON.
+"""Command lines for ``vllm bench serve`` and reading its result JSON (``vllm serve`` itself: tasks/serving/vllm.py).
 
 Flags are the ones vLLM 0.33.0 defines (see tests/test_benchmark_vllm_cli.py for where each was read). ``vllm bench
 serve`` reads our load from a ``custom`` dataset: one JSON line per request with ``prompt`` (the user message; the
@@ -9,72 +9,15 @@ exactly its length, as our own load generator asks the server to.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.profile import BenchmarkConfig
-from finetune.stage import PermanentError
 from finetune.store import atomic_file
 from tasks.benchmark.metrics import LATENCY_METRICS, PERCENTILES
 from tasks.benchmark.workload import BenchRequest
 
 CHAT_ENDPOINT = "/v1/chat/completions"
-
-
-def vllm_executable() -> list[str] | None:
-    """How to run the vLLM CLI: this environment's ``vllm`` script, else one on PATH, else the importable module.
-
-    vLLM pins its own torch and compressed-tensors, so it often lives in an environment of its own (a separate venv
-    or image); putting that environment's ``vllm`` on PATH is enough, since we only ever run it as a subprocess.
-    """
-    beside = Path(sys.executable).parent / "vllm"
-    if beside.is_file():
-        return [str(beside)]
-    if found := shutil.which("vllm"):
-        return [found]
-    if importlib.util.find_spec("vllm") is not None:
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    return None
-
-
-def vllm_command() -> list[str]:
-    command = vllm_executable()
-    if command is None:
-        raise PermanentError("benchmark.engine is 'vllm' but no vllm CLI is found (not in this environment, not on "
-                             "PATH): install vllm in the GPU image, or use engine 'transformers-serve' (the CPU "
-                             "stand-in)")
-    return command
-
-
-def vllm_version() -> str:
-    command = vllm_executable()
-    if command is None:
-        return "not installed"
-    done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=300)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "unknown"
-
-
-def serve_args(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
-    """Arguments after ``vllm``: serve the checkpoint directory on 127.0.0.1:port (served name = the path)."""
-    return [
-        "serve", str(model_dir),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--tensor-parallel-size", str(cfg.tensor_parallel_size),
-        "--max-model-len", str(cfg.max_model_len),
-        "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
-        "--seed", "0",
-    ]
-
-
-def length_body(output_tokens: int) -> dict[str, Any]:
-    """Request fields that make vLLM generate exactly ``output_tokens`` (vLLM's ``ignore_eos`` extension)."""
-    return {"max_tokens": output_tokens, "ignore_eos": True}
 
 
 def can_express(requests: list[BenchRequest]) -> bool:

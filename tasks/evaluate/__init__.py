@@ -22,6 +22,7 @@ reported, backend, model args, load and evaluation wall time.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -50,10 +51,24 @@ from tasks.evaluate.report import (
     scores_from_results,
     table_rows,
 )
+from tasks.serving import vllm
+from tasks.serving.engines import VLLM
 
 __all__ = [
-    "SPEC", "run", "Score", "Delta", "Recovery", "GateFailed", "scores", "scores_from_results", "compare",
-    "compare_scores", "check_gate", "recovery", "table_rows", "markdown_table",
+    "SPEC",
+    "Delta",
+    "GateFailed",
+    "Recovery",
+    "Score",
+    "check_gate",
+    "compare",
+    "compare_scores",
+    "markdown_table",
+    "recovery",
+    "run",
+    "scores",
+    "scores_from_results",
+    "table_rows",
 ]
 
 
@@ -108,22 +123,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.evaluate
     model = ctx.inputs["model"]
     include = resolve_repo_path(cfg.include_path).resolve() if cfg.include_path else None
+    if cfg.backend == "vllm":
+        vllm.require_vllm()  # no vLLM, or one too old for our flags: fail before tasks or weights load
 
     ctx.log(f"evaluate: resolving lm-eval tasks {cfg.tasks}" + (f" (local tasks from {include})" if include else ""))
     resolved = harness.resolve_tasks(cfg.tasks, include)
     ctx.progress(0.1, f"tasks ready: {', '.join(resolved.names)}")
 
-    args = harness.model_args(cfg, ctx.profile.benchmark, model.path)
-    ctx.log(f"evaluate: loading {model.stage} model {model.path} with lm-eval backend '{cfg.backend}' {args}")
-    clock = time.perf_counter()
-    lm = harness.load_model(cfg.backend, args, cfg.batch_size, cfg.device)
-    load_seconds = time.perf_counter() - clock
-    ctx.progress(0.2, f"model loaded in {load_seconds:.1f}s; evaluating")
+    with contextlib.ExitStack() as stack:
+        clock = time.perf_counter()
+        if cfg.backend == "vllm":
+            ctx.log(f"evaluate: serving {model.stage} model {model.path} with vllm serve for lm-eval "
+                    "local-completions")
+            lm, args = stack.enter_context(harness.served_model(
+                VLLM, Path(model.path), ctx.profile.benchmark, cfg, ctx.workdir / "logs" / "server.log"))
+        else:
+            args = harness.hf_model_args(model.path, cfg.device)
+            lm = harness.load_model(args, cfg.batch_size, cfg.device)
+        load_seconds = time.perf_counter() - clock
+        ctx.log(f"evaluate: {model.stage} model ready in {load_seconds:.1f}s, lm-eval model args {args}")
+        ctx.progress(0.2, f"model loaded in {load_seconds:.1f}s; evaluating")
 
-    clock = time.perf_counter()
-    results = harness.evaluate(lm, resolved, cfg)
-    eval_seconds = time.perf_counter() - clock
-    del lm
+        clock = time.perf_counter()
+        results = harness.evaluate(lm, resolved, cfg)
+        eval_seconds = time.perf_counter() - clock
+        del lm
 
     _write_samples(ctx.workdir, results.pop("samples", {}))
     results["finetune"] = {

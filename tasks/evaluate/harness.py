@@ -1,20 +1,29 @@
 """EleutherAI lm-eval through its Python API: resolve and check tasks, build the backend's model args, run.
 
+Backends: CPU profiles load the model in-process with lm-eval's `hf`; GPU profiles (evaluate.backend 'vllm') start
+`vllm serve` out of process, as the benchmark does, and score it with lm-eval's `local-completions`: vLLM pins
+packages that conflict with this environment's, so it is never imported here.
+
 Tasks are resolved and built (their data loaded, one document rendered) before any model is loaded, so a typo in a
 task name or a broken local task YAML fails in seconds instead of after a multi-GPU model load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from finetune.procs import free_port
 from finetune.profile import BenchmarkConfig, EvaluateConfig
 from finetune.stage import PermanentError
+from tasks.serving.engines import Engine
+from tasks.serving.server import serving
 
 # lm-eval's stderr for mean metrics is analytic; bootstrap only serves other aggregations (e.g. f1), where 1000
 # resamples estimate the stderr to a few percent at a fraction of lm-eval's default 100000's cost.
@@ -34,7 +43,9 @@ class ResolvedTasks:
 
 def check_local_yamls(include_path: Path) -> None:
     """Every YAML in the local task directory must parse and resolve (lm-eval's index silently skips broken ones)."""
-    from lm_eval.tasks._yaml_loader import load_yaml  # the loader lm-eval's own index uses
+    from lm_eval.tasks._yaml_loader import (
+        load_yaml,  # the loader lm-eval's own index uses
+    )
 
     if not include_path.is_dir():
         raise PermanentError(f"evaluate.include_path: {include_path} is not a directory of lm-eval task YAMLs")
@@ -134,36 +145,86 @@ def hf_model_args(model_path: str, device: str) -> dict[str, Any]:
     return args
 
 
-def vllm_model_args(model_path: str, serving: BenchmarkConfig, max_gen_toks: int, seed: int = 1234) -> dict[str, Any]:
-    """lm-eval `vllm` backend args. The serving geometry (tensor parallel degree, context length, memory share) is the
-    benchmark section's: the same model is served the same way there. max_model_len is essential: Llama 4 configs
-    declare up to 10M positions, whose KV cache vLLM would try to reserve. dtype 'auto' keeps bf16 weights bf16 and
-    lets vLLM pick compressed-tensors W4A16 kernels from the checkpoint's quantization_config."""
+# Requests in flight against a vLLM server: vLLM batches them itself (continuous batching), so concurrency, not
+# lm-eval's per-request batch, is what fills the GPUs.
+SERVER_CONCURRENCY = 64
+# Seconds per HTTP request: a 1024-token generation queued behind others on a large model takes minutes.
+SERVER_TIMEOUT_S = 1800
+
+
+def completions_model_args(model_path: str, base_url: str, max_model_len: int, max_gen_toks: int, *,
+                           tokenized_requests: bool = True, num_concurrent: int = SERVER_CONCURRENCY,
+                           seed: int = 1234) -> dict[str, Any]:
+    """lm-eval `local-completions` args against an OpenAI-compatible server that serves ``model_path`` under that
+    name (vllm serve and transformers serve both name a model by the path they were started with).
+
+    /v1/completions, not chat completions: log-likelihood tasks are scored with ``echo`` + ``logprobs`` over the
+    prompt, which only the completions endpoint returns. The local tokenizer renders the chat template and counts
+    context lengths; with tokenized_requests the server gets token ids, so nothing is tokenized twice. max_length must
+    be the server's max_model_len: lm-eval's API backends default to 2048 and silently left-truncate longer prompts."""
     return {
-        "pretrained": model_path,
-        "dtype": "auto",
-        "tensor_parallel_size": serving.tensor_parallel_size,
-        "gpu_memory_utilization": serving.gpu_memory_utilization,
-        "max_model_len": serving.max_model_len,
+        "model": model_path,
+        "base_url": f"{base_url}/v1/completions",
+        "tokenizer_backend": "huggingface",  # not 'auto', which probes the server for a tokenizer endpoint
+        "tokenizer": model_path,
+        "tokenized_requests": tokenized_requests,
+        "max_length": max_model_len,
         "max_gen_toks": max_gen_toks,
+        "num_concurrent": num_concurrent,
+        "timeout": SERVER_TIMEOUT_S,
         "seed": seed,
     }
 
 
-def model_args(cfg: EvaluateConfig, serving: BenchmarkConfig, model_path: str) -> dict[str, Any]:
-    if cfg.backend == "vllm":
-        return vllm_model_args(model_path, serving, cfg.max_gen_toks)
-    return hf_model_args(model_path, cfg.device)
+def completions_class() -> type:
+    """lm-eval's `local-completions` model, rendering the chat template on the client in every mode.
+
+    lm-eval renders it to a prompt string only when requests go out tokenized; otherwise it sends the chat as JSON
+    messages, which a completions endpoint cannot take. Here both modes send the string the in-process `hf` backend
+    scores (transformers' apply_chat_template, exactly lm-eval's own call)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    class ChatTemplatedCompletions(LocalCompletionsAPI):
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+
+    return ChatTemplatedCompletions
 
 
-def load_model(backend: str, args: dict[str, Any], batch_size: int | str, device: str) -> Any:
-    """The lm-eval LM object, built the way simple_evaluate builds it from a name."""
+def load_completions(args: dict[str, Any], batch_size: int | str) -> Any:
+    """The `local-completions` LM. lm-eval cannot size API batches ('auto'): one prompt per request then."""
+    return completions_class().create_from_arg_obj(args, {"batch_size": batch_size if isinstance(batch_size, int)
+                                                          else 1})
+
+
+@contextlib.contextmanager
+def served_model(engine: Engine, model_dir: Path, serving_cfg: BenchmarkConfig, cfg: EvaluateConfig, log_path: Path,
+                 *, tokenized_requests: bool = True,
+                 num_concurrent: int = SERVER_CONCURRENCY) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Serve ``model_dir`` with the benchmark's command and geometry and yield the lm-eval model that talks to it
+    (and its args); the server stops on exit.
+
+    Evaluate and benchmark do not share one server: they are separate stages of the pipeline DAG
+    (flows/pipeline.py), each its own cached, retried unit and, on GPU profiles, its own flow run in its own pod;
+    evaluate-tuned runs before the quality gate and the benchmark only after quantize, so a shared server would
+    have to outlive a stage and hold the GPUs across the gate and quantization. Both start the same command, so the
+    cost is one model load per stage."""
+    port = serving_cfg.port or free_port()
+    cmd = engine.serve_command(model_dir, port, serving_cfg)
+    with serving(cmd, port, log_path, health_path=engine.health_path, startup_timeout_s=serving_cfg.startup_timeout_s,
+                 env=engine.env()) as server:
+        args = completions_model_args(str(model_dir), server.base_url, serving_cfg.max_model_len, cfg.max_gen_toks,
+                                      tokenized_requests=tokenized_requests, num_concurrent=num_concurrent)
+        yield load_completions(args, cfg.batch_size), {**args, "server_command": cmd}
+
+
+def load_model(args: dict[str, Any], batch_size: int | str, device: str) -> Any:
+    """The in-process lm-eval `hf` LM, built the way simple_evaluate builds it from a name."""
     from lm_eval.api.registry import get_model
 
-    extra: dict[str, Any] = {"batch_size": batch_size}
-    if backend == "hf":  # vLLM places itself (CUDA_VISIBLE_DEVICES) and warns about a device argument
-        extra["device"] = device
-    return get_model(backend).create_from_arg_obj(args, extra)
+    return get_model("hf").create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
 
 
 def default_gen_toks(tasks: list[Any], max_gen_toks: int) -> None:

@@ -1,7 +1,8 @@
-"""The inference servers the benchmark can start: vLLM, and ``transformers serve`` as vLLM's CPU stand-in.
+"""The inference servers the benchmark (and evaluate, on GPUs) can start: vLLM, and ``transformers serve`` as vLLM's
+CPU stand-in.
 
-Both speak the OpenAI HTTP protocol (streaming chat completions with a usage block, ``GET /health``), so one load
-generator measures either. ``transformers serve`` is a real server, but it is not vLLM: its notes below go into
+Both speak the OpenAI HTTP protocol (streaming chat completions with a usage block, legacy completions,
+``GET /health``), so one load generator measures either and lm-eval's ``local-completions`` scores either. ``transformers serve`` is a real server, but it is not vLLM: its notes below go into
 results.json so nobody mistakes its numbers for vLLM's.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.profile import BenchmarkConfig
-from tasks.benchmark import vllm_cli
+from tasks.serving import vllm
 
 # Local checkpoints only: no hub lookups, no update checks, no usage reporting from inside a benchmark.
 _QUIET_ENV = {
@@ -61,16 +62,16 @@ def _transformers_length_body(output_tokens: int) -> dict[str, Any]:
 
 
 def _vllm_serve_command(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
-    return [*vllm_cli.vllm_command(), *vllm_cli.serve_args(model_dir, port, cfg)]
+    return [*vllm.vllm_command(), *vllm.serve_args(model_dir, port, cfg)]
 
 
 VLLM = Engine(
     name="vllm",
     label="vllm",
-    version=vllm_cli.vllm_version,
+    version=vllm.vllm_version,
     notes=(),
     serve_command=_vllm_serve_command,
-    length_body=vllm_cli.length_body,
+    length_body=vllm.length_body,
 )
 
 TRANSFORMERS_SERVE = Engine(
