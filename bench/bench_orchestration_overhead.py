@@ -102,10 +102,11 @@ def step_seconds(metrics: Path) -> float:
 def run_bare(config: Path, output_dir: Path, env: dict[str, str]) -> float:
     shutil.rmtree(output_dir, ignore_errors=True)
     output_dir.mkdir(parents=True)
-    tune = str(Path(sys.executable).with_name("tune"))
+    from tasks.train.launch import RECIPE, tune_executable
+
     started = time.perf_counter()
     with open(output_dir.parent / f"{output_dir.name}.log", "w") as log:
-        code = subprocess.call([tune, "run", "tunerecipes/sft.py", "--config", str(config), f"output_dir={output_dir}"],
+        code = subprocess.call([tune_executable(), "run", RECIPE, "--config", str(config), f"output_dir={output_dir}"],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if code:
         raise SystemExit(f"bare tune run failed ({code}); see {output_dir}.log")
