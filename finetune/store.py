@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from finetune.hashing import copy_hashed, sha256_file, sha256_stream
+from finetune.hashing import copy_hashed, hash_json, sha256_file, sha256_stream
 from finetune.profile import REPO_ROOT
 
 MANIFEST = "artifact.json"
@@ -95,9 +95,11 @@ class Store:
         return scratch_root() / protocol / self.root.replace("/", "_") / stage / key
 
     def results_dir(self) -> Path:
-        """Prefect's persisted task results: inside a local store, beside the scratch mirror otherwise."""
-        base = Path(self.root) if self.is_local else scratch_root() / "results" / self.root.replace("/", "_")
-        return base / ".prefect-results"
+        """Prefect's persisted task results (its cache records), on this machine, never in the store: Prefect
+        deserializes a record with the serializer the record itself names (prefect/_internal/result_records.py,
+        ResultRecord.deserialize), pickle included, so a record planted in a shared store would run code here.
+        The store's artifact.json stays the truth: another machine's rerun finds the verified artifact instead."""
+        return scratch_root() / "prefect-results" / hash_json({"store": self.url}, 16)
 
     # -- reading -----------------------------------------------------------------------------------------------
     def read_artifact(self, stage: str, key: str) -> Artifact | None:
@@ -191,6 +193,10 @@ class Store:
                     stale.unlink()
         work.mkdir(parents=True, exist_ok=True)
         return work
+
+    def set_aside(self, stage: str, key: str) -> None:
+        """Quarantine a finished artifact whose outside effect is gone (StageSpec.still_valid), so it reruns."""
+        self._quarantine(stage, key)
 
     def _quarantine(self, stage: str, key: str) -> None:
         """Move a finished-but-broken artifact aside (never delete it) so the stage can be recomputed."""
