@@ -180,15 +180,22 @@ def completions_class() -> type:
     """lm-eval's `local-completions` model, rendering the chat template on the client in every mode.
 
     lm-eval renders it to a prompt string only when requests go out tokenized; otherwise it sends the chat as JSON
-    messages, which a completions endpoint cannot take. Here both modes send the string the in-process `hf` backend
-    scores (transformers' apply_chat_template, exactly lm-eval's own call)."""
+    messages, which a completions endpoint cannot take. Here both modes render transformers' apply_chat_template
+    (exactly lm-eval's own call), so the server sees the tokens the in-process `hf` backend scores. A server that
+    gets a string tokenizes it with special tokens (transformers serve, and vLLM by default): when the tokenizer adds
+    a BOS, the template's own leading BOS is left to it, or the model would see two."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     class ChatTemplatedCompletions(LocalCompletionsAPI):
         def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-            return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+            text = self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
                                                       continue_final_message=not add_generation_prompt)
+            bos = self.tokenizer.bos_token
+            if not self.tokenized_requests and bos and text.startswith(bos) and \
+                    self.tokenizer("").input_ids[:1] == [self.tokenizer.bos_token_id]:
+                return text[len(bos):]
+            return text
 
     return ChatTemplatedCompletions
 
