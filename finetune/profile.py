@@ -15,6 +15,8 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from finetune.quantized_bases import quantized_repo_error
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "profiles"
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -121,6 +123,8 @@ class ModelConfig(Section):
         if self.source == "hub":
             if not self.repo_id:
                 raise ValueError("source 'hub' needs repo_id (e.g. meta-llama/Llama-4-Scout-17B-16E-Instruct)")
+            if refusal := quantized_repo_error(self.repo_id):  # refused here, before any stage or network call
+                raise ValueError(f"repo_id: {refusal}")
             if not self.revision:
                 raise ValueError(
                     "source 'hub' needs a revision: a 40-hex commit sha (reproducible), or a branch/tag that the "

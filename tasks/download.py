@@ -18,8 +18,9 @@ separate "view" directory of links: the store hashes every file it lists (hard l
 object stores keep no links; a sub-folder is also what checkpoint copiers skip (only top-level files are HF format).
 Each rewritten value is recorded, with the library call that needed it, in the metrics and a UI table.
 
-The checkpoint is checked before later stages pay for it: a quantized base (the FP8 Maverick) is refused before any
-weight is fetched; a config transformers or our model cannot read, an architecture other than Llama 4, or a missing
+The checkpoint is checked before later stages pay for it: a known quantized repo id (the FP8 Maverick) is refused by
+the profile itself (``finetune.quantized_bases``), any other quantized base from its config before any weight is
+fetched; a config transformers or our model cannot read, an architecture other than Llama 4, or a missing
 tokenizer fails at once (``PermanentError``) naming the file and the field.
 """
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from typing import Any
 import fsspec
 
 from finetune.hashing import hash_json, hash_tree, sha256_file
+from finetune.jsonfile import json_object
 from finetune.profile import COMMIT_SHA, ModelConfig, Profile, resolve_repo_path
+from finetune.quantized_bases import bf16_hint
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file, scratch_root
 
@@ -46,9 +48,6 @@ PUBLISHED_DIR = "as-published"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 """pack tokenizes with the model's fast tokenizer and the chat template in its tokenizer_config.json."""
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
-BF16_REPOS = {"meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8": "meta-llama/Llama-4-Maverick-17B-128E-Instruct"}
-"""Quantized repos people pick as a base, and the bf16 weights they were made from."""
-_FP8_SUFFIX = re.compile(r"[-_]fp8$", re.IGNORECASE)
 
 
 def embedded_model_dir(seed: int) -> Path:
@@ -114,22 +113,6 @@ def _git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _bf16_hint(repo_id: str | None) -> str:
-    if repo_id in BF16_REPOS:
-        return f"fine-tune {BF16_REPOS[repo_id]} instead"
-    if repo_id and _FP8_SUFFIX.search(repo_id):
-        return f"fine-tune the bf16 repo it was quantized from ({_FP8_SUFFIX.sub('', repo_id)}?) instead"
-    return "fine-tune the bf16 checkpoint it was quantized from instead"
-
-
-def refuse_quantized_name(model: ModelConfig) -> None:
-    """A known quantized repo id is refused before any network call."""
-    if model.repo_id and (model.repo_id in BF16_REPOS or _FP8_SUFFIX.search(model.repo_id)):
-        raise PermanentError(f"model.repo_id: {model.repo_id} holds FP8-quantized weights; training needs the bf16 "
-                             f"weights (dequantizing 400B parameters on load is not supported): "
-                             f"{_bf16_hint(model.repo_id)}")
-
-
 def refuse_quantized_config(config: dict[str, Any], where: str, repo_id: str | None) -> None:
     """A config with a quantization_config (fbgemm_fp8, fp8, compressed-tensors, ...) is no base to fine-tune."""
     for prefix, section in (("", config), ("text_config.", config.get("text_config"))):
@@ -137,17 +120,7 @@ def refuse_quantized_config(config: dict[str, Any], where: str, repo_id: str | N
         if quant:
             method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
             raise PermanentError(f"{where}: field '{prefix}quantization_config' (quant_method {method!r}): the "
-                                 f"checkpoint is quantized and training needs bf16 weights; {_bf16_hint(repo_id)}")
-
-
-def _read_config(path: Path | str, text: str) -> dict[str, Any]:
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    if not isinstance(config, dict):
-        raise PermanentError(f"{path}: must be a JSON object, got {type(config).__name__}")
-    return config
+                                 f"checkpoint is quantized and training needs bf16 weights; {bf16_hint(repo_id)}")
 
 
 def _download_hub(ctx: StageContext) -> dict[str, Any]:
@@ -163,7 +136,7 @@ def _download_hub(ctx: StageContext) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     config_path = hf_hub_download(model.repo_id, "config.json", revision=revision, local_dir=ctx.workdir, token=token)
-    refuse_quantized_config(_read_config(config_path, Path(config_path).read_text()),
+    refuse_quantized_config(json_object(Path(config_path).read_text(), config_path),
                             f"{model.repo_id}@{revision}/config.json", model.repo_id)
     ctx.log(f"downloading {len(expected)} files of {model.repo_id}@{revision}")
     snapshot_download(
@@ -207,7 +180,7 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
     names = {str(path)[len(root.rstrip('/')) + 1:]: info for path, info in found.items()}
     if "config.json" in names:  # read before copying anything: a quantized base is refused before its weights move
         config_url = f"{root.rstrip('/')}/config.json"
-        refuse_quantized_config(_read_config(config_url, fs.cat_file(config_url).decode()), config_url, None)
+        refuse_quantized_config(json_object(fs.cat_file(config_url).decode(), config_url), config_url, None)
     wanted = _filtered(sorted(names), model)
     for done, name in enumerate(wanted, 1):
         _copy_verified(fs, f"{root.rstrip('/')}/{name}", ctx.workdir / name, names[name].get("size"))
@@ -226,7 +199,7 @@ def normalize_config(workdir: Path) -> list[dict[str, Any]]:
     published_path = workdir / PUBLISHED_DIR / "config.json"
     if published_path.is_file():  # a resumed attempt normalized already: start again from the published bytes
         os.replace(published_path, path)
-    config = _read_config(path, path.read_text())
+    config = json_object(path.read_text(), str(path))
     refuse_quantized_config(config, str(path), None)
     architectures = config.get("architectures")
     if not (isinstance(architectures, list) and architectures and set(architectures) <= set(ARCHITECTURES)):
@@ -263,7 +236,7 @@ def check_readable(workdir: Path) -> None:
         if not (workdir / name).is_file():
             raise PermanentError(f"{workdir / name}: missing; packing needs the model's fast tokenizer "
                                  f"({' and '.join(TOKENIZER_FILES)}, with its chat_template)")
-    _read_config(workdir / "tokenizer_config.json", (workdir / "tokenizer_config.json").read_text())
+    json_object((workdir / "tokenizer_config.json").read_text(), str(workdir / "tokenizer_config.json"))
     try:
         transformers.AutoTokenizer.from_pretrained(workdir)
     except Exception as exc:  # noqa: BLE001 - as above: a tokenizer that does not load now never will
@@ -273,7 +246,6 @@ def check_readable(workdir: Path) -> None:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     model = ctx.profile.model
-    refuse_quantized_name(model)
     metrics = _download_hub(ctx) if model.source == "hub" else _download_local(ctx)
     for required in REQUIRED_FILES:
         if not (ctx.workdir / required).is_file():

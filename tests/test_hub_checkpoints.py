@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from finetune.profile import load_profile
+from finetune.profile import ProfileError, load_profile
 from finetune.stage import PermanentError, StageContext, execute_stage
 from finetune.store import Store
 from llama4tune.config import load_text_args, normalize_hf_config
@@ -194,14 +195,13 @@ def _ctx(profile, workdir: Path) -> StageContext:
     return StageContext(profile=profile, key="k", workdir=workdir, inputs={})
 
 
-def test_fp8_maverick_repo_is_refused_before_any_network_call(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded"))
-    profile = load_profile("maverick-lora", ["model.repo_id=meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8"])
-    with pytest.raises(PermanentError, match="meta-llama/Llama-4-Maverick-17B-128E-Instruct instead"):
-        download.run(_ctx(profile, tmp_path / "work"))
-    assert not any((tmp_path / "work").iterdir())
+@pytest.mark.parametrize("repo_id,instead", [
+    ("meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8", "meta-llama/Llama-4-Maverick-17B-128E-Instruct instead"),
+    ("someone/Llama-4-Scout-17B-16E-Instruct-fp8", r"quantized from \(someone/Llama-4-Scout-17B-16E-Instruct\?\)"),
+])
+def test_fp8_repo_is_refused_at_profile_validation_naming_the_bf16_repo(repo_id, instead):
+    with pytest.raises(ProfileError, match=rf"model: repo_id: {re.escape(repo_id)} holds FP8-quantized.*{instead}"):
+        load_profile("maverick-lora", [f"model.repo_id={repo_id}"])
 
 
 def test_a_quantized_local_base_is_refused_before_any_file_is_copied(checkpoints, tmp_path):

@@ -8,13 +8,13 @@ number of tokens.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.jsonfile import json_object
 from finetune.stage import PermanentError
 
 # The load is a pure function of prompts.jsonl and the profile: a fixed seed keeps reruns comparable.
@@ -34,12 +34,7 @@ class BenchRequest:
 
 def _record(path: Path, lineno: int, raw: str) -> tuple[list[dict[str, str]], int, int]:
     where = f"{path}:{lineno}"
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise PermanentError(f"{where}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise PermanentError(f"{where}: expected an object with messages/prompt_tokens/response_tokens")
+    data = json_object(raw, where, "an object with messages/prompt_tokens/response_tokens")
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise PermanentError(f"{where}: 'messages' must be a non-empty list")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from finetune.jsonfile import read_json_object
 from finetune.stage import PermanentError
 from finetune.store import MANIFEST, atomic_file
 from tasks.convert.sources import INDEX_NAME
@@ -16,19 +17,6 @@ from tasks.convert.sources import INDEX_NAME
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def read_json_object(path: Path, missing: str) -> dict[str, Any]:
-    """A JSON object from path, or a PermanentError naming the file, the line, or why it is missing."""
-    if not path.is_file():
-        raise PermanentError(f"{path}: missing; {missing}")
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if not isinstance(value, dict):
-        raise PermanentError(f"{path}: must be a JSON object")
-    return value
 
 
 def read_config(base_dir: Path) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
+from finetune.jsonfile import read_json_object
 from finetune.stage import PermanentError, StageContext
 from finetune.store import atomic_file
 from llama4tune.peft import CONFIG_FILE as PEFT_CONFIG
 from llama4tune.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from llama4tune.peft import NoPeftForm
 from tasks.convert.checkpoint import ConvertResult, KeyMap, convert_checkpoint
-from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config, read_json_object
+from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config
 from tasks.convert.lora import LoraModule, LoraSpec, write_peft_adapter
 from tasks.convert.shards import parse_size
 from tasks.convert.sources import DcpSource, SafetensorsSource, TensorSource

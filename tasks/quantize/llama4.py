@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from finetune.jsonfile import read_json_object
 from finetune.stage import PermanentError
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
@@ -83,16 +84,9 @@ def text_only_aliases(ignore: list[str]) -> list[str]:
 
 
 def architecture(model_dir: Path) -> str:
-    import json
-
     path = model_dir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PermanentError(f"{path}: missing; the convert artifact is not a Hugging Face checkpoint") from None
-    except json.JSONDecodeError as exc:
-        raise PermanentError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    archs = config.get("architectures") if isinstance(config, dict) else None
+    config = read_json_object(path, "the convert artifact is not a Hugging Face checkpoint")
+    archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in ARCHITECTURES:
         raise PermanentError(f"{path}: field 'architectures' must be one of {list(ARCHITECTURES)}, got {archs!r}")
