@@ -274,11 +274,20 @@ class BenchmarkConfig(Section):
     use_vllm_bench: bool = Field(True, description="Use `vllm bench serve` as the load generator when installed.")
 
 
+# The image role each GPU stage runs in (deploy.images; Dockerfile targets).
+ROLE_OF_STAGE = {"train": "train", "quantize": "quantize", "evaluate": "serve", "benchmark": "serve"}
+
+
 class DeployConfig(Section):
     work_pool: str = "cpu-pool"
     gpu_work_pool: str = "gpu-pool"
     gpu_stages: list[Literal["train", "evaluate", "quantize", "benchmark"]] = ["train"]
     image: str | None = None
+    images: dict[Literal["train", "quantize", "serve"], str] = Field(
+        default_factory=dict,
+        description="One image per GPU role (the Dockerfile's targets), all three or none, instead of `image`: train "
+                    "runs training (stage and node runs), quantize quantization, serve evaluate and benchmark (vLLM "
+                    "in an environment of its own).")
     job_variables: dict[str, Any] = Field(default_factory=dict)
     stage_concurrency: dict[str, PositiveInt] = Field(
         default_factory=dict,
@@ -286,11 +295,25 @@ class DeployConfig(Section):
                     "stages share one machine), unbounded in the GPU pool when stages are dispatched there (each "
                     "stage flow run gets its own pod).")
 
+    @model_validator(mode="after")
+    def _images(self) -> DeployConfig:
+        if self.images and (self.image or set(self.images) != set(ROLE_OF_STAGE.values())):
+            raise ValueError("images names an image for each of train, quantize and serve, and replaces image: "
+                             "set one or the other")
+        return self
+
     @property
     def gpu_job_variables(self) -> dict[str, Any]:
         """What a GPU run of this profile asks its pool for (image, GPUs, node selector, ...): job_variables with
-        ``image`` on top. Every GPU launch path (stage dispatch, pool node runs, rendered JobSets) uses this."""
-        return {**self.job_variables, **({"image": self.image} if self.image else {})}
+        ``image`` (or the train role's image) on top. Every GPU launch path (stage dispatch, pool node runs, rendered
+        JobSets) uses this; a dispatched stage then takes its own role's image (stage_image)."""
+        image = self.image or self.images.get("train")
+        return {**self.job_variables, **({"image": image} if image else {})}
+
+    def stage_image(self, stage: str) -> dict[str, Any]:
+        """The job variable that runs ``stage`` in its role's image (none when images is unset)."""
+        image = self.images.get(ROLE_OF_STAGE[stage])
+        return {"image": image} if image else {}
 
 
 class PlanConfig(Section):
