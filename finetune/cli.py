@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator
+from typing import Any
 
 from finetune.profile import REPO_ROOT, ProfileError, list_profiles, load_profile, resolved_yaml
 
@@ -38,20 +41,71 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     _prefect_defaults()
-    from flows.finetune import finetune
-
     started = time.perf_counter()
-    with _stdout_to_stderr(args.json):
-        summary = finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
+    if args.verbose:
+        from flows.finetune import finetune
+
+        with _stdout_to_stderr(args.json):
+            summary = finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
+    else:
+        summary = _run_with_progress(args, profile.name)
+        if summary is None:
+            return 1
     wall = round(time.perf_counter() - started, 2)
     if args.json:
         print(json.dumps({"profile": args.profile, "wall_seconds": wall, "stages": summary}, indent=2, default=str))
     else:
-        for stage, info in summary.items():
-            state = "cached" if info["cached"] else f"{info['seconds']}s"
-            print(f"{stage:<20} {info['key'][:12]}  {state:<10} {info['path']}")
-        print(f"finished in {wall}s")
+        from finetune.store import Store, default_store_url
+        from tasks.run_report import find_run_record, report_markdown
+
+        store = Store(args.store or default_store_url())
+        print(report_markdown(store, find_run_record(store, profile.name)))
+        print(f"finished in {wall}s; again: finetune report --profile {args.profile}"
+              + (f" --store {args.store}" if args.store else ""))
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from finetune.stage import PermanentError
+    from finetune.store import Store, default_store_url
+    from tasks.run_report import find_run_record, report_markdown
+
+    store = Store(args.store or default_store_url())
+    profile = load_profile(args.profile).name if args.profile else None
+    try:
+        print(report_markdown(store, find_run_record(store, profile, args.run)), end="")
+    except PermanentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_with_progress(args: argparse.Namespace, profile_name: str) -> dict[str, Any] | None:
+    """Run the flow with every log line and library output in the run's log file and a progress display per stage
+    on stderr; on failure, the error and the log's last lines. Returns the flow's summary, None when it failed."""
+    from finetune.console import StageDisplay, log_tail, output_to_log, run_log_path
+    from finetune.store import Store, default_store_url
+
+    log_path = run_log_path(Store(args.store or default_store_url()).runs_dir(), profile_name)
+    os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")  # Prefect's log goes to a file, not a terminal
+    failure: Exception | None = None
+    with output_to_log(log_path) as (_, err):
+        # A library's logging.warning() (torchao's, during the plan check) gave the root logger a bare handler, and
+        # Prefect keeps one it finds there instead of its own (timestamps, run names): drop it before Prefect loads.
+        for handler in logging.root.handlers[:]:
+            logging.root.removeHandler(handler)
+        with StageDisplay(err) as display:
+            display.print(f"full log: {log_path}  (-v streams it here)")
+            try:
+                from flows.finetune import finetune  # imported here: Prefect's log handlers see the log file
+
+                return finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
+            except Exception as exc:
+                traceback.print_exc()  # into the log file
+                failure = exc
+        err.write(f"error: {type(failure).__name__}: {failure}\n--- last lines of {log_path} ---\n"
+                  f"{log_tail(log_path)}\n")
+    return None
 
 
 @contextlib.contextmanager
@@ -118,14 +172,18 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.pipeline import STAGES  # no Prefect there: the parser stays fast
+
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline for a profile")
     run.add_argument("--profile", default="tiny-cpu", help="profile name (see `finetune profiles`) or YAML path")
     run.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
-    run.add_argument("--until", default="benchmark", help="stop after this stage")
+    run.add_argument("--until", default=STAGES[-1], choices=STAGES, help=f"stop after this stage (default: {STAGES[-1]})")
     run.add_argument("--json", action="store_true", help="print a JSON summary per stage")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="stream every log line here instead of a progress display (the log file otherwise)")
     run.add_argument("--no-plan-check", action="store_true",
                      help="start even when `finetune plan` says the run does not fit (as plan.enforce=false)")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
@@ -136,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
     plan.set_defaults(func=_cmd_plan)
+
+    report = sub.add_parser("report", help="what a run achieved: loss, scores and gate, 4-bit, serving, stage times")
+    report.add_argument("--profile", default=None, help="the newest run of this profile (default: of any)")
+    report.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
+    report.add_argument("--run", default=None, help="this flow run (its name, as the Prefect UI shows it)")
+    report.set_defaults(func=_cmd_report)
 
     profiles = sub.add_parser("profiles", help="list the shipped profiles")
     profiles.set_defaults(func=_cmd_profiles)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from finetune.quantized_bases import quantized_repo_error
 
@@ -329,6 +329,27 @@ class PlanConfig(Section):
                                                                         "catalog's usual node when unset.")
 
 
+class PublishConfig(Section):
+    """The last stage: where the chosen model goes, with a generated model card (tasks/publish)."""
+
+    target: str | None = Field(None, description="A local directory, an fsspec URL (s3://..., memory://...) or "
+                                                 "hf://<org>/<repo> (Hugging Face hub, token from HF_TOKEN); unset: "
+                                                 "the publish stage is skipped.")
+    model: Literal["w4a16", "bf16", "adapter"] = Field(
+        "w4a16", description="w4a16: the quantized checkpoint; bf16: the converted one; adapter: the PEFT adapter "
+                             "of a LoRA run.")
+    name: str | None = Field(None, description="Model name in the card; the Llama 4 Community License asks "
+                                               "derivatives to begin with 'Llama'. Default: Llama-4-<profile>-<model>.")
+    private: bool = Field(True, description="hf:// targets: create the repo private.")
+
+    @field_validator("name")
+    @classmethod
+    def _llama_name(cls, name: str | None) -> str | None:
+        if name is not None and not name.startswith("Llama"):
+            raise ValueError(f"'{name}' must begin with 'Llama' (Llama 4 Community License, section 1.b.i)")
+        return name
+
+
 class Profile(Section):
     name: str
     description: str
@@ -341,6 +362,7 @@ class Profile(Section):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     deploy: DeployConfig = DeployConfig()
     plan: PlanConfig = PlanConfig()
+    publish: PublishConfig = PublishConfig()
     retries: int = Field(2, ge=0, description="Retries per stage on transient failure or preemption.")
 
     @model_validator(mode="after")

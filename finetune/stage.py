@@ -59,6 +59,11 @@ class StageSpec:
     """Identity of outside content the stage reads (data hashes, hub revisions)."""
     resumable: bool = False
     """Keep an interrupted attempt's files (checkpoints) instead of starting clean."""
+    skipped: Callable[[Profile], str | None] = lambda profile: None
+    """Why this profile does not run the stage at all (e.g. publish without a target); None: it runs."""
+    still_valid: Callable[[Artifact], bool] = lambda artifact: True
+    """For a stage whose effect lies outside the store (publish): whether the outside world still holds what the
+    finished artifact recorded. When it does not, the artifact is set aside and the stage runs again."""
 
 
 def deferred(module: str) -> Callable[[StageContext], dict[str, Any]]:

@@ -101,6 +101,11 @@ class Store:
         The store's artifact.json stays the truth: another machine's rerun finds the verified artifact instead."""
         return scratch_root() / "prefect-results" / hash_json({"store": self.url}, 16)
 
+    def runs_dir(self) -> Path:
+        """Run logs and run records (``finetune report``), one file per run, outside every stage's directory:
+        ``<store>/runs`` in a local store, beside the scratch mirror otherwise."""
+        return Path(self.root) / "runs" if self.is_local else scratch_root() / "runs" / self.root.replace("/", "_")
+
     # -- reading -----------------------------------------------------------------------------------------------
     def read_artifact(self, stage: str, key: str) -> Artifact | None:
         manifest = f"{self.remote_dir(stage, key)}/{MANIFEST}"

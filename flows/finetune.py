@@ -12,21 +12,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
+from finetune.console import stage_event
 from finetune.hashing import hash_json
 from finetune.plan import check_fits, markdown, plan
 from finetune.profile import Profile, load_profile, resolved_yaml
-from finetune.store import Artifact, Store, default_store_url
+from finetune.store import Artifact, Store, default_store_url, now_iso
 from flows.dispatch import gpu_pool_target
-from flows.pipeline import GATE_BASE, GATE_TUNED, Step, spec, stage_keys, steps_until
+from flows.pipeline import GATE_BASE, GATE_TUNED, STAGES, Step, spec, stage_keys, steps_until
 from flows.slots import stage_slots
 from flows.stage_tasks import Payload, StageResult, Submitted, payload_artifact, stage_result, submit_stage
 from tasks.evaluate.report import RESULTS_FILE, check_gate, compare, markdown_table, recovery, scores
+from tasks.run_report import report_markdown, run_record, write_run_record
 from tasks.train.pool import check_shared_store
+
+GATE = "quality-gate"
+"""Label of the quality gate's task (tuned vs base) in the run graph and on the console."""
 
 
 def _run_name() -> str:
@@ -40,7 +45,7 @@ def finetune(
     profile: str = "tiny-cpu",
     overrides: list[str] | None = None,
     store: str | None = None,
-    until: str = "benchmark",
+    until: str = STAGES[-1],
 ) -> dict[str, Any]:
     """Run the pipeline for one profile. Returns per stage: key, cached, seconds, path, metrics."""
     steps = steps_until(until)
@@ -54,11 +59,18 @@ def finetune(
     create_markdown_artifact(markdown(plan(resolved)), key="plan",
                              description="Memory per GPU and node, time and cost of this run at its real size")
     check_fits(resolved)
+    started = now_iso()
+    skipped = {step.label: reason for step in steps if (reason := spec(step.stage).skipped(resolved))}
+    for label, reason in skipped.items():
+        get_run_logger().info(f"{label}: skipped ({reason})")
+        stage_event(label, "skipped", reason)
+    steps = [step for step in steps if step.label not in skipped]
     keys = stage_keys(resolved, steps)
     targets = {step.label: gpu_pool_target(step.stage, resolved) for step in steps}
     pools = {step.label: resolved.deploy.gpu_work_pool if targets[step.label] else resolved.deploy.work_pool
              for step in steps}
     results: dict[str, StageResult] = {}
+    status = "failed"
     try:
         with stage_slots(resolved, set(pools.values())) as slots:
             submitted: dict[str, Submitted] = {}
@@ -77,31 +89,46 @@ def finetune(
             failure.result()  # raises the first failure in pipeline order
         if "evaluate-quantized" in results:
             post_recovery(artifacts_store, results["evaluate-tuned"].artifact, results["evaluate-quantized"].artifact)
+        status = "completed"
     finally:
         _post_lineage(resolved.name, artifacts_store, results)
+        try:
+            _post_report(resolved, artifacts_store, results, skipped, started, status)
+        except (OSError, ValueError, KeyError) as exc:  # a report must not turn a finished run into a failed one
+            get_run_logger().warning(f"could not write the run record or report: {type(exc).__name__}: {exc}")
     return {label: result.summary() for label, result in results.items()}
 
 
 def _collect(steps: list[Step], submitted: dict[str, Submitted], gate: PrefectFuture | None, store: Store,
              results: dict[str, StageResult]) -> Any:
-    """Wait for every step in pipeline order, post each finished one's tables; return the first failed state (a
-    step that never started because something upstream failed is not a failure of its own)."""
-    failure = None
-    for step in steps:
-        future = submitted[step.label].future
-        future.wait()
-        if future.state.is_completed():
-            results[step.label] = stage_result(submitted[step.label], store)
-        elif future.state.is_failed() or future.state.is_crashed():
-            failure = failure or future.state
-        if step.label == GATE_TUNED and gate is not None:
-            gate.wait()
-            if gate.state.is_failed() or gate.state.is_crashed():
-                failure = failure or gate.state
-    return failure
+    """Wait for every step, announcing each as it finishes and posting its tables; return the first failed state in
+    pipeline order (a step that never started because something upstream failed is not a failure of its own)."""
+    labels = {submitted[step.label].future: step.label for step in steps}
+    if gate is not None:
+        labels[gate] = GATE
+    for future in as_completed(list(labels)):
+        label = labels[future]
+        if future.state.is_failed() or future.state.is_crashed():
+            stage_event(label, "failed", _first_line(future.state.message))
+        elif not future.state.is_completed():
+            stage_event(label, "skipped", "an upstream step failed")
+        elif label == GATE:
+            stage_event(label, "done", "the tuned model passed")
+        else:
+            results[label] = result = stage_result(submitted[label], store)
+            seconds = None if result.cached else result.artifact.timings.get("seconds")
+            stage_event(label, "cached" if result.cached else "done",
+                        result.artifact.key[:10] + ("" if seconds is None else f"  {seconds:.1f}s"))
+    order = [future for step in steps for future in (submitted[step.label].future,
+                                                     *([gate] if step.label == GATE_TUNED and gate else []))]
+    return next((f.state for f in order if f.state.is_failed() or f.state.is_crashed()), None)
 
 
-@task(name="quality-gate")
+def _first_line(message: str | None, width: int = 160) -> str:
+    return (message or "").strip().split("\n", 1)[0][:width]
+
+
+@task(name=GATE)
 def quality_gate(profile: Profile, store_url: str, base: Payload, tuned: Payload) -> None:
     """Compare tuned with base and stop the pipeline (before quantization) if the profile's gate fails."""
     store = Store(store_url)
@@ -117,6 +144,19 @@ def post_recovery(store: Store, bf16: Artifact, w4: Artifact) -> None:
     rows = recovery(*(scores(store.materialize(artifact, [RESULTS_FILE])) for artifact in (bf16, w4)))
     create_markdown_artifact(f"# 4-bit vs bf16 quality\n\n{markdown_table(rows)}\n", key="quantized-recovery",
                              description="Share of each bf16 score the W4A16 model keeps")
+
+
+def _post_report(profile: Profile, store: Store, results: dict[str, StageResult], skipped: dict[str, str],
+                 started: str, status: str) -> None:
+    """Leave the run's record in the store (``finetune report`` reads it) and post its report to the UI."""
+    stages = {label: {"stage": r.artifact.stage, "key": r.artifact.key, "cached": r.cached,
+                      "seconds": r.artifact.timings.get("seconds")} for label, r in results.items()}
+    record = run_record(flow_run.name or profile.name, profile.name, profile.evaluate.gate, stages, skipped, status,
+                        started, now_iso())
+    location = write_run_record(store, record)
+    create_markdown_artifact(report_markdown(store, record), key="run-report",
+                             description="What the run achieved: loss, scores and gate, 4-bit, serving, stage times")
+    get_run_logger().info(f"run record: {location}")
 
 
 def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResult]) -> None:

@@ -15,7 +15,7 @@ from finetune.stage import StageSpec, stage_key
 from finetune.store import Artifact
 
 # Stage order of the pipeline; `until` stops after the named one.
-STAGES = ("download", "pack", "train", "convert", "evaluate", "quantize", "benchmark")
+STAGES = ("download", "pack", "train", "convert", "evaluate", "quantize", "benchmark", "publish")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ PIPELINE: tuple[Step, ...] = (
     Step("quantize", "quantize", {"convert": "convert", "pack": "pack"}, after_gate=True),
     Step("evaluate-quantized", "evaluate", {"model": "quantize"}),
     Step("benchmark", "benchmark", {"convert": "convert", "quantize": "quantize", "pack": "pack"}),
+    # The model card reports every earlier step (lineage, scores, recovery, serving), so publish reads them all.
+    Step("publish", "publish", {label: label for label in (
+        "download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned", "quantize", "evaluate-quantized",
+        "benchmark")}),
 )
 STEPS: dict[str, Step] = {step.label: step for step in PIPELINE}
 # The gate compares these two steps' scores.

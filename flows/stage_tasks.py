@@ -32,10 +32,12 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import State
 
+from finetune.console import stage_event
 from finetune.profile import Profile
 from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables, stage_key
 from finetune.store import Artifact, Store
 from flows.dispatch import dispatch_to_gpu_pool
+from tasks.train.launch import ReadableMetrics
 
 Payload = dict[str, Any]
 """What the stage task returns (and Prefect caches): the artifact's JSON with its path, and its UI tables."""
@@ -57,12 +59,15 @@ class StageResult:
         }
 
 
-def prefect_progress(description: str) -> Callable[[float, str], None]:
-    """A progress artifact in the UI and the callback that moves it (fraction 0..1, message)."""
+def prefect_progress(description: str, label: str | None = None) -> Callable[[float, str], None]:
+    """A progress artifact in the UI and the callback that moves it (fraction 0..1, message); with ``label``, the
+    same events reach the console (finetune.console)."""
     progress_id = create_progress_artifact(0.0, description=description)
 
     def progress(fraction: float, message: str) -> None:
         update_progress_artifact(progress_id, min(100.0, max(0.0, 100.0 * fraction)), description=message)
+        if label is not None:
+            stage_event(label, "progress", message, fraction)
 
     return progress
 
@@ -99,6 +104,9 @@ def _payload(artifact: Artifact, tables: dict[str, list[dict[str, Any]]]) -> Pay
     result_serializer="json",
     retry_condition_fn=_retry_unless_permanent,
     retry_delay_seconds=5,
+    # Stages log through ctx.log. Turning library print() calls into log records (the flow's log_prints) also
+    # catches dill's dis.dis under its own stdout capture (datasets' fingerprinting): pages of bytecode in the log.
+    log_prints=False,
 )
 def run_stage_task(
     spec: StageSpec, key: str, profile: Profile, store_url: str, inputs: dict[str, Payload | Artifact],
@@ -117,8 +125,10 @@ def run_stage_task(
         if gpu_pool is not None and store.verified_artifact(spec.name, key) is None:
             remote = dispatch_to_gpu_pool(spec, profile, store, artifacts, key, label, gpu_pool)
             return _payload(remote, read_tables(store.materialize(remote, [TABLES_FILE])))
-        artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=logger.info,
-                                         progress=prefect_progress(f"{label} {key[:10]}"))
+        stage_event(label, "running", key[:10])
+        # People read this log in the UI: per-step trainer metrics become one line every 10 steps or 60 s.
+        artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=ReadableMetrics(logger.info),
+                                         progress=prefect_progress(f"{label} {key[:10]}", label))
     return _payload(artifact, tables)
 
 
@@ -149,7 +159,11 @@ def submit_stage(
     label: str, *, gpu_pool: str | None = None, slot: str | None = None, wait_for: list[PrefectFuture] | None = None,
 ) -> Submitted:
     """Submit one stage: it starts when its input futures (and ``wait_for``) have finished."""
-    verified = store.verified_artifact(spec.name, key) is not None
+    existing = store.verified_artifact(spec.name, key)
+    if existing is not None and not spec.still_valid(existing):
+        store.set_aside(spec.name, key)  # e.g. the published files changed: publish again
+        existing = None
+    verified = existing is not None
     future = run_stage_task.with_options(
         name=label,
         task_run_name=f"{label}-{key[:10]}",

@@ -18,6 +18,8 @@ class PipelineRun:
     env: dict[str, str]
     store: Path
     summary: dict[str, Any]
+    console: str = ""
+    """What the first run printed besides its JSON summary (stderr): the progress display."""
 
     def finetune(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli(self.env, *args, check=check)
@@ -57,4 +59,4 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     root = tmp_path_factory.mktemp("pipeline")
     env = isolated_env(root)
     proc = run_cli(env, "run", "--profile", "tiny-cpu", "--json")
-    return PipelineRun(env=env, store=root / "store", summary=parse_summary(proc.stdout))
+    return PipelineRun(env=env, store=root / "store", summary=parse_summary(proc.stdout), console=proc.stderr)

@@ -130,3 +130,35 @@ def test_the_run_graph_has_the_real_dependencies_and_stages_sharing_a_machine_ta
         (timings["started"], timings["finished"], name) for name, info in pipeline_run.summary["stages"].items()
         for timings in [json.loads((Path(info["path"]) / "artifact.json").read_text())["timings"]])
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
+def test_a_fresh_run_shows_progress_per_stage_not_its_log(pipeline_run: PipelineRun) -> None:
+    lines = pipeline_run.console.splitlines()
+    assert len(lines) <= 150, f"{len(lines)} lines on the console"
+    assert lines[0].startswith("full log: ") and "RESUME" not in pipeline_run.console
+    for label in ALL_STAGES:
+        assert f"✓ {label}" in pipeline_run.console, label
+    assert "no publish.target set" in pipeline_run.console
+    log = Path(lines[0].split()[2])
+    assert log.parent == pipeline_run.store / "runs" and "step 10/" in log.read_text()
+
+
+def test_publish_goes_to_its_target_and_a_changed_target_is_published_again(pipeline_run: PipelineRun,
+                                                                            tmp_path: Path) -> None:
+    target = tmp_path / "published"
+
+    def run() -> dict[str, bool]:
+        out = parse_summary(pipeline_run.finetune("run", "--profile", "tiny-cpu", f"publish.target={target}",
+                                                  "--json").stdout)
+        return {name: info["cached"] for name, info in out["stages"].items()}
+
+    assert run() == dict.fromkeys(ALL_STAGES, True) | {"publish": False}
+    card = (target / "README.md").read_text()
+    assert "Built with Llama" in card and "## Evaluation: base -> tuned" in card
+    weights = (target / "model.safetensors").read_bytes()
+    assert run()["publish"] is True
+    (target / "model.safetensors").write_bytes(b"x" * len(weights))
+    assert run()["publish"] is False
+    assert (target / "model.safetensors").read_bytes() == weights
+    report = pipeline_run.finetune("report", "--profile", "tiny-cpu").stdout
+    assert "| publish | False |" in report and "Quality gate: passed" in report

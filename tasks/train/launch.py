@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +102,46 @@ def check_devices(train: TrainConfig) -> None:
         )
 
 
+def step_line(record: dict[str, Any]) -> str:
+    """A metrics record as people read it: step, loss, learning rate, throughput and time left."""
+    total = record.get("total_steps")
+    parts = [f"step {record['step']}" + (f"/{total}" if total else ""), f"loss {record['loss']:.4f}"]
+    if record.get("lr") is not None:
+        parts.append(f"lr {record['lr']:.2e}")
+    if record.get("tokens_per_s"):
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if total and record.get("step_time_s"):
+        # The last step's time stands for the rest: steps of one run are alike.
+        left = round((total - record["step"]) * record["step_time_s"])
+        parts.append(f"ETA {left // 60}m{left % 60:02d}s")
+    return " · ".join(parts)
+
+
 def report_step(ctx: StageContext, record: dict[str, Any]) -> None:
     """Show one metrics record (the recipe's per-step line) as the stage's progress."""
     total = record.get("total_steps") or 1
-    ctx.progress(min(1.0, record["step"] / total), f"step {record['step']}/{total} loss {record['loss']:.4f}")
+    ctx.progress(min(1.0, record["step"] / total), step_line(record))
+
+
+class ReadableMetrics:
+    """A log function for people (the Prefect UI, the run log): a trainer's per-step metrics lines become one
+    readable line every ``every_steps`` steps or ``every_s`` seconds, whichever comes first, and at the first and
+    last step; other lines pass through. Every step stays in metrics.jsonl and the progress artifact."""
+
+    def __init__(self, log: Callable[[str], None], every_steps: int = 10, every_s: float = 60.0):
+        self.log, self.every_steps, self.every_s = log, every_steps, every_s
+        self._logged_at: float | None = None
+
+    def __call__(self, line: str) -> None:
+        record = parse_metrics(line)
+        if record is None or "step" not in record or "loss" not in record:
+            self.log(line)
+            return
+        now, step = time.monotonic(), record["step"]
+        if (self._logged_at is None or step % self.every_steps == 0 or step == record.get("total_steps")
+                or now - self._logged_at >= self.every_s):
+            self._logged_at = now
+            self.log(step_line(record))
 
 
 def launch_trainers(ctx: StageContext, commands: list[list[str]]) -> None:
