@@ -67,6 +67,8 @@ def run_streaming(
     env: Mapping[str, str] | None = None,
     term_grace_s: float = 20.0,
     tail_lines: int = TAIL_LINES,
+    pass_fds: Sequence[int] = (),
+    stop: threading.Event | None = None,
 ) -> None:
     """Run ``commands`` side by side, calling ``on_line`` (in this thread) for every line of their merged
     stdout/stderr; lines of the second and later commands are tagged ``[proc N]``.
@@ -74,7 +76,11 @@ def run_streaming(
     Raises ``Preempted`` if we received SIGTERM meanwhile, else ``ProcessFailed`` if any exited non-zero. When a
     Python SIGTERM handler is already installed (Prefect's), it keeps handling SIGTERM: whatever it raises stops the
     children first and then propagates. ``term_grace_s`` is how long SIGTERMed children get to exit before their
-    groups are killed (below the 30 s a Prefect supervisor gives its engine before killing it).
+    groups are killed: the trainer's save on notice (train.preemption_grace_s).
+
+    ``pass_fds`` are inherited by the children: a stage lock's descriptor, so that the lock stays held until the last
+    child is gone, even if we are killed first. Setting ``stop`` kills every child at once (a lost stage lease:
+    another run may start the stage any moment); the call then raises ``ProcessFailed``.
     """
     if not commands:
         raise ValueError("run_streaming needs at least one command")
@@ -95,12 +101,12 @@ def run_streaming(
                 proc = subprocess.Popen(
                     deathsig.command(os.getpid(), list(cmd)), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
-                    errors="replace",
+                    errors="replace", pass_fds=tuple(pass_fds),
                 )
                 procs.append(proc)
                 threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()
             try:
-                first_failed = _stream(procs, lines, on_line, tail, family, terminated, term_grace_s)
+                first_failed = _stream(procs, lines, on_line, tail, family, terminated, term_grace_s, stop)
             except BaseException:
                 # The outer SIGTERM handler (or Ctrl-C) interrupted us: the children stop before it goes on.
                 _terminate(family, procs, term_grace_s)
@@ -129,6 +135,7 @@ def _stream(
     family: _Family,
     terminated: threading.Event,
     term_grace_s: float,
+    stop: threading.Event | None = None,
 ) -> int | None:
     """Deliver lines until every child's output is closed; returns the index of the first child that failed."""
     open_streams = len(procs)
@@ -154,14 +161,16 @@ def _stream(
             deadlines.setdefault("peer failed", now + PEER_GRACE_S)
         if all(proc.poll() is not None for proc in procs):
             deadlines.setdefault("orphans", now + ORPHAN_GRACE_S)  # exited, yet a pipe is still held open
+        if stop is not None and stop.is_set():
+            deadlines.setdefault("stopped", now)
         if deadlines and now > min(deadlines.values()):
             family.signal(signal.SIGKILL)
     return first_failed
 
 
 def _terminate(family: _Family, procs: list[subprocess.Popen[str]], grace_s: float) -> None:
-    """SIGTERM every marked process, give the children ``grace_s`` to exit (a trainer saves nothing on the way out,
-    but torchrun stops its workers), then the caller's cleanup kills what is left."""
+    """SIGTERM every marked process, give the children ``grace_s`` to exit (a trainer finishes its step and saves a
+    checkpoint; torchrun stops its workers), then the caller's cleanup kills what is left."""
     family.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):

@@ -20,6 +20,8 @@ from finetune.quantized_bases import quantized_repo_error
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "profiles"
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# Seconds a pod gets beyond train.preemption_grace_s: the stage's engine reports and exits after the trainer saved.
+ENGINE_EXIT_MARGIN_S = 30
 
 
 class ProfileError(ValueError):
@@ -175,6 +177,18 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     checkpoint_every_steps: int = Field(100, ge=1)
+    checkpoint_every_minutes: float | None = Field(
+        None, gt=0,
+        description="Also checkpoint once this many minutes have passed since the last checkpoint (or the start), "
+                    "whichever trigger comes first; all ranks agree on it every step. At real size a step takes "
+                    "minutes, so a step interval alone can leave hours of work to a preemption.")
+    preemption_grace_s: float = Field(
+        120, ge=0,
+        description="Seconds the machines give between SIGTERM (a spot notice) and SIGKILL: Kubernetes' default is "
+                    "30, AWS spot about 120. On SIGTERM the trainer finishes its step and saves a checkpoint when "
+                    "the step and the plan's estimated save time fit in it (else it exits at once); the launcher "
+                    "waits this long before killing the trainer, and the Kubernetes GPU pool's pods get it plus a "
+                    "margin as terminationGracePeriodSeconds.")
     seed: int = 0
     fsdp_cpu_offload: bool = False
     enable_dcp: bool = True
@@ -316,6 +330,14 @@ class DeployConfig(Section):
         return {"image": image} if image else {}
 
 
+class RetriesConfig(Section):
+    count: int = Field(2, ge=0, description="Retries per stage on transient failure or preemption.")
+    lock_timeout_s: float | None = Field(
+        86400, gt=0,
+        description="How long a stage waits for another run that is computing the same stage key (it then takes "
+                    "that run's artifact as a cache hit) before it fails; null waits as long as that run lives.")
+
+
 class PlanConfig(Section):
     """``finetune plan``: the sizing check every run passes before its first stage, and the cost estimate."""
 
@@ -363,7 +385,20 @@ class Profile(Section):
     deploy: DeployConfig = DeployConfig()
     plan: PlanConfig = PlanConfig()
     publish: PublishConfig = PublishConfig()
-    retries: int = Field(2, ge=0, description="Retries per stage on transient failure or preemption.")
+    retries: RetriesConfig = RetriesConfig()
+
+    @field_validator("retries", mode="before")
+    @classmethod
+    def _retries_count(cls, value: Any) -> Any:
+        # `retries: 2` (the original form) still means two retries per stage.
+        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @property
+    def gpu_job_variables(self) -> dict[str, Any]:
+        """What a GPU run asks its pool for (deploy.gpu_job_variables), the pods' termination grace following
+        train.preemption_grace_s unless job_variables sets it: the trainer's save on notice, then the engine's exit."""
+        grace = {"termination_grace_period_seconds": int(self.train.preemption_grace_s) + ENGINE_EXIT_MARGIN_S}
+        return grace | self.deploy.gpu_job_variables
 
     @model_validator(mode="after")
     def _cross_section(self) -> Profile:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from finetune.hashing import hash_json
 from finetune.profile import Profile
+from finetune.stage_lock import Lease, LeaseLost, LockTimeout, identity, stage_lock
 from finetune.store import Artifact, Store, atomic_file, now_iso
 
 TABLES_FILE = "tables.json"
@@ -43,6 +45,10 @@ class StageContext:
     progress: Callable[[float, str], None] = lambda fraction, message: None
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Tables the stage wants shown in the UI (name -> rows); the flow posts them as artifacts."""
+    lock_fds: tuple[int, ...] = ()
+    """Descriptors the stage's child processes inherit: they keep the stage key locked until the last one exits."""
+    stop: threading.Event | None = None
+    """Set when the stage lost its lock (a remote store's lease): its child processes must stop at once."""
 
 
 @dataclass(frozen=True)
@@ -96,20 +102,54 @@ def execute_stage(
     key: str | None = None,
     log_fn: Callable[[str], None] = log.info,
     progress: Callable[[float, str], None] = lambda fraction, message: None,
+    run: str = "",
 ) -> tuple[Artifact, dict[str, list[dict[str, Any]]]]:
-    """Run one stage unless a verified artifact with its key exists. Returns the artifact and the UI tables."""
+    """Run one stage unless a verified artifact with its key exists. Returns the artifact and the UI tables.
+
+    Only the holder of the key's lock computes (finetune/stage_lock.py): while another run (``run`` names this one
+    in what the other logs) computes the key, this call waits up to ``retries.lock_timeout_s`` and then returns that
+    run's artifact, or computes the stage itself if that run failed. ``artifact.timings["computed_by"]`` says who
+    computed it (``stage_lock.identity(run)``)."""
     key = key or stage_key(spec, profile, inputs)
     existing = store.verified_artifact(spec.name, key)
     if existing is not None:
         return existing, read_tables(store.materialize(existing, [TABLES_FILE]))
+    owner = identity(run)
+    try:
+        with stage_lock(store, spec.name, key, owner=owner, timeout_s=profile.retries.lock_timeout_s, log=log_fn,
+                        progress=progress) as lease:
+            existing = store.verified_artifact(spec.name, key)
+            if existing is not None:  # the run we waited for finished it
+                log_fn(f"{spec.name} {key[:12]}: taking the artifact "
+                       f"{existing.timings.get('computed_by', 'another run')} computed as a cache hit")
+                return existing, read_tables(store.materialize(existing, [TABLES_FILE]))
+            return _compute(spec, profile, store, inputs, key, log_fn, progress, lease, owner)
+    except LockTimeout as exc:
+        raise PermanentError(str(exc)) from exc
+
+
+def _compute(
+    spec: StageSpec, profile: Profile, store: Store, inputs: dict[str, Artifact], key: str,
+    log_fn: Callable[[str], None], progress: Callable[[float, str], None], lease: Lease, owner: str,
+) -> tuple[Artifact, dict[str, list[dict[str, Any]]]]:
+    """Compute the stage into its working directory and finish its artifact (the caller holds the key's lock)."""
     for artifact in inputs.values():
         store.materialize(artifact)  # a remote store's inputs reach this machine only when a stage reads them
     workdir = store.prepare(spec.name, key, keep_partial=spec.resumable)
     # Written below, after run(): one already here was left by an attempt killed before its manifest.
     (workdir / TABLES_FILE).unlink(missing_ok=True)
-    ctx = StageContext(profile=profile, key=key, workdir=workdir, inputs=inputs, log=log_fn, progress=progress)
+    ctx = StageContext(profile=profile, key=key, workdir=workdir, inputs=inputs, log=log_fn, progress=progress,
+                       lock_fds=lease.fds, stop=lease.lost)
     started, clock = now_iso(), time.perf_counter()
-    metrics = spec.run(ctx)
+    lost = LeaseLost(f"{spec.name} {key[:12]}: lost the lock of this stage key; stopped, retried later")
+    try:
+        metrics = spec.run(ctx)
+    except Exception as exc:
+        if lease.lost.is_set():  # whatever the stage raised, the cause is the lost lease
+            raise lost from exc
+        raise
+    if lease.lost.is_set():  # its output may already be another run's to write: never finish it
+        raise lost
     # Tables travel inside the artifact so a cache hit can show them in the UI again.
     with atomic_file(workdir / TABLES_FILE, "w") as handle:
         json.dump(ctx.tables, handle, indent=1, default=str)
@@ -118,7 +158,8 @@ def execute_stage(
         inputs={name: inputs[name].key for name in spec.upstream},
         config={"version": spec.version, "profile": spec.config(profile), "fingerprint": spec.fingerprint(profile)},
         metrics=metrics,
-        timings={"started": started, "finished": now_iso(), "seconds": round(time.perf_counter() - clock, 3)},
+        timings={"started": started, "finished": now_iso(), "seconds": round(time.perf_counter() - clock, 3),
+                 "computed_by": owner},
     )
     return store.finish(artifact), ctx.tables
 

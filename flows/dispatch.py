@@ -57,7 +57,7 @@ def dispatch_to_gpu_pool(
         parameters={"stage": spec.name, "profile": params["profile"], "overrides": params.get("overrides") or [],
                     "store": store.url, "inputs": {slot: [a.stage, a.key] for slot, a in inputs.items()},
                     "key": key, "label": label},
-        job_variables=profile.deploy.gpu_job_variables | profile.deploy.stage_image(spec.name),
+        job_variables=profile.gpu_job_variables | profile.deploy.stage_image(spec.name),
         tags=[STAGE_FLOW, label],
         poll_interval=2,
     )

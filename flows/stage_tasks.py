@@ -30,11 +30,13 @@ from prefect.artifacts import (
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
 from prefect.states import State
 
 from finetune.console import stage_event
 from finetune.profile import Profile
 from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables, stage_key
+from finetune.stage_lock import identity
 from finetune.store import Artifact, Store
 from flows.dispatch import dispatch_to_gpu_pool
 from tasks.train.launch import ReadableMetrics
@@ -128,8 +130,16 @@ def run_stage_task(
         stage_event(label, "running", key[:10])
         # People read this log in the UI: per-step trainer metrics become one line every 10 steps or 60 s.
         artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=ReadableMetrics(logger.info),
-                                         progress=prefect_progress(f"{label} {key[:10]}", label))
-    return _payload(artifact, tables)
+                                         progress=prefect_progress(f"{label} {key[:10]}", label), run=_this_run())
+    payload = _payload(artifact, tables)
+    # Computed by another run (one that held the key's lock while this task waited): a cache hit for this run.
+    payload["reused"] = artifact.timings.get("computed_by") != identity(_this_run())
+    return payload
+
+
+def _this_run() -> str:
+    """This flow run as other runs waiting for one of its stages see it: name and id."""
+    return f"flow run {flow_run.name} ({flow_run.id})" if flow_run.id else ""
 
 
 @contextlib.contextmanager
@@ -167,7 +177,7 @@ def submit_stage(
     future = run_stage_task.with_options(
         name=label,
         task_run_name=f"{label}-{key[:10]}",
-        retries=profile.retries,
+        retries=profile.retries.count,
         refresh_cache=not verified,
         result_storage=store.results_dir(),
     ).submit(spec=spec, key=key, profile=profile, store_url=store.url, inputs=dict(inputs), label=label,
@@ -178,8 +188,9 @@ def submit_stage(
 def stage_result(submitted: Submitted, store: Store) -> StageResult:
     """The finished stage's result (raises its failure), with its tables and plots posted to the UI."""
     payload = submitted.future.result()
-    # A Prefect cache hit never re-ran the task; a store hit ran it but found the artifact already finished.
-    cached = submitted.future.state.name == "Cached" or submitted.verified
+    # A Prefect cache hit never re-ran the task; a store hit ran it but found the artifact already finished (or
+    # waited while another run computed it).
+    cached = submitted.future.state.name == "Cached" or submitted.verified or payload.get("reused", False)
     result = StageResult(artifact=payload_artifact(payload, store), cached=cached, tables=payload["tables"])
     return _post_tables(result, submitted.label, store)
 

@@ -200,3 +200,47 @@ def test_tokenizer_larger_than_the_model_vocabulary_fails_before_training(inputs
     with pytest.raises(PermanentError, match=r"vocab_mismatch.*600 tokens but the model's embedding has 512 rows"):
         run()
     assert not any(parse_metrics(line) for line in run.lines), "no step may run with a mismatched tokenizer"
+
+
+def test_sigterm_before_any_checkpoint_saves_where_it_came_and_the_rerun_resumes_there(
+        inputs: dict[str, Artifact], tmp_path: Path) -> None:
+    """A spot notice with no periodic checkpoint yet: the trainer finishes its step, saves, exits; nothing is lost."""
+    signalled: list[int] = []
+
+    def preempt_at_step_3(line: str) -> None:
+        if (record := parse_metrics(line)) and record["step"] == 3 and not signalled:
+            signalled.append(record["step"])
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    no_periodic = "train.checkpoint_every_steps=100"
+    with pytest.raises(Preempted):
+        Run(inputs, tmp_path / "work", no_periodic, on_line=preempt_at_step_3)()
+    saved = latest_checkpoint(tmp_path / "work" / "checkpoints")
+    assert saved is not None and saved[0] in (3, 4), saved  # the step it was in when the signal came
+    rerun = Run(inputs, tmp_path / "work", no_periodic)
+    metrics = rerun()
+    assert metrics["resumed_from_step"] == saved[0] and metrics["steps"] == STEPS
+    assert rerun.logged_steps() == list(range(saved[0] + 1, STEPS + 1))
+    assert metrics["checkpoints_saved"] == 1 and metrics["checkpoints_by_reason"] == {"notice": 1}
+
+
+def test_sigterm_exits_at_once_when_a_save_does_not_fit_the_grace_period(inputs: dict[str, Artifact],
+                                                                         tmp_path: Path) -> None:
+    def preempt_on_first_step(line: str) -> None:
+        if parse_metrics(line):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = Run(inputs, tmp_path / "work", "train.preemption_grace_s=0", on_line=preempt_on_first_step)
+    with pytest.raises(Preempted):
+        run()
+    assert latest_checkpoint(tmp_path / "work" / "checkpoints") is None
+    assert any("do not fit in preemption_grace_s 0" in line for line in run.lines)
+
+
+def test_two_processes_agree_on_checkpoints_by_time(inputs: dict[str, Artifact], tmp_path: Path) -> None:
+    """checkpoint_every_minutes: every rank saves at the same step (an all-reduce decides), beside the step trigger."""
+    run = Run(inputs, tmp_path / "work", *TWO_PROCS, "train.checkpoint_every_minutes=0.001")
+    metrics = run()
+    assert metrics["steps"] == STEPS and metrics["checkpoints_by_reason"].get("minutes", 0) >= 1, metrics
+    assert metrics["checkpoints_saved"] == sum(metrics["checkpoints_by_reason"].values())
+    assert any("(minutes) saved" in line for line in run.lines)

@@ -6,6 +6,7 @@ Output directory::
 
     torchtune_config.yaml   the rendered recipe config (written by the train stage)
     metrics.jsonl           one record per optimizer step (written by the recipe, rank 0)
+    checkpoints.jsonl       one record per mid-run checkpoint saved: step, reason (steps|minutes|notice), seconds
     checkpoints/step_<N>/   mid-run DCP checkpoints (below)
     final/                  the final checkpoint (DCP or HF) with train_meta.json, written last
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 CONFIG_FILE = "torchtune_config.yaml"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_LOG = "checkpoints.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 META_FILE = "train_meta.json"

@@ -5,7 +5,8 @@ such as ``--nproc_per_node 2`` for several processes), or ``torchrun ... -m tune
 The package is not called ``recipes`` because torchtune's wheel installs a top-level ``recipes`` that raises on import.
 ``profiles/recipes/sft.yaml`` documents every config key.
 
-What it adds to torchtune 0.6.1's own recipes: checkpoints every N optimizer steps, mid-epoch, with DCP (model,
+What it adds to torchtune 0.6.1's own recipes: checkpoints every N optimizer steps and every M minutes (all ranks
+agree when), and on SIGTERM (a spot notice) when a step and a save fit in the grace period, mid-epoch, with DCP (model,
 optimizer, LR scheduler, data position, RNG, step), automatic resume from the newest complete one, a final
 checkpoint at ``<output_dir>/final/`` with ``train_meta.json``, one machine-readable metrics line per step, and
 clear errors for the usual ways a run goes wrong (NaN loss, CUDA OOM, vocab mismatch, damaged checkpoint).
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import resource
+import select
 import shutil
 import signal
 import sys
@@ -71,6 +73,10 @@ class SFTRecipe:
         self.step = 0
         self.epoch = 0
         self.samples_in_epoch = 0  # global samples of the current epoch already trained on
+        self.notice_at: float | None = None  # when SIGTERM (a spot notice) arrived, if it did
+        self.saved_step = -1  # the step of the newest checkpoint this process saved
+        self.step_s = 0.0  # the last optimizer step's time, which a save on notice must wait for
+        self.save_s = float(cfg.checkpoint.get("estimated_save_s") or 0.0)  # the plan's, then the measured time
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -278,14 +284,17 @@ class SFTRecipe:
                  f"packs per step), starting at step {self.step}")
         self.model.train()
         self.started = time.perf_counter()
+        self.last_save_clock = time.monotonic()
+        signal.signal(signal.SIGTERM, self._on_notice)
         while self.step < self.total_steps:
             self.sampler.start_epoch(self.epoch, self.samples_in_epoch)
             batches = iter(self.dataloader)
             while self.step < self.total_steps and self.samples_in_epoch < self.steps_per_epoch * self.samples_per_step:
+                clock = time.perf_counter()
                 self._train_step(batches)
+                self.step_s = time.perf_counter() - clock
                 self.writer.poll()
-                if self.step % int(self.ckpt_cfg.every_n_steps) == 0 and self.step < self.total_steps:
-                    self._save_checkpoint()
+                self._checkpoint_if_due()
             if self.samples_in_epoch >= self.steps_per_epoch * self.samples_per_step:
                 self.epoch, self.samples_in_epoch = self.epoch + 1, 0
         self.writer.wait()
@@ -371,11 +380,57 @@ class SFTRecipe:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: peak RSS
 
     # -- checkpoints and outputs ---------------------------------------------------------------------------------
-    def _save_checkpoint(self) -> None:
+    def _on_notice(self, signum: int, frame: object) -> None:
+        """SIGTERM: a spot reclaim's notice. Keep training to the end of this step and save there (every rank
+        learns of it at the step's end, see _checkpoint_if_due) when the step and the save fit in the grace period;
+        otherwise die of the signal at once, as without a handler (the next run resumes from the last checkpoint)."""
+        if self.notice_at is not None:
+            return
+        self.notice_at = time.monotonic()
+        _silence_if_nobody_reads()
+        grace = float(self.cfg.get("preemption_grace_s") or 0.0)
+        needed = self.step_s + self.save_s
+        if needed > grace:
+            # No print(): the main thread may be inside one, and buffered writers are not reentrant.
+            os.write(2, f"[sft] SIGTERM: a step ({self.step_s:.1f}s) and a save ({self.save_s:.1f}s) do not fit in "
+                        f"preemption_grace_s {grace:g}: exiting without a checkpoint\n".encode())
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _checkpoint_if_due(self) -> None:
+        """After each step: save on the step trigger, the time trigger or a SIGTERM notice. The time trigger and the
+        notice are agreed by all ranks (a save is collective, and only the reclaimed node gets the signal)."""
+        minutes = self.ckpt_cfg.get("every_n_minutes")
+        flags = torch.tensor([bool(minutes) and time.monotonic() - self.last_save_clock >= 60 * float(minutes),
+                              self.notice_at is not None], dtype=torch.int32, device=self.device)
+        if self.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        by_time, notice = bool(flags[0]), bool(flags[1])
+        if notice:
+            if self.saved_step != self.step:
+                self._save_checkpoint("notice")
+            self.writer.wait()
+            raise StoppedOnNotice(f"stopped on SIGTERM after step {self.step} with its checkpoint saved; a rerun "
+                                  "resumes from it")
+        if self.step >= self.total_steps:
+            return
+        if self.step % int(self.ckpt_cfg.every_n_steps) == 0:
+            self._save_checkpoint("steps")
+        elif by_time:
+            self._save_checkpoint("minutes")
+
+    def _save_checkpoint(self, reason: str) -> None:
         clock = time.perf_counter()
         self.writer.save(self.step, self._checkpoint_state())
-        self.log(f"checkpoint step {self.step} {'staged' if self.writer.async_save else 'saved'} in "
-                 f"{time.perf_counter() - clock:.2f}s")
+        seconds = time.perf_counter() - clock
+        if not self.writer.async_save:
+            self.save_s = max(self.save_s, seconds)  # a save on notice then waits no less than this one took
+        self.saved_step, self.last_save_clock = self.step, time.monotonic()
+        self.log(f"checkpoint step {self.step} ({reason}) {'staged' if self.writer.async_save else 'saved'} in "
+                 f"{seconds:.2f}s")
+        if self.is_rank_zero:
+            with open(self.output_dir / layout.CHECKPOINT_LOG, "a") as handle:
+                handle.write(json.dumps({"step": self.step, "reason": reason, "seconds": round(seconds, 3)}) + "\n")
 
     def _save_final(self) -> None:
         final = self.output_dir / layout.FINAL_DIR
@@ -466,6 +521,10 @@ class SFTRecipe:
             dist.destroy_process_group()
 
 
+class StoppedOnNotice(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint."""
+
+
 def _vocab_size(model: torch.nn.Module) -> int:
     embedding = getattr(model, "tok_embeddings", None)
     if embedding is None:
@@ -478,6 +537,18 @@ def _zero_like_loss(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     so that every rank takes part in FSDP's gradient collectives."""
     chunks = logits if isinstance(logits, list) else [logits]
     return sum(chunk.sum() for chunk in chunks) * 0.0
+
+
+def _silence_if_nobody_reads() -> None:
+    """When the SIGTERM came because the launcher died (its death signal), nobody reads our output pipe any more and
+    the next print would raise BrokenPipeError before the checkpoint is saved: write to /dev/null instead."""
+    for fd in (1, 2):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
 
 
 def _import_object(path: str) -> Any:
@@ -504,6 +575,9 @@ def recipe_main(cfg: DictConfig) -> int:
     except RecipeError as error:
         emit_error(error)
         return 3
+    except StoppedOnNotice as stopped:
+        print(f"[sft] {stopped}", flush=True)
+        return 128 + signal.SIGTERM  # as if killed by the signal: the run did not finish
     return 0
 
 

@@ -90,11 +90,12 @@ class Runner:
 
     def run(self, name: str, step: Callable[[], dict[str, Any]]) -> None:
         missing = [dep for dep in STEPS[name] if self.results[dep]["status"] != "ok"]
-        budget = min(self.settings.budgets[name], self.deadline - time.monotonic() - SUMMARY_RESERVE_S)
+        left = self.deadline - time.monotonic() - SUMMARY_RESERVE_S
+        budget = min(self.settings.budgets[name], left)
         if missing:
             self.results[name] = {"status": "skipped", "ok": None, "error": f"needs step(s) {', '.join(missing)}"}
             return
-        if budget < 1:
+        if left < 1:
             self.results[name] = {"status": "skipped", "ok": None, "error": "no time left in the run's limit"}
             return
         self.log(f"step {name}: budget {budget:.0f}s")

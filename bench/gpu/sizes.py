@@ -13,8 +13,8 @@ from typing import Any
 
 from llama4tune.models import SCOUT_TEXT_CONFIG
 
-# H200 SXM dense bf16 peak (datasheet, the same as the H100's); an 8192^3 bf16 matmul measured ~790 TFLOP/s there.
-H200_BF16_PEAK_TFLOPS = 989.0
+GPU_TYPE = "H200-141GB"
+"""The `finetune plan` catalog entry the check plans for and takes the dense bf16 peak (MFU's denominator) from."""
 
 
 def reduced_scout_config() -> dict[str, Any]:

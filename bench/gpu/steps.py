@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.gpu.sizes import H200_BF16_PEAK_TFLOPS, Settings, quick_config, reduced_scout_config
+from bench.gpu.sizes import GPU_TYPE, Settings, quick_config, reduced_scout_config
 
 GIB = 2**30
 PROFILE = Path(__file__).with_name("profile.yaml")
@@ -105,7 +105,7 @@ class Check:
         overrides = [
             f"model.path={self.base_dir}", f"data.source={self.pack_dir}", f"data.max_seq_len={s.seq_len}",
             f"train.device={self.device.type}", f"train.batch_size={s.batch_size}", f"train.max_steps={steps}",
-            f"train.lr={s.lr}", f"train.checkpoint_every_steps={every}",
+            f"train.lr={s.lr}", f"train.checkpoint_every_steps={every}", f"train.gpu_type={GPU_TYPE}",
             f"train.async_checkpoint={str(async_save).lower()}",
             f"quantize.device={self.device.type}", f"quantize.group_size={s.group_size}",
             f"quantize.calibration_samples={s.calibration_samples}",
@@ -277,6 +277,7 @@ class Check:
         """Full SFT with our recipe, bf16 weights and bf16 AdamW, activation checkpointing; tokens/s, MFU, peaks,
         and `finetune plan`'s predicted peak for the same profile."""
         from finetune.plan import plan
+        from finetune.plan.catalog import CATALOG
         from finetune.plan.estimate import flops_per_token
         from llama4tune.config import load_text_args
 
@@ -304,11 +305,13 @@ class Check:
         }
         if self.on_cuda():
             out["predicted_peak_gib"] = predicted["per_gpu_peak_gib"]
-            out["mfu"] = round(tokens_per_s * flops / (H200_BF16_PEAK_TFLOPS * 1e12), 4)
+            peak_tflops = CATALOG[GPU_TYPE].bf16_dense_tflops
+            out["mfu"] = round(tokens_per_s * flops / (peak_tflops * 1e12), 4)
+            out["mfu_peak_tflops"] = peak_tflops
             out["measured_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / GIB, 2)
             out["measured_reserved_peak_gib"] = round(torch.cuda.max_memory_reserved(self.device) / GIB, 2)
         else:
-            out["mfu_skipped"] = "needs CUDA: MFU is against the H200's dense bf16 peak"
+            out["mfu_skipped"] = f"needs CUDA: MFU is against the {GPU_TYPE} dense bf16 peak"
             # A CPU plan's device is the host: the process's RAM (trainer process overhead included) is its peak.
             out["predicted_peak_gib"] = predicted["host_memory_gib_per_node"]
             out["measured_peak_gib"] = round(max(r["peak_memory_gib"] for r in records), 3)

@@ -153,6 +153,9 @@ def launch_trainers(ctx: StageContext, commands: list[list[str]]) -> None:
     # (pytorch/pytorch#135712; seen here: DistStoreError on .../MASTER_ADDR after 60 s). Unshared, every round
     # publishes it again.
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # torchrun gives its workers 30 s between SIGTERM and SIGKILL unless told otherwise: the save on notice needs
+    # the grace the machines give (train.preemption_grace_s).
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(int(ctx.profile.train.preemption_grace_s))
     errors: list[dict[str, Any]] = []
 
     def on_line(line: str) -> None:
@@ -164,7 +167,9 @@ def launch_trainers(ctx: StageContext, commands: list[list[str]]) -> None:
 
     ctx.log(f"launching {len(commands)} trainer process(es): {' '.join(commands[0])}")
     try:
-        run_streaming(commands, on_line, cwd=REPO_ROOT, env=env)
+        # The stage lock's descriptor goes to the trainers: the stage stays locked until the last one is gone.
+        run_streaming(commands, on_line, cwd=REPO_ROOT, env=env, term_grace_s=ctx.profile.train.preemption_grace_s,
+                      pass_fds=ctx.lock_fds, stop=ctx.stop)
     except ProcessFailed as exc:
         if errors:
             # The recipe named the cause (bad data, divergence, OOM, damaged checkpoint): retrying cannot help.

@@ -88,7 +88,7 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
                 parameters={"profile": params["profile"], "overrides": params.get("overrides") or [],
                             "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id},
                 flow_run_name=f"{profile.name}-train-{ctx.key[:8]}-node-{rank}",
-                job_variables=profile.deploy.gpu_job_variables,
+                job_variables=profile.gpu_job_variables,
                 tags=[NODE_FLOW, f"rdzv-{rdzv_id}"],
                 timeout=0,
             ))

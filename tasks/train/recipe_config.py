@@ -16,8 +16,11 @@ from finetune.stage import PermanentError
 COMPONENT_SECTIONS = {"model", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss"}
 
 
-def render_config(train: TrainConfig, max_seq_len: int, workdir: Path, model_dir: Path, pack_dir: Path) -> dict[str, Any]:
-    """The complete recipe config for this profile (plain dict, interpolations such as ${output_dir} kept)."""
+def render_config(train: TrainConfig, max_seq_len: int, workdir: Path, model_dir: Path, pack_dir: Path,
+                  estimated_save_s: float | None = None) -> dict[str, Any]:
+    """The complete recipe config for this profile (plain dict, interpolations such as ${output_dir} kept).
+
+    ``estimated_save_s`` (the plan's checkpoint save time) decides whether a SIGTERM leaves time to save."""
     base = OmegaConf.to_container(OmegaConf.load(TEMPLATE), resolve=False)
     assert isinstance(base, dict)
     # The same model section `finetune plan` sizes, so the plan and the trainer cannot drift apart.
@@ -42,7 +45,9 @@ def render_config(train: TrainConfig, max_seq_len: int, workdir: Path, model_dir
         "enable_activation_checkpointing": train.activation_checkpointing,
         "compile": train.compile,
         "fsdp_cpu_offload": train.fsdp_cpu_offload,
-        "checkpoint": {"every_n_steps": train.checkpoint_every_steps, "async_save": train.async_checkpoint},
+        "checkpoint": {"every_n_steps": train.checkpoint_every_steps, "async_save": train.async_checkpoint,
+                       "every_n_minutes": train.checkpoint_every_minutes, "estimated_save_s": estimated_save_s},
+        "preemption_grace_s": train.preemption_grace_s,
         "final_format": "dcp" if train.enable_dcp else "hf",
     })
     rendered = deep_merge(rendered, _nested_overrides(train.recipe_overrides, base))

@@ -109,7 +109,7 @@ def _pool_variables(profile: Profile) -> dict[str, Any]:
     sized exactly like a pool node."""
     template = json.loads(GPU_POOL_TEMPLATE.read_text())
     values = {name: spec["default"] for name, spec in template["variables"]["properties"].items() if "default" in spec}
-    values.update(profile.deploy.gpu_job_variables)
+    values.update(profile.gpu_job_variables)
     return values
 
 

@@ -17,6 +17,7 @@ from finetune.store import atomic_file
 from tasks.train.launch import check_devices, launch_commands, launch_trainers
 from tasks.train.recipe_config import TEMPLATE, render_config
 from tunerecipes.checkpoint_layout import (
+    CHECKPOINT_LOG,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     FINAL_DIR,
@@ -30,8 +31,14 @@ TABLE_ROWS = 200
 TABLE_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib")
 
 
+# When to checkpoint and how long a preemption notice lasts do not shape the trained model: changing them resumes
+# the same run instead of starting another.
+NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s"}
+
+
 def config(profile: Profile) -> dict[str, Any]:
-    return {"train": profile.train.model_dump(mode="json"), "max_seq_len": profile.data.max_seq_len}
+    return {"train": profile.train.model_dump(mode="json", exclude=NOT_IN_KEY),
+            "max_seq_len": profile.data.max_seq_len}
 
 
 def fingerprint(profile: Profile) -> dict[str, Any]:
@@ -44,7 +51,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     workdir = Path(ctx.workdir)
     config_path = workdir / CONFIG_FILE
     rendered = render_config(train, ctx.profile.data.max_seq_len, workdir, Path(ctx.inputs["download"].path),
-                             Path(ctx.inputs["pack"].path))
+                             Path(ctx.inputs["pack"].path), estimated_save_s=estimated_save_s(ctx.profile))
     commands = launch_commands(train, config_path, run_id=ctx.key[:16])
     if commands:  # node runs in a GPU pool check their own devices
         check_devices(train)
@@ -86,10 +93,36 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "wall_time_s": round(wall, 3),
         "peak_memory_gib": max((r["peak_memory_gib"] for r in records), default=None),
         "resumed_from_step": resumed[0] if resumed else None,
+        **_checkpoint_counts(workdir / CHECKPOINT_LOG),
     }
 
 
+def estimated_save_s(profile: Profile) -> float | None:
+    """Seconds one mid-run checkpoint save takes, from `finetune plan`: its time estimate's on GPUs, elsewhere the
+    same arithmetic on the plan's checkpoint size (bytes per node over the store's write rate). None without a plan:
+    the trainer then goes by the saves it measured."""
+    from finetune.plan import PlanError, plan
+
+    try:
+        result = plan(profile)
+    except PlanError:
+        return None
+    if (result.get("estimate") or {}).get("checkpoint_save_s") is not None:
+        return float(result["estimate"]["checkpoint_save_s"])
+    rate = result["constants"]["checkpoint_write_gbps_per_node"] * 1e9
+    return round(result["checkpoint"]["bytes_per_save"] / profile.train.nnodes / rate, 3)
+
+
+def _checkpoint_counts(path: Path) -> dict[str, Any]:
+    """checkpoints_saved (every attempt's, as the recipe logged them) and how many each trigger caused."""
+    saves = _read_metrics(path)
+    reasons = [record["reason"] for record in saves]
+    return {"checkpoints_saved": len(saves),
+            "checkpoints_by_reason": {reason: reasons.count(reason) for reason in sorted(set(reasons))}}
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a file the recipe appends to (metrics.jsonl, checkpoints.jsonl); none if it is absent."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

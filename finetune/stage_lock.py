@@ -1,0 +1,203 @@
+"""One computation per stage key across runs: a run that needs a stage key another run is computing waits for it.
+
+Two runs of one profile on one store (a schedule firing during a manual run, a retry while a lost worker still runs
+the old attempt) would otherwise both compute every uncached stage in the same directory: two trainers writing one
+checkpoint directory. So a stage computes only while it holds the key's lock, ``<store>/.locks/<stage>/<key>.*``;
+whoever waited finds the finished artifact afterwards and takes it as a cache hit, or computes it if that run failed.
+
+What Prefect 3.8 offers was not enough on its own: ``FileSystemLockManager`` locks never expire (a holder killed with
+kill -9 blocks every later run), ``MemoryLockManager`` is one process's, and a global concurrency limit's lease is
+revoked by a server service that the ephemeral API does not run. The lock lives with the store instead, which every
+run sharing artifacts shares anyway:
+
+- **Local store** (a directory, also a shared volume): ``fcntl.flock`` on ``<key>.lock``. The kernel releases it when
+  the last process holding it dies, however it dies, so a dead holder never blocks anyone. The trainers inherit the
+  descriptor (``StageContext.lock_fds``), so the lock stays held until the last process that could still write the
+  stage directory is gone (a trainer saving its checkpoint after its engine was killed). While its holder lives the
+  lock cannot be lost, so no fencing is needed here. (On NFS, flock needs a v4 mount or a lock manager.)
+- **Remote store** (fsspec URL): a lease file ``<key>.lease`` that its holder renews every ``ttl/4``; a lease not renewed
+  for ``ttl`` is free. A holder that cannot renew for ``ttl/2``, or finds another run's token there, sets
+  ``Lease.lost``: the stage kills its trainers at once (``run_streaming``'s ``stop``), well before anyone else may take
+  over, and fails with ``LeaseLost`` (retried). Object stores have no compare-and-swap, so two runs that find the lease
+  free at the same moment both write it; each reads it back after ``settle_s`` and only the one whose write landed
+  last goes on. It relies on the machines' clocks agreeing to well within ``ttl`` (NTP).
+
+The lock file holds who holds it (run, pid, host, since), which the waiting run logs and shows as its progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.store import Store, now_iso
+
+LOCKS_DIR = ".locks"
+POLL_S = 1.0
+LEASE_TTL_S = 60.0
+SETTLE_S = 2.0
+
+
+class LockTimeout(TimeoutError):
+    """Waited ``retries.lock_timeout_s`` for another run computing the same stage key (the stage fails for good:
+    finetune.stage raises it as a PermanentError)."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease on a stage key could not be renewed: its trainers were stopped before anyone else starts."""
+
+
+@dataclass
+class Lease:
+    """A held stage lock: descriptors the stage's children must inherit, and the event set when it is lost."""
+
+    fds: tuple[int, ...] = ()
+    lost: threading.Event = field(default_factory=threading.Event)
+
+
+def identity(run: str = "") -> str:
+    """Who computes a stage: the run (a Prefect flow run's name and id, when there is one), pid and host."""
+    return f"{run + ' ' if run else ''}(pid {os.getpid()} on {socket.gethostname()})"
+
+
+@contextlib.contextmanager
+def stage_lock(
+    store: Store, stage: str, key: str, *, owner: str, timeout_s: float | None,
+    log: Callable[[str], None], progress: Callable[[float, str], None],
+    poll_s: float = POLL_S, ttl_s: float = LEASE_TTL_S, settle_s: float = SETTLE_S,
+) -> Iterator[Lease]:
+    """Hold the lock of ``<stage>/<key>`` for the block, waiting up to ``timeout_s`` (None: as long as it takes)."""
+    holder = {"owner": owner, "since": now_iso()}
+    where = f"{stage} {key[:12]}"
+    if store.is_local:
+        lock = _flock(Path(store.root) / LOCKS_DIR / stage / f"{key}.lock", holder, where, timeout_s, log,
+                      progress, poll_s)
+    else:
+        lock = _lease_file(store, f"{store.root}/{LOCKS_DIR}/{stage}/{key}.lease", holder, where, timeout_s, log,
+                           progress, poll_s, ttl_s, settle_s)
+    with lock as lease:
+        yield lease
+
+
+def _wait(attempt: Callable[[], dict[str, Any] | None], where: str, timeout_s: float | None,
+          log: Callable[[str], None], progress: Callable[[float, str], None], poll_s: float) -> None:
+    """Call ``attempt`` until it returns None (acquired); meanwhile say whom we wait for, and since when."""
+    started = time.monotonic()
+    announced = None
+    while (holder := attempt()) is not None:
+        text = f"{holder.get('owner') or 'another run'} since {holder.get('since') or '?'}"
+        if text != announced:
+            log(f"{where}: {text} is computing this stage; waiting for it (its artifact is then a cache hit)")
+            progress(0.0, f"waiting for {text}")
+            announced = text
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            raise LockTimeout(f"{where}: waited {timeout_s:g} s for {text} to finish this stage "
+                              "(retries.lock_timeout_s); raise it, or stop that run")
+        time.sleep(poll_s)
+    if announced is not None:
+        log(f"{where}: the run we waited for is done, after {time.monotonic() - started:.1f} s")
+
+
+@contextlib.contextmanager
+def _flock(path: Path, holder: dict[str, Any], where: str, timeout_s: float | None, log: Callable[[str], None],
+           progress: Callable[[float, str], None], poll_s: float) -> Iterator[Lease]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Never deleted: a waiter holding the old file open would lock a name nobody else uses any more.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        def attempt() -> dict[str, Any] | None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _read_json(path.read_bytes()) or {}
+            return None
+
+        _wait(attempt, where, timeout_s, log, progress, poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            yield Lease(fds=(fd,))
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock once the children that inherited it are gone too
+
+
+@contextlib.contextmanager
+def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, timeout_s: float | None,
+                log: Callable[[str], None], progress: Callable[[float, str], None], poll_s: float, ttl_s: float,
+                settle_s: float) -> Iterator[Lease]:
+    fs = store.fs
+    token = uuid.uuid4().hex
+
+    def read() -> dict[str, Any] | None:
+        try:
+            with fs.open(path, "rb") as handle:
+                return _read_json(handle.read())
+        except FileNotFoundError:
+            return None
+
+    def write() -> None:
+        with fs.open(path, "wb") as handle:
+            handle.write(json.dumps(holder | {"token": token, "renewed": time.time(), "ttl_s": ttl_s}).encode())
+
+    def attempt() -> dict[str, Any] | None:
+        current = read()
+        if current and current.get("token") != token and time.time() - current.get("renewed", 0) < current.get(
+                "ttl_s", ttl_s):
+            return current
+        write()
+        time.sleep(settle_s)  # a run that found it free at the same moment writes within this; the last write wins
+        mine = read()
+        return None if mine and mine.get("token") == token else (mine or {})
+
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    _wait(attempt, where, timeout_s, log, progress, poll_s)
+    lease = Lease()
+    done = threading.Event()
+
+    def renew() -> None:
+        renewed = time.monotonic()
+        while not done.wait(ttl_s / 4):
+            try:
+                current = read()
+                if not current or current.get("token") != token:
+                    log(f"{where}: lost the lease to {(current or {}).get('owner') or 'nobody'}; stopping")
+                    lease.lost.set()
+                    return
+                write()
+                renewed = time.monotonic()
+            except Exception as exc:  # a store hiccup: only a lease at risk of expiring is given up
+                if time.monotonic() - renewed > ttl_s / 2:
+                    log(f"{where}: could not renew the lease for {ttl_s / 2:g} s ({exc}); stopping")
+                    lease.lost.set()
+                    return
+
+    thread = threading.Thread(target=renew, daemon=True, name=f"lease-{where}")
+    thread.start()
+    try:
+        yield lease
+    finally:
+        done.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            if (read() or {}).get("token") == token:
+                fs.rm(path)
+
+
+def _read_json(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # being written, or empty between holders
+    return value if isinstance(value, dict) else None
