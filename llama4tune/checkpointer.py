@@ -155,17 +155,30 @@ class Llama4HFCheckpointer:
             raise FileNotFoundError(f"should_load_recipe_state is set but {self._output_dir} has no epoch_<n> folder")
         return None, recipe, self._resolve_files(self._output_dir / latest, "all")
 
-    def load_checkpoint(self) -> dict[str, Any]:
-        """{"model": tune state dict} (+ "adapter" and recipe state when resuming)."""
-        model: dict[str, torch.Tensor] = {}
+    def tensor_index(self) -> dict[str, tuple[Path, str]]:
+        """tune key -> (safetensors file, its key there) of every text-decoder tensor, from the file headers only:
+        what a recipe needs to read each tensor (or only the rows of its shard) itself."""
+        index: dict[str, tuple[Path, str]] = {}
         for path in self._model_files:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     tune_key = hf_to_tune_key(key, self._args)
                     if tune_key is not None:
-                        model[tune_key] = f.get_tensor(key)
-        if not model:
+                        index[tune_key] = (path, key)
+        if not index:
             raise ValueError(f"no Llama 4 text-decoder tensors found in {[str(p) for p in self._model_files]}")
+        return index
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """{"model": tune state dict} (+ "adapter" and recipe state when resuming)."""
+        model: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for tune_key, (path, key) in self.tensor_index().items():
+            by_file.setdefault(path, []).append((tune_key, key))
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for tune_key, key in keys:
+                    model[tune_key] = f.get_tensor(key)
         out: dict[str, Any] = {training.MODEL_KEY: model}
         # Tensors, python scalars and containers only: whoever can write output_dir must not run code here.
         if self._adapter_checkpoint is not None:

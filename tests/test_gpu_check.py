@@ -41,7 +41,7 @@ def test_quick_cpu_run_passes_every_step_and_prints_the_summary_last_and_under_o
     # CPU: only what needs CUDA is missing, and says why.
     assert summary["mfu"] is None and "needs CUDA" in summary["steps"]["train"]["mfu_skipped"]
     lora = summary["steps"]["lora"]
-    assert lora["resumed_from_step"] == 2 and lora["checkpoints"] == [2]
+    assert lora["resumed_from_step"] == 2 and lora["checkpoints"] == [2] and lora["async_save"] is True
     assert summary["steps"]["quantize"]["weights_compression"] > 1
     assert json.loads((out / "gpu_check_summary.json").read_text()) == summary
     assert "step quantize: ok" in (out / "gpu_check.log").read_text()

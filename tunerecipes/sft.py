@@ -42,6 +42,7 @@ from torchtune.modules.peft import (
     set_trainable_params,
 )
 
+from tunerecipes import base_weights
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
 from tunerecipes import sharding
@@ -129,7 +130,9 @@ class SFTRecipe:
                 self.ckpt_group = dist.new_group(backend="gloo")
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self.is_rank_zero = self.rank == 0
-        if self.device.type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1: CPU training, and the AdamW step FSDP CPU offload runs on the host, get the
+        # node's cores shared among its processes instead.
+        if self.device.type == "cpu" or bool(self.cfg.fsdp_cpu_offload):
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(int(self.cfg.get("num_threads") or max(1, (os.cpu_count() or 1) // local_world)))
 
@@ -153,16 +156,14 @@ class SFTRecipe:
         if self.distributed:
             sharding.shard(model, cpu_offload=bool(cfg.fsdp_cpu_offload),
                            reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)))
+        # Every parameter where it will live (FSDP keeps offloaded shards on the CPU), then the adapters initialised
+        # and the base weights read into each shard, tensor by tensor (tunerecipes/base_weights.py).
+        model.to_empty(device=torch.device("cpu") if cfg.fsdp_cpu_offload else self.device)
         with training.set_default_dtype(self.dtype), self.device:
             for module in model.modules():
                 if hasattr(module, "adapter_params") and hasattr(module, "initialize_parameters"):
-                    module.to_empty(device=self.device)
                     module.initialize_parameters()
-        base = self._load_base_weights(model, adapters)
-        training.load_from_full_model_state_dict(
-            model, base, self.device, strict=False, cpu_offload=bool(cfg.fsdp_cpu_offload)
-        )
-        del base
+        self._load_base_weights(model, adapters)
         with self.device:
             for module in model.modules():
                 if hasattr(module, "rope_init"):
@@ -180,15 +181,15 @@ class SFTRecipe:
                  f"{f', FSDP over {self.world_size} processes' if self.distributed else ''}")
         return model
 
-    def _load_base_weights(self, model: torch.nn.Module, adapters: set[str]) -> dict[str, torch.Tensor]:
+    def _load_base_weights(self, model: torch.nn.Module, adapters: set[str]) -> None:
         try:
             checkpointer = config.instantiate(self.cfg.checkpointer, output_dir=str(self.ckpt_dir))
-            state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+            index = checkpointer.tensor_index()
         except FileNotFoundError as exc:
             raise RecipeError("missing_checkpoint", f"base checkpoint: {exc}") from exc
         expected = set(model.state_dict())
-        missing = sorted(expected - set(state) - adapters)
-        unexpected = sorted(set(state) - expected)
+        missing = sorted(expected - set(index) - adapters)
+        unexpected = sorted(set(index) - expected)
         if missing or unexpected:
             raise RecipeError(
                 "missing_checkpoint",
@@ -196,7 +197,10 @@ class SFTRecipe:
                 f"{self.cfg.model._component_}: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                 f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}",
             )
-        return state
+        try:
+            base_weights.load(model, index, skip=adapters)
+        except ValueError as exc:
+            raise RecipeError("missing_checkpoint", str(exc)) from exc
 
     def _check_tokenizer(self) -> None:
         path = self.cfg.get("tokenizer_file")

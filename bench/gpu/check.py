@@ -45,7 +45,7 @@ STEPS: dict[str, tuple[str, ...]] = {
     "quantize": ("convert",),
 }
 SUMMARY_RESERVE_S = 10.0
-WATCHDOG_GRACE_S = 20.0
+WATCHDOG_GRACE_S = 15.0
 
 
 class StepTimeout(Exception):
@@ -182,7 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, short sequences (CPU proof)")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("GPU_CHECK_WORKDIR", "/tmp/gpu-check")),
                         help="scratch space for the model copies (needs ~45 GB at full size); emptied first")
-    parser.add_argument("--time-limit-s", type=float, help="whole-run limit (default: 570 full, 300 quick)")
+    parser.add_argument("--time-limit-s", type=float, help="whole-run limit (default: 530 full, 300 quick)")
     parser.add_argument("--steps", help="comma-separated subset of " + ",".join(STEPS) + " (dependencies kept)")
     return parser.parse_args(argv)
 

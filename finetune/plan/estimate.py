@@ -46,9 +46,13 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
 
     ws = model.world_size
     share = (ws - 1) / ws if model.sharded else 0.0
-    layers = sum(unit.full_bytes for unit in model.units)
+    # The output projection's unit runs once per logits chunk: FSDP gathers it, and reduce-scatters its gradient,
+    # per call.
+    calls = {"output": constants.logits_chunks}
+    layers = sum(unit.full_bytes * calls.get(unit.name, 1) for unit in model.units)
     gather = (model.root.full_bytes + layers * (2 if reshard_after_forward else 1)) * share
-    reduce_scatter = (model.root.trainable_full_bytes + sum(unit.trainable_full_bytes for unit in model.units)) * share
+    reduce_scatter = (model.root.trainable_full_bytes
+                      + sum(unit.trainable_full_bytes * calls.get(unit.name, 1) for unit in model.units)) * share
     link = gpu.inter_node_gbps if train.nnodes > 1 else gpu.intra_node_gbps
     comm_bytes = accum * (gather + reduce_scatter)
     comm_s = comm_bytes / (link * GB * constants.collective_efficiency) if comm_bytes else 0.0

@@ -4,7 +4,9 @@ Per GPU (rank 0, the largest shard): sharded parameters, gradients and optimizer
 CPU offload); what FSDP gathers (the root unit stays gathered from forward to the end of backward; a layer unit and
 the prefetched next one; the unit's unsharded gradients before their reduce-scatter); activations; the optimizer's
 foreach temporaries; NCCL buffers and the CUDA context; allocator fragmentation on top. Loading the base weights is
-its own, earlier peak: every tensor arrives whole on every GPU before it is sharded.
+its own, earlier peak: each process reads only its shard's slice of one tensor at a time from the memory-mapped
+checkpoint (tunerecipes/base_weights.py), so it holds the shards loaded so far plus one slice, and host RAM holds one
+slice per process (the file's pages sit in the page cache, which the kernel evicts as needed).
 """
 
 from __future__ import annotations
@@ -81,16 +83,14 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
         breakdown_gib["comm_buffers_nccl"] = constants.nccl_buffers_gib if model.sharded else 0.0
         breakdown_gib["allocator_fragmentation"] = fragmentation
     peak = allocated + fixed + fragmentation
-    # Every rank receives each base tensor whole before keeping its shard (set_model_state_dict broadcasting
-    # from rank 0), so the largest tensor sits beside the shards loaded so far.
-    load_peak = (0 if cpu_offload else params) / GIB + model.largest_tensor_bytes / GIB + fixed
+    # The largest local slice sits beside the shards loaded so far while it is copied in.
+    load_peak = (0 if cpu_offload else params) / GIB + model.largest_local_tensor_bytes / GIB + fixed
 
     checkpoint_per_rank = (trainable if lora else params) + optimizer
     checkpoint_total = checkpoint_per_rank * model.world_size if model.sharded else checkpoint_per_rank
-    base_state_dict = (model.total_params - (model.trainable_params if lora else 0)) * model.dtype_bytes
     host = {
-        # Each rank's checkpointer reads the whole base checkpoint into its own RAM before sharding it.
-        "base_weights_while_loading": nproc_per_node * base_state_dict,
+        # Each process holds one local slice of one base tensor at a time (tunerecipes/base_weights.py).
+        "base_weights_while_loading": nproc_per_node * model.largest_local_tensor_bytes,
         "offloaded_params_grads_optimizer": nproc_per_node * sharded_state if cpu_offload else 0,
         "optimizer_step_temporaries_offloaded": nproc_per_node * trainable if cpu_offload else 0,
         "async_checkpoint_staging": nproc_per_node * checkpoint_per_rank if async_save else 0,

@@ -53,9 +53,12 @@ class MeasuredModel:
     trainable_params: int
     local_param_bytes: int
     local_trainable_bytes: int
-    largest_tensor_bytes: int
+    largest_local_tensor_bytes: int
+    """The largest local shard of one tensor: what a process reads of the base checkpoint at once
+    (tunerecipes/base_weights.py reads each tensor's local slice only)."""
     units: list[Unit]
-    """Decoder-layer units first, the root unit (embeddings, final norm, output) last."""
+    """Every unit but the root (decoder layers, token embeddings, output projection); the root unit (what is
+    left: the final norm) last."""
     root: Unit
 
 
@@ -178,7 +181,7 @@ def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> Measure
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         local_param_bytes=sum(_local(p).numel() * p.element_size() for p in params),
         local_trainable_bytes=sum(_local(p).numel() * p.element_size() for p in params if p.requires_grad),
-        largest_tensor_bytes=max(p.numel() * p.element_size() for p in params),
+        largest_local_tensor_bytes=max(_local(p).numel() * p.element_size() for p in params),
         units=units[:-1], root=units[-1],
     )
 

@@ -16,7 +16,7 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ("parameters", f"{plan['total_params'] / 1e9:,.2f}B total, {plan['trainable_params'] / 1e6:,.1f}M trainable "
                        f"({plan['method']}, {plan['recipe']['dtype']})"),
         ("FSDP", f"{plan['fsdp_units']} units, largest layer unit {_gib(plan['largest_gathered_unit_gib'])}, root "
-                 f"(embeddings + output) {_gib(plan['root_unit_gib'])}" if plan["fsdp_units"] else "not sharded"),
+                 f"(final norm) {_gib(plan['root_unit_gib'])}, embeddings and output units of their own" if plan["fsdp_units"] else "not sharded"),
         ("per GPU: params / grads / optimizer",
          f"{_gib(b['params'])} / {_gib(b['grads'])} / {_gib(b['optimizer_states'])}"
          + (" (offloaded to host)" if plan["recipe"]["cpu_offload"] else "")),
@@ -52,6 +52,7 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                         f"{_gib(s['weights_gib_per_gpu'])} weights + {_gib(s['activation_reserve_gib'])} reserve + "
                         f"{_gib(s['kv_cache_gib_per_sequence'])} KV per sequence vs {_gib(s['vllm_budget_gib'])}: "
                         + ("fits" if s["fits"] else "does NOT fit")
+                        + ("" if kind in serve.get("served", (kind,)) else " (not served by this profile)")
                         + f", {s['max_sequences_at_max_model_len']} sequences at max_model_len"))
     else:
         out.append(("serving", f"{serve['engine']}: {_gib(serve['weights_gib'])} in host RAM"))
