@@ -147,6 +147,7 @@ class Runner:
             "measured_peak_gib": train.get("measured_peak_gib"),
             "measured_reserved_peak_gib": train.get("measured_reserved_peak_gib"),
             "peak_ratio": train.get("peak_ratio_measured_over_predicted"),
+            "peak_ratio_reserved": train.get("peak_ratio_reserved_over_predicted"),
             "parity_max_abs_diff": parity.get("max_abs_diff"),
             "parity_tolerance": parity.get("tolerance"),
             "min_free_disk_gib": self.context.get("min_free_disk_gib"),

@@ -319,6 +319,10 @@ class Check:
             out["measured_peak_note"] = "CPU: peak RSS of this whole process (every earlier step included)"
         if out["predicted_peak_gib"]:
             out["peak_ratio_measured_over_predicted"] = round(out["measured_peak_gib"] / out["predicted_peak_gib"], 3)
+            if "measured_reserved_peak_gib" in out:
+                # The plan's peak counts the CUDA context and allocator fragmentation, which only reserved memory sees.
+                out["peak_ratio_reserved_over_predicted"] = round(
+                    out["measured_reserved_peak_gib"] / out["predicted_peak_gib"], 3)
         self.trained = recipe.model
         del recipe
         free_memory()
