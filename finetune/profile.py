@@ -266,6 +266,10 @@ class QuantizeConfig(Section):
     group_size: int = Field(128, gt=0)
     calibration_samples: int = Field(256, gt=0)
     calibration_seq_len: int = Field(2048, gt=0)
+    min_tokens_per_expert: int = Field(
+        64, ge=0, description="Routed calibration tokens below which an expert is reported by name (artifact "
+                              "calibration_routing, the stage's log and table); every expert is still calibrated on "
+                              "every token.")
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head", "re:.*router"],
         description="Modules kept in bf16: plain names also match as dotted suffixes, 're:' prefixes a regex. "

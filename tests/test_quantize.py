@@ -289,6 +289,22 @@ def test_text_metrics_record_sizes_kinds_reasons_calibration_and_time(text: Quan
     assert text.tables["quantize_summary"][0]["metric"].startswith("weights MB")
 
 
+def test_calibration_tokens_per_routed_expert_are_recorded_with_the_experts_under_the_floor(text: Quantized) -> None:
+    routed = text.artifact.metrics["calibration_routing"]
+    counts = routed["tokens_per_expert"]
+    # One MoE layer (the second), 4 experts, top-1: the calibration forward's 4 x 32 tokens, counted once although
+    # AWQ's grid search and the propagation pass run the layer again.
+    assert list(counts) == ["model.layers.1"] and len(counts["model.layers.1"]) == 4
+    assert sum(counts["model.layers.1"]) == 4 * 32
+    floor = routed["min_tokens_per_expert"]
+    assert floor == 64 and routed["experts"] == 4
+    assert routed["experts_below_floor"] == [{"layer": "model.layers.1", "expert": expert, "tokens": tokens}
+                                             for expert, tokens in enumerate(counts["model.layers.1"]) if tokens < floor]
+    row = text.tables["quantize_routing"][0]
+    assert row["fewest tokens"] == min(counts["model.layers.1"]) and row[f"experts under {floor}"] == len(
+        routed["experts_below_floor"])
+
+
 # -- multimodal model end to end ---------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from tasks.quantize.llama4 import (
     model_class, text_only_aliases,
 )
 from tasks.quantize.report import dir_bytes, inventory, weights_bytes
+from tasks.quantize.routing import RoutingCounter
 
 
 MAX_SHARD_SIZE = "5GB"
@@ -222,8 +223,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
             f"{calibration.samples} x {calibration.seq_len} calibration tokens")
 
     ctx.progress(0.1, "calibrating and quantizing, one decoder layer at a time")
-    _calibrate(model, tokenizer, calibration, recipe)
+    routing = RoutingCounter.attach(model, calibration.samples * calibration.seq_len)
+    try:
+        _calibrate(model, tokenizer, calibration, recipe)
+    finally:
+        routing.remove()
     calibrated = time.perf_counter()
+    floor = settings.min_tokens_per_expert
+    routed = routing.report(floor)
+    if routed["experts_below_floor"]:
+        named = ", ".join(f"{row['layer']} expert {row['expert']} ({row['tokens']})"
+                          for row in routed["experts_below_floor"][:8])
+        ctx.log(f"calibration routed fewer than {floor} tokens (quantize.min_tokens_per_expert) to "
+                f"{len(routed['experts_below_floor'])} of {routed['experts']} experts: {named}"
+                f"{' ...' if len(routed['experts_below_floor']) > 8 else ''}. Every expert was still calibrated on "
+                "every token; raise quantize.calibration_samples or bring calibration data closer to the traffic "
+                "these experts serve")
     linear_reasons = _unquantized_linears(model, rules)
 
     ctx.progress(0.9, "writing the compressed checkpoint")
@@ -242,6 +257,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "dir_bytes_after": dir_bytes(ctx.workdir),
     }
     ctx.tables["quantize"] = found.table()
+    ctx.tables["quantize_routing"] = routing.table(floor)
     ctx.tables["quantize_summary"] = [
         {"metric": "weights MB (source -> W4A16)", "value": f"{before / 1e6:.3f} -> {after / 1e6:.3f}"},
         {"metric": "compression", "value": sizes["weights_compression"]},
@@ -262,6 +278,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         **sizes,
         **found.metrics(),
         "calibration": calibration.stats(),
+        "calibration_routing": routed,
         "awq": _awq_stats(recipe),
         "seconds": {"load": round(loaded - started, 3), "calibrate_quantize": round(calibrated - loaded, 3),
                     "save": round(saved - calibrated, 3), "total": round(time.perf_counter() - started, 3)},
