@@ -376,6 +376,17 @@ class PublishConfig(Section):
         return name
 
 
+class TrackingConfig(Section):
+    """Experiment tracking, all off by default. Training curves go through torchtune's metric loggers; the flow adds
+    the results (eval, quantize, benchmark), the resolved profile and the artifact keys to the same MLflow run.
+    Credentials come from the environment only (MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD, WANDB_API_KEY)."""
+
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI: http(s)://..., sqlite:///..., databricks.")
+    experiment: str | None = Field(None, description="MLflow experiment and W&B group; default: the profile's name.")
+    wandb_project: str | None = Field(None, description="Weights & Biases project for the training curves.")
+    tensorboard_dir: str | None = Field(None, description="Directory (or URL TensorBoard writes to) for the curves.")
+
+
 class Profile(Section):
     name: str
     description: str
@@ -389,6 +400,7 @@ class Profile(Section):
     deploy: DeployConfig = DeployConfig()
     plan: PlanConfig = PlanConfig()
     publish: PublishConfig = PublishConfig()
+    tracking: TrackingConfig = TrackingConfig()
     retries: RetriesConfig = RetriesConfig()
 
     @field_validator("retries", mode="before")

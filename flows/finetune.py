@@ -28,6 +28,7 @@ from flows.slots import stage_slots
 from flows.stage_tasks import Payload, StageResult, Submitted, payload_artifact, stage_result, submit_stage
 from tasks.evaluate.report import RESULTS_FILE, check_gate, compare, markdown_table, recovery, scores
 from tasks.run_report import report_markdown, run_record, write_run_record
+from tasks.tracking import log_results
 from tasks.train.pool import check_shared_store
 
 GATE = "quality-gate"
@@ -96,7 +97,7 @@ def finetune(
             _post_report(resolved, artifacts_store, results, skipped, started, status)
         except (OSError, ValueError, KeyError) as exc:  # a report must not turn a finished run into a failed one
             get_run_logger().warning(f"could not write the run record or report: {type(exc).__name__}: {exc}")
-    return {label: result.summary() for label, result in results.items()}
+    return {step.label: results[step.label].summary() for step in steps if step.label in results}  # pipeline order
 
 
 def _collect(steps: list[Step], submitted: dict[str, Submitted], gate: PrefectFuture | None, store: Store,
@@ -154,6 +155,8 @@ def _post_report(profile: Profile, store: Store, results: dict[str, StageResult]
     record = run_record(flow_run.name or profile.name, profile.name, profile.evaluate.gate, stages, skipped, status,
                         started, now_iso())
     location = write_run_record(store, record)
+    if run_id := log_results(profile, store, {label: r.artifact for label, r in results.items()}):
+        get_run_logger().info(f"results logged to MLflow run {run_id}")
     create_markdown_artifact(report_markdown(store, record), key="run-report",
                              description="What the run achieved: loss, scores and gate, 4-bit, serving, stage times")
     get_run_logger().info(f"run record: {location}")

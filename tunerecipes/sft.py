@@ -48,6 +48,7 @@ from tunerecipes import checkpointing as ckpt
 from tunerecipes import sharding
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
 from tunerecipes.sampler import ResumableSampler
+from tunerecipes.tracking import curves
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IGNORE_INDEX = -100
@@ -111,6 +112,9 @@ class SFTRecipe:
             self._resume()
         if self.is_rank_zero:
             self._trim_metrics_log()
+        # Experiment trackers (torchtune metric loggers the train stage configured), on rank 0 only.
+        self.trackers = [config.instantiate(c) for c in self.cfg.get("metric_loggers") or []] if self.is_rank_zero \
+            else []
 
     @property
     def ckpt_dir(self) -> Path:
@@ -495,6 +499,8 @@ class SFTRecipe:
         emit_metrics(record)
         with open(self.output_dir / layout.METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        for tracker in self.trackers:
+            tracker.log_dict(curves(record), step=record["step"])
 
     def _trim_metrics_log(self) -> None:
         """Keep only the records up to the step training restarts from, so the log reads as one run."""
@@ -521,6 +527,8 @@ class SFTRecipe:
             dist.barrier()
 
     def cleanup(self) -> None:
+        for tracker in getattr(self, "trackers", []):
+            tracker.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

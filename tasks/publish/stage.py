@@ -11,6 +11,7 @@ from finetune.stage import TABLES_FILE, PermanentError, StageContext
 from finetune.store import MANIFEST, Artifact, atomic_file
 from tasks.publish.card import model_card, model_name
 from tasks.publish.targets import publish
+from tasks.tracking import register_model
 
 CARD = "README.md"
 RECORD = "publish.json"
@@ -46,6 +47,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.progress(0.1, f"publishing {len(files)} files to {cfg.target}")
     record = publish(cfg.target, files, private=cfg.private,
                      message=f"{name}: {cfg.model} from run {ctx.key[:12]}")
+    source = cfg.target + (f"@{record['revision']}" if record["revision"] else "")
+    if version := register_model(ctx.profile, ctx.inputs["train"], name, source):
+        record["mlflow_model_version"] = version
+        ctx.log(f"publish: registered {name} version {version} in MLflow's model registry")
     with atomic_file(ctx.workdir / RECORD, "w") as handle:
         json.dump(record, handle, indent=2, sort_keys=True)
     total = sum(f["size"] for f in record["files"].values())

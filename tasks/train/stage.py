@@ -14,6 +14,7 @@ from finetune.hashing import sha256_file
 from finetune.profile import Profile
 from finetune.stage import StageContext
 from finetune.store import atomic_file
+from tasks.tracking import metric_loggers
 from tasks.train.launch import check_devices, launch_commands, launch_trainers
 from tasks.train.recipe_config import TEMPLATE, render_config
 from tunerecipes.checkpoint_layout import (
@@ -55,6 +56,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     commands = launch_commands(train, config_path, run_id=ctx.key[:16])
     if commands:  # node runs in a GPU pool check their own devices
         check_devices(train)
+    if loggers := metric_loggers(ctx.profile, ctx.key, workdir):
+        rendered["metric_loggers"] = loggers  # experiment trackers; tracking is not part of the key
     with atomic_file(config_path, "w") as handle:
         yaml.safe_dump(rendered, handle, sort_keys=False)
 
