@@ -22,6 +22,7 @@ from finetune.store import Artifact, Store
 from flows.dispatch import STAGE_FLOW
 from flows.pipeline import spec
 from flows.stage_tasks import prefect_progress, run_stage
+from tasks.train.launch import ReadableMetrics
 from tasks.train.pool import NODE_FLOW, run_node
 
 
@@ -68,6 +69,6 @@ def train_node(profile: str, overrides: list[str] | None, workdir: str, node_ran
     """One node of a multi-node training run; its trainer rendezvous with the other nodes' (tasks/train/pool.py)."""
     progress = prefect_progress(f"train node {node_rank}")
     ctx = StageContext(profile=load_profile(profile, overrides or []), key=Path(workdir).name, workdir=Path(workdir),
-                       inputs={}, log=get_run_logger().info, progress=progress)
+                       inputs={}, log=ReadableMetrics(get_run_logger().info), progress=progress)
     run_node(ctx, node_rank, rendezvous)
     progress(1.0, f"train node {node_rank} done")
