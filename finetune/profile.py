@@ -144,6 +144,7 @@ class LoraConfig(Section):
     attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]] = ["q_proj", "v_proj", "output_proj"]
     apply_to_mlp: bool = True
     apply_to_experts: bool = False
+    apply_to_output: bool = Field(False, description="An adapter on the output projection (lm_head) too.")
 
 
 class ElasticConfig(Section):
@@ -162,7 +163,9 @@ MULTI_NODE_LAUNCHERS: frozenset[str] = frozenset({"local-nodes", "prefect-pool",
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "full"]
+    method: Literal["lora", "qlora", "full"] = Field(
+        description="full: every weight trains; lora: adapters on a frozen base; qlora: adapters on a frozen NF4 "
+                    "base (routed experts included), merged into the bf16 base by convert.")
     device: Literal["cpu", "cuda"] = "cuda"
     dtype: Literal["fp32", "bf16"] = "bf16"
     nnodes: int = Field(1, ge=1)
@@ -201,10 +204,12 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
-        if self.method == "lora" and self.lora is None:
-            raise ValueError("method 'lora' needs a 'lora:' section (rank, alpha, ...)")
-        if self.method == "full" and self.lora is not None:
-            raise ValueError("method 'full' does not take a 'lora:' section; remove it or set method: lora")
+        # A `lora:` section beside method 'full' is kept for `train.method=lora|qlora` overrides (tiny-cpu has one).
+        if self.method in ("lora", "qlora") and self.lora is None:
+            raise ValueError(f"method '{self.method}' needs a 'lora:' section (rank, alpha, ...)")
+        if self.method == "qlora" and not self.enable_dcp:
+            raise ValueError("method 'qlora' saves the adapters only, as DCP: set enable_dcp: true (convert merges "
+                             "them into the download stage's bf16 base)")
         if self.nnodes > 1 and self.launcher not in MULTI_NODE_LAUNCHERS:
             raise ValueError(
                 f"nnodes {self.nnodes} needs a launcher that spans nodes ({', '.join(sorted(MULTI_NODE_LAUNCHERS))}); "
@@ -224,6 +229,11 @@ class TrainConfig(Section):
     @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def adapters_only(self) -> bool:
+        """LoRA and QLoRA: only the adapters train (and are checkpointed); the base stays frozen."""
+        return self.method in ("lora", "qlora")
 
 
 class ConvertConfig(Section):
@@ -252,6 +262,10 @@ class EvaluateConfig(Section):
     limit: int | None = Field(None, gt=0, description="Examples per task (None: all).")
     batch_size: int | str = 8
     max_gen_toks: int = Field(256, gt=0)
+    weights: Literal["bf16", "w4a16"] = Field(
+        "bf16", description="What evaluate scores and the gate compares: bf16 (the converted model against the "
+                            "downloaded base) or w4a16 (both quantized the same way by the quantize stage, the "
+                            "base's 4-bit artifact cached once) for a model too large to serve in bf16.")
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")
@@ -290,6 +304,9 @@ class BenchmarkConfig(Section):
     startup_timeout_s: float = Field(900, gt=0)
     max_error_rate: float = Field(0.01, ge=0, le=1)
     use_vllm_bench: bool = Field(True, description="Use `vllm bench serve` as the load generator when installed.")
+    weights: list[Literal["bf16", "w4a16"]] = Field(
+        default_factory=lambda: ["bf16", "w4a16"], min_length=1,
+        description="Which checkpoints are served in turn: the converted bf16 model and/or the quantized one.")
 
 
 # The image role each GPU stage runs in (deploy.images; Dockerfile targets).
@@ -422,7 +439,8 @@ class Profile(Section):
             raise ValueError("benchmark.engine 'vllm' needs a GPU; CPU profiles use engine 'transformers-serve'")
         if self.model.family == "tiny" and self.model.source == "hub":
             raise ValueError("model.family 'tiny' is the embedded model: use source 'embedded'")
-        if self.train.lora is not None and self.train.lora.apply_to_experts and self.convert.keep_peft_adapter:
+        if (self.train.adapters_only and self.train.lora is not None and self.train.lora.apply_to_experts
+                and self.convert.keep_peft_adapter):
             raise ValueError("train.lora.apply_to_experts adapts the fused routed-expert weights, which a PEFT LoRA "
                              "adapter cannot express, so convert.keep_peft_adapter cannot be kept: set "
                              "convert.keep_peft_adapter: false (the merged model carries every adapter)")

@@ -49,8 +49,8 @@ def finetune(
     until: str = STAGES[-1],
 ) -> dict[str, Any]:
     """Run the pipeline for one profile. Returns per stage: key, cached, seconds, path, metrics."""
-    steps = steps_until(until)
     resolved = load_profile(profile, overrides or [])
+    steps = steps_until(until, resolved)
     artifacts_store = Store(store or default_store_url())
     check_shared_store(resolved, artifacts_store)
     create_markdown_artifact(

@@ -6,6 +6,7 @@ fault tests drive stages through it, so every path agrees on the dependencies an
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,19 +50,51 @@ STEPS: dict[str, Step] = {step.label: step for step in PIPELINE}
 GATE_BASE, GATE_TUNED = "evaluate-base", "evaluate-tuned"
 
 
+
+
+def _four_bit(steps: Iterable[Step]) -> tuple[Step, ...]:
+    """The pipeline of a profile that evaluates at 4 bits (``evaluate.weights: w4a16``, a model too large to serve in
+    bf16): the base is quantized the way the tuned model is (``quantize-base``, keyed by the base, the calibration
+    data and the quantize settings, so computed once), the gate compares the two 4-bit models, and what came after
+    the gate (benchmark, ...) waits for it. ``evaluate-quantized`` would score the same model again: its readers
+    read ``evaluate-tuned``."""
+    out: list[Step] = []
+    past_gate = False
+    for step in steps:
+        if step.label == GATE_BASE:
+            out.append(Step("quantize-base", "quantize", {"convert": "download", "pack": "pack"}))
+            out.append(dataclasses.replace(step, inputs={"model": "quantize-base"}))
+        elif step.label == "quantize":
+            out.append(dataclasses.replace(step, after_gate=False))
+            out.append(dataclasses.replace(STEPS[GATE_TUNED], inputs={"model": "quantize"}))
+            past_gate = True
+        elif step.label not in (GATE_TUNED, "evaluate-quantized"):
+            renamed = {slot: GATE_TUNED if src == "evaluate-quantized" else src for slot, src in step.inputs.items()}
+            out.append(dataclasses.replace(step, inputs=renamed, after_gate=step.after_gate or past_gate))
+    return tuple(out)
+
+
+FOUR_BIT_PIPELINE = _four_bit(PIPELINE)
+
+
+def pipeline(profile: Profile | None = None) -> tuple[Step, ...]:
+    """The steps of a run of ``profile`` (PIPELINE when it is not given)."""
+    return FOUR_BIT_PIPELINE if profile is not None and profile.evaluate.weights == "w4a16" else PIPELINE
+
+
 def spec(stage: str) -> StageSpec:
     """The stage's StageSpec (``tasks.<stage>.SPEC``); stage modules load without torch."""
     return importlib.import_module(f"tasks.{stage}").SPEC
 
 
-def steps_until(until: str) -> list[Step]:
-    """The steps a run that stops after stage ``until`` takes: those whose stage and upstream stages all come
-    no later than ``until``."""
+def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
+    """The steps a run of ``profile`` that stops after stage ``until`` takes: those whose stage and upstream stages
+    all come no later than ``until``."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
     last = STAGES.index(until)
     chosen: list[Step] = []
-    for step in PIPELINE:
+    for step in pipeline(profile):
         upstream_ok = all(src in {s.label for s in chosen} for src in step.inputs.values())
         if STAGES.index(step.stage) <= last and upstream_ok:
             chosen.append(step)

@@ -25,11 +25,13 @@ from typing import Any
 
 from torch import nn
 from torchtune.modules import FeedForward, RMSNorm, TiedLinear, TransformerDecoder, TransformerSelfAttentionLayer
+from torchtune.modules.low_precision import FrozenNF4Linear
 from torchtune.modules.peft import LoRALinear
 
 from llama4tune.attention import Llama4Attention, Llama4QKNorm
 from llama4tune.config import Llama4TextArgs, load_text_args
 from llama4tune.moe import GroupedExperts, Llama4MoE, LoRAGroupedExperts, TrainableRouter
+from llama4tune.nf4 import NF4GroupedExperts, NF4LoRAGroupedExperts, quantization_kwargs
 from llama4tune.rope import Llama4RoPE
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -50,6 +52,9 @@ class LoRAOptions:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    quantize_base: bool = False
+    """QLoRA: frozen base linears and routed experts in NF4 (llama4tune/nf4.py); router, norms, embeddings and
+    the output layer keep the model dtype."""
 
     def __post_init__(self) -> None:
         unknown = set(self.lora_attn_modules) - set(LORA_ATTN_MODULES)
@@ -59,9 +64,15 @@ class LoRAOptions:
             raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
 
 
-def _linear(in_dim: int, out_dim: int, *, bias: bool, lora: LoRAOptions | None, use_lora: bool) -> nn.Module:
+def _linear(in_dim: int, out_dim: int, *, bias: bool, lora: LoRAOptions | None, use_lora: bool,
+            quantizable: bool = True) -> nn.Module:
+    nf4 = lora is not None and lora.quantize_base and quantizable
+    nf4_kwargs = quantization_kwargs(in_dim * out_dim) if nf4 else {}
     if lora is not None and use_lora:
-        return LoRALinear(in_dim, out_dim, rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout, use_bias=bias)
+        return LoRALinear(in_dim, out_dim, rank=lora.lora_rank, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+                          use_bias=bias, quantize_base=nf4, **nf4_kwargs)
+    if nf4:
+        return FrozenNF4Linear(in_dim, out_dim, bias=bias, **nf4_kwargs)
     return nn.Linear(in_dim, out_dim, bias=bias)
 
 
@@ -101,8 +112,9 @@ def _attention(args: Llama4TextArgs, layer_idx: int, lora: LoRAOptions | None) -
 def _moe(args: Llama4TextArgs, lora: LoRAOptions | None, use_grouped_mm: bool) -> Llama4MoE:
     d, e = args.hidden_size, args.num_local_experts
     router_cls = TrainableRouter if lora is not None and lora.train_router else nn.Linear
+    nf4 = lora is not None and lora.quantize_base
     if lora is not None and lora.apply_lora_to_experts:
-        experts: GroupedExperts = LoRAGroupedExperts(
+        experts: GroupedExperts = (NF4LoRAGroupedExperts if nf4 else LoRAGroupedExperts)(
             dim=d,
             hidden_dim=args.intermediate_size,
             num_experts=e,
@@ -112,7 +124,8 @@ def _moe(args: Llama4TextArgs, lora: LoRAOptions | None, use_grouped_mm: bool) -
             use_grouped_mm=use_grouped_mm,
         )
     else:
-        experts = GroupedExperts(dim=d, hidden_dim=args.intermediate_size, num_experts=e, use_grouped_mm=use_grouped_mm)
+        experts = (NF4GroupedExperts if nf4 else GroupedExperts)(
+            dim=d, hidden_dim=args.intermediate_size, num_experts=e, use_grouped_mm=use_grouped_mm)
     return Llama4MoE(
         router=router_cls(d, e, bias=False),
         experts=experts,
@@ -147,7 +160,8 @@ def build_llama4(
             raise ValueError("apply_lora_to_output needs an untied output (tie_word_embeddings=False)")
         output: nn.Module | TiedLinear = TiedLinear(tok_embeddings)
     else:
-        output = _linear(d, args.vocab_size, bias=False, lora=lora, use_lora=lora is not None and lora.apply_lora_to_output)
+        output = _linear(d, args.vocab_size, bias=False, lora=lora, use_lora=lora is not None and lora.apply_lora_to_output,
+                         quantizable=False)
     return TransformerDecoder(
         tok_embeddings=tok_embeddings,
         layers=layers,
@@ -177,6 +191,7 @@ def _lora_options(
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float,
+    quantize_base: bool = False,
 ) -> LoRAOptions:
     return LoRAOptions(
         lora_attn_modules=tuple(lora_attn_modules),
@@ -187,6 +202,7 @@ def _lora_options(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
+        quantize_base=quantize_base,
     )
 
 
@@ -235,12 +251,13 @@ def lora_llama4_from_hf_config(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
+    quantize_base: bool = False,
     max_seq_len: int | None = None,
     use_grouped_mm: bool = True,
 ) -> TransformerDecoder:
-    """LoRA decoder matching an HF Llama 4 config.json."""
+    """LoRA decoder matching an HF Llama 4 config.json (``quantize_base``: QLoRA's NF4 base)."""
     lora = _lora_options(
         lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, apply_lora_to_experts,
-        train_router, lora_rank, lora_alpha, lora_dropout,
+        train_router, lora_rank, lora_alpha, lora_dropout, quantize_base,
     )  # fmt: skip
     return build_llama4(load_text_args(config), max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, lora=lora)

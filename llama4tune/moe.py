@@ -64,8 +64,12 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
-    def _project(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
+    def _base(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
+        """x times the frozen-or-trained base weight ``which``; the NF4 experts (llama4tune/nf4.py) override it."""
         return expert_matmul(x, getattr(self, which), counts, self.use_grouped_mm)
+
+    def _project(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
+        return self._base(x, which, counts)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [T, D] sorted by expert, counts [E] tokens per expert -> [T, D]."""
@@ -112,7 +116,7 @@ class LoRAGroupedExperts(GroupedExperts, AdapterModule):
         return ["lora_gate_up_a", "lora_gate_up_b", "lora_down_a", "lora_down_b"]
 
     def _project(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
-        base = super()._project(x, which, counts)
+        base = self._base(x, which, counts)
         name = which.removesuffix("_proj")
         a, b = getattr(self, f"lora_{name}_a"), getattr(self, f"lora_{name}_b")
         low = expert_matmul(self.dropout(x), a, counts, self.use_grouped_mm)

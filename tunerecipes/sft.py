@@ -45,6 +45,7 @@ from torchtune.modules.peft import (
 from tunerecipes import base_weights
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
+from tunerecipes import nf4_weights
 from tunerecipes import sharding
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
 from tunerecipes.sampler import ResumableSampler
@@ -64,8 +65,13 @@ class SFTRecipe:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.method = cfg.method
-        if self.method not in ("full", "lora"):
-            raise RecipeError("config", f"method must be 'full' or 'lora', got {self.method!r}")
+        if self.method not in ("full", "lora", "qlora"):
+            raise RecipeError("config", f"method must be 'full', 'lora' or 'qlora', got {self.method!r}")
+        # LoRA and QLoRA train (and checkpoint) the adapters only; QLoRA's base is NF4 (llama4tune/nf4.py).
+        self.adapters_only = self.method in ("lora", "qlora")
+        if self.method == "qlora" and cfg.final_format != "dcp":
+            raise RecipeError("config", "method 'qlora' saves the adapters only, as DCP (final_format: dcp): convert "
+                                        "merges them into the bf16 base of the download stage, never into NF4")
         if cfg.dtype not in DTYPES:
             raise RecipeError("config", f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
         self.dtype = DTYPES[cfg.dtype]
@@ -148,11 +154,17 @@ class SFTRecipe:
         """
         cfg = self.cfg
         with training.set_default_dtype(self.dtype), torch.device("meta"):
-            model = config.instantiate(cfg.model)
+            try:
+                model = config.instantiate(cfg.model)
+            except ValueError as exc:  # a model the method cannot build, e.g. one NF4 cannot quantize (QLoRA)
+                raise RecipeError("config", f"model {cfg.model._component_}: {exc}") from exc
         adapters = set(get_adapter_params(model))
-        if self.method == "lora" and not (adapters and "lora_rank" in cfg.model and "lora_alpha" in cfg.model):
-            raise RecipeError("config", f"method 'lora' needs a LoRA model builder with lora_rank and lora_alpha "
-                                        f"set; {cfg.model._component_} has {len(adapters)} adapter parameters")
+        if self.adapters_only and not (adapters and "lora_rank" in cfg.model and "lora_alpha" in cfg.model):
+            raise RecipeError("config", f"method '{self.method}' needs a LoRA model builder with lora_rank and "
+                                        f"lora_alpha set; {cfg.model._component_} has {len(adapters)} adapter parameters")
+        if (self.method == "qlora") != bool(cfg.model.get("quantize_base", False)):
+            raise RecipeError("config", f"method '{self.method}' needs model.quantize_base "
+                                        f"{self.method == 'qlora'} (QLoRA, and only QLoRA, has an NF4 base)")
         if cfg.enable_activation_checkpointing:
             sharding.checkpoint_activations(model)
         if cfg.compile:
@@ -173,7 +185,7 @@ class SFTRecipe:
                 if hasattr(module, "rope_init"):
                     module.rope_init()
         training.validate_no_params_on_meta_device(model)
-        if self.method == "lora":
+        if self.adapters_only:
             # Names again: activation checkpointing wrappers changed the parameter names (not the state-dict keys).
             set_trainable_params(model, get_adapter_params(model))
         self.vocab_size = _vocab_size(model)
@@ -201,8 +213,11 @@ class SFTRecipe:
                 f"{self.cfg.model._component_}: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                 f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}",
             )
+        nf4 = nf4_weights.nf4_keys(model)
         try:
-            base_weights.load(model, index, skip=adapters)
+            base_weights.load(model, index, skip=adapters | nf4)
+            nf4_weights.load(model, index, nf4, self.device, distributed=self.distributed,
+                             cpu_offload=bool(self.cfg.fsdp_cpu_offload))
         except ValueError as exc:
             raise RecipeError("missing_checkpoint", str(exc)) from exc
 
@@ -273,7 +288,7 @@ class SFTRecipe:
         self.log(f"resumed from {path} (step {step}, epoch {self.epoch}, {self.samples_in_epoch} samples in)")
 
     def _checkpoint_state(self) -> dict[str, Any]:
-        state = ckpt.training_state(self.model, self.optimizer, trainable_only=self.method == "lora")
+        state = ckpt.training_state(self.model, self.optimizer, trainable_only=self.adapters_only)
         state["trainer"] = {
             "step": self.step, "epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -448,7 +463,9 @@ class SFTRecipe:
         self._barrier()
         fmt = self.cfg.final_format
         if fmt == "dcp":
-            state = {"model": get_model_state_dict(self.model)}
+            # QLoRA: the adapters only; the base is the download stage's bf16 checkpoint, not its NF4 copy.
+            options = StateDictOptions(ignore_frozen_params=self.method == "qlora")
+            state = {"model": get_model_state_dict(self.model, options=options)}
             torch.distributed.checkpoint.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
         elif fmt == "hf":
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -490,7 +507,7 @@ class SFTRecipe:
         shutil.rmtree(staging)
 
     def _lora_meta(self) -> dict[str, Any] | None:
-        if self.method != "lora":
+        if not self.adapters_only:
             return None
         model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
         return {field: model_cfg[arg] for field, arg in LORA_META.items() if arg in model_cfg}

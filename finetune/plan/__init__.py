@@ -67,7 +67,7 @@ def refusal(result: dict[str, Any]) -> str | None:
     serve = result["serving"]["evaluate_and_benchmark"]
     if not serve["fits"]:
         for kind in ("bf16", "w4a16"):
-            if kind in serve and not serve[kind]["fits"]:
+            if kind in serve.get("served", (kind,)) and not serve[kind]["fits"]:
                 s = serve[kind]
                 problems.append(
                     f"serving {kind} at tensor_parallel_size {s['tensor_parallel_size']} needs "

@@ -39,7 +39,7 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
              states: int, checkpoint_bytes: int) -> dict[str, Any]:
     train = profile.train
     seq = profile.data.max_seq_len
-    flops = flops_per_token(args, seq, lora=train.method == "lora", checkpointing=checkpointing)
+    flops = flops_per_token(args, seq, lora=train.adapters_only, checkpointing=checkpointing)
     tokens_per_gpu = batch_size * seq * accum
     tokens_per_step = tokens_per_gpu * train.world_size
     compute_s = tokens_per_gpu * flops["train"] / (gpu.bf16_dense_tflops * 1e12 * constants.mfu)
@@ -67,7 +67,7 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
     gpu_hours_per_mtok = step_s / tokens_per_step * 1e6 / 3600 * train.world_size
     price = profile.plan.price_per_gpu_hour
     save_s = checkpoint_bytes / train.nnodes / (constants.checkpoint_write_gbps_per_node * GB)
-    stall_s = (model.local_trainable_bytes if train.method == "lora" else model.local_param_bytes)
+    stall_s = (model.local_trainable_bytes if train.adapters_only else model.local_param_bytes)
     stall_s = (stall_s + states * model.local_trainable_bytes) / (gpu.host_to_device_gbps * GB) \
         if train.async_checkpoint else save_s
     out: dict[str, Any] = {

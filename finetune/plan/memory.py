@@ -60,7 +60,8 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
     on_device = 0 if cpu_offload else sharded_state
     # foreach AdamW allocates one tensor per parameter for the denominator; it runs after activations are freed.
     step_temp = 0 if cpu_offload else trainable
-    working = max(gathered + unsharded_grads + activations.total, step_temp)
+    dequantized = model.nf4_dequantized_bytes
+    working = max(gathered + unsharded_grads + activations.total + dequantized, step_temp)
     breakdown = {
         "params": 0 if cpu_offload else params,
         "grads": 0 if cpu_offload else trainable,
@@ -70,7 +71,8 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
         "activations_kept": activations.layers_bytes,
         "activations_backward_working_set": activations.working_bytes,
         "logits_and_loss": activations.logits_bytes,
-        "optimizer_step_temporaries": max(0, step_temp - (gathered + unsharded_grads + activations.total)),
+        "nf4_dequantized_weight": dequantized,
+        "optimizer_step_temporaries": max(0, step_temp - (gathered + unsharded_grads + activations.total + dequantized)),
     }
     fixed = 0.0
     if on_gpu:

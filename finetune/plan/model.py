@@ -60,6 +60,9 @@ class MeasuredModel:
     """Every unit but the root (decoder layers, token embeddings, output projection); the root unit (what is
     left: the final norm) last."""
     root: Unit
+    nf4_dequantized_bytes: int = 0
+    """QLoRA: the largest NF4 weight dequantized to the compute dtype, the transient a layer adds
+    (llama4tune/nf4.py dequantizes one layer's experts at a time, forward and again in backward)."""
 
 
 def model_config(profile: Profile) -> ModelConfig:
@@ -128,7 +131,10 @@ def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings)
     builder = getattr(importlib.import_module(module), name)
     dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
     with training.set_default_dtype(dtype), torch.device("meta"):
-        model = builder(**section)
+        try:
+            model = builder(**section)
+        except ValueError as exc:  # e.g. a model QLoRA's NF4 blocks cannot hold: refused before any stage
+            raise PlanError(f"train.method {profile.train.method}: {exc}") from exc
     if settings.activation_checkpointing:
         sharding.checkpoint_activations(model)
     return model
@@ -139,7 +145,7 @@ def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, wor
     from tunerecipes import sharding
 
     model = build_model(profile, config, settings)
-    if profile.train.method == "lora":
+    if profile.train.adapters_only:
         from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
         set_trainable_params(model, get_adapter_params(model))
@@ -155,6 +161,25 @@ def _local(param: Any) -> Any:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
+def _nbytes(param: Any) -> int:
+    """Bytes this rank stores for ``param``. An NF4 weight (built on meta by the recipe's own builder, i.e. by the
+    same torchao quantization the trainer applies) stores its packed 4-bit codes and quantized scales, not
+    numel x dtype: its inner tensors are counted."""
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    local = _local(param)
+    if isinstance(local, NF4Tensor):
+        names, _ = local.__tensor_flatten__()
+        return sum(getattr(local, name).numel() * getattr(local, name).element_size() for name in names)
+    return local.numel() * local.element_size()
+
+
+def _is_nf4(param: Any) -> bool:
+    from torchao.dtypes.nf4tensor import NF4Tensor
+
+    return isinstance(_local(param), NF4Tensor)
+
+
 def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> MeasuredModel:
     from torch.distributed.fsdp import FSDPModule
 
@@ -168,7 +193,7 @@ def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> Measure
     for name, module in owners:
         own = [p for p in module.parameters() if id(p) not in claimed]
         claimed.update(map(id, own))
-        local = sum(_local(p).numel() * p.element_size() for p in own)
+        local = sum(_nbytes(p) for p in own)
         units.append(Unit(
             name=name,
             full_bytes=local * world_size if sharded else local,
@@ -179,9 +204,10 @@ def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> Measure
         world_size=world_size, sharded=sharded, dtype_bytes=DTYPE_BYTES[dtype],
         total_params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        local_param_bytes=sum(_local(p).numel() * p.element_size() for p in params),
+        local_param_bytes=sum(_nbytes(p) for p in params),
         local_trainable_bytes=sum(_local(p).numel() * p.element_size() for p in params if p.requires_grad),
         largest_local_tensor_bytes=max(_local(p).numel() * p.element_size() for p in params),
         units=units[:-1], root=units[-1],
+        nf4_dequantized_bytes=max((p.numel() * p.element_size() for p in params if _is_nf4(p)), default=0),
     )
 

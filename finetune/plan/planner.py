@@ -18,7 +18,7 @@ from finetune.profile import Profile
 
 
 def _shapes(profile: Profile, args: Any) -> Shapes:
-    lora = profile.train.lora if profile.train.method == "lora" else None
+    lora = profile.train.lora if profile.train.adapters_only else None
     layers = args.num_hidden_layers
     return Shapes(
         hidden=args.hidden_size, q_dim=args.num_attention_heads * args.head_dim,
@@ -82,7 +82,7 @@ class Planner:
         states, _ = optimizer_states(settings.optimizer)
         memory = training_memory(
             model, activations, states=states, cpu_offload=settings.cpu_offload and self.on_gpu,
-            reshard_after_forward=settings.reshard_after_forward, lora=train.method == "lora",
+            reshard_after_forward=settings.reshard_after_forward, lora=train.adapters_only,
             async_save=settings.async_save, nproc_per_node=train.nproc_per_node, on_gpu=self.on_gpu,
             constants=self.constants,
         )

@@ -20,14 +20,17 @@ TEMPLATE = REPO_ROOT / "profiles" / "recipes" / "sft.yaml"
 def model_section(train: TrainConfig, config: Any, max_seq_len: int) -> dict[str, Any]:
     """The recipe config's ``model:`` section: the llama4tune builder and its arguments for this profile."""
     model: dict[str, Any] = {"config": config, "max_seq_len": max_seq_len}
-    if train.method == "lora":
+    if train.adapters_only:
         assert train.lora is not None
         model.update(
             _component_="llama4tune.lora_llama4_from_hf_config",
             lora_attn_modules=list(train.lora.attn_modules), apply_lora_to_mlp=train.lora.apply_to_mlp,
-            apply_lora_to_experts=train.lora.apply_to_experts, lora_rank=train.lora.rank,
+            apply_lora_to_experts=train.lora.apply_to_experts, apply_lora_to_output=train.lora.apply_to_output,
+            lora_rank=train.lora.rank,
             lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
         )
+        if train.method == "qlora":
+            model["quantize_base"] = True  # NF4 base (llama4tune/nf4.py)
     else:
         model["_component_"] = "llama4tune.llama4_from_hf_config"
     return model

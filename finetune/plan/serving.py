@@ -79,7 +79,10 @@ def serving(profile: Profile, args: Any, vision_params: float, gpu: Accelerator,
                   constants=constants)
     bf16 = engine(args, vision_params, four_bit=False, **common)  # type: ignore[arg-type]
     w4 = engine(args, vision_params, four_bit=True, **common)  # type: ignore[arg-type]
-    out: dict[str, Any] = {"engine": "vllm", "bf16": bf16, "w4a16": w4, "fits": bf16["fits"] and w4["fits"]}
+    # Only the weights the profile serves must fit: evaluate's (evaluate.weights) and the benchmark's.
+    served = {profile.evaluate.weights, *bench.weights}
+    out: dict[str, Any] = {"engine": "vllm", "bf16": bf16, "w4a16": w4, "served": sorted(served),
+                           "fits": all({"bf16": bf16, "w4a16": w4}[name]["fits"] for name in served)}
     if bench.tensor_parallel_size > gpu.gpus_per_node:
         out["fits"] = False
         out["note"] = f"tensor_parallel_size {bench.tensor_parallel_size} exceeds the {gpu.gpus_per_node} GPUs of a node"

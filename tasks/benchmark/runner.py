@@ -151,7 +151,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     engine = ENGINES[cfg.engine]
     if engine is VLLM:
         vllm.require_vllm()  # fails at once, before any work, when there is no (recent enough) vllm to run
-    model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()}
+    model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()
+                  if name in cfg.weights}
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)
     generator = _generator(cfg, requests, ctx.log)
@@ -159,7 +160,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.log(f"benchmark: {engine.label} {version}, load generator: {generator}, "
             f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
     level_runner = _Level(engine, generator, requests, ctx.workdir)
-    steps, total = itertools.count(1), len(MODELS) * len(cfg.concurrencies)
+    steps, total = itertools.count(1), len(model_dirs) * len(cfg.concurrencies)
 
     def level_done(message: str) -> None:
         ctx.progress(next(steps) / total, message)

@@ -20,6 +20,7 @@ from llama4tune.peft import NoPeftForm
 from tasks.convert.checkpoint import ConvertResult, KeyMap, convert_checkpoint
 from tasks.convert.hfdir import copy_model_files, expected_shapes, read_config
 from tasks.convert.lora import LoraModule, LoraSpec, write_peft_adapter
+from tasks.convert.overlay import AdaptersOnBase
 from tasks.convert.shards import parse_size
 from tasks.convert.sources import DcpSource, SafetensorsSource, TensorSource
 from tunerecipes.checkpoint_layout import FINAL_DIR
@@ -44,13 +45,15 @@ def read_train_meta(final_dir: Path) -> TrainMeta:
     fmt, method = raw.get("format"), raw.get("method")
     if fmt not in ("dcp", "hf"):
         raise PermanentError(f"{path}: field 'format' must be 'dcp' or 'hf', got {fmt!r}")
-    if method not in ("lora", "full"):
-        raise PermanentError(f"{path}: field 'method' must be 'lora' or 'full', got {method!r}")
+    if method not in ("lora", "qlora", "full"):
+        raise PermanentError(f"{path}: field 'method' must be 'lora', 'qlora' or 'full', got {method!r}")
+    if method == "qlora" and fmt != "dcp":
+        raise PermanentError(f"{path}: method 'qlora' checkpoints are DCP adapters, got format {fmt!r}")
     lora = None
-    if method == "lora":
+    if method in ("lora", "qlora"):
         section = raw.get("lora")
         if not isinstance(section, dict) or not {"rank", "alpha"} <= section.keys():
-            raise PermanentError(f"{path}: method 'lora' needs field 'lora' with 'rank' and 'alpha', got {section!r}")
+            raise PermanentError(f"{path}: method '{method}' needs field 'lora' with 'rank' and 'alpha', got {section!r}")
         lora = LoraSpec(rank=int(section["rank"]), alpha=float(section["alpha"]))
     return TrainMeta(fmt, method, lora, raw.get("step"))
 
@@ -89,6 +92,20 @@ def trained_key_map(fmt: str, config: dict[str, Any]) -> KeyMap:
     return from_dcp if fmt == "dcp" else from_hf
 
 
+def dcp_key_of_base(config: dict[str, Any]) -> KeyMap:
+    """Base (HF) key -> the key a DCP trained checkpoint gives that weight (``model.<llama4tune key>``)."""
+    from llama4tune.config import load_text_args
+    from llama4tune.convert import hf_to_tune_key
+
+    args = load_text_args(config)
+
+    def key(hf_key: str) -> str | None:
+        tune = hf_to_tune_key(hf_key, args)
+        return None if tune is None else DCP_MODEL_PREFIX + tune
+
+    return key
+
+
 def peft_key_map(key_map: KeyMap, modules: dict[str, LoraModule]) -> KeyMap:
     """PEFT names (``base_model.model.<hf module>.lora_A.weight``) derived from the weight key map."""
     names: dict[str, str] = {}
@@ -112,6 +129,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     meta = read_train_meta(final_dir)
     config = read_config(base_dir)
     source = open_trained(final_dir, meta)
+    if meta.method == "qlora":  # adapters only: merged into the download's bf16 base, not the trainer's NF4 copy
+        source = AdaptersOnBase(source, SafetensorsSource(base_dir), dcp_key_of_base(config))
     ctx.log(f"converting {meta.format} checkpoint {final_dir} (method {meta.method}, step {meta.step}) to "
             f"{settings.dtype} shards of at most {settings.max_shard_size}")
     key_map = trained_key_map(meta.format, config)

@@ -74,8 +74,9 @@ __all__ = [
 
 def _config(profile: Profile) -> dict[str, Any]:
     cfg = profile.evaluate
-    # The gate judges results; it does not shape them, so changing it must not re-run an evaluation.
-    out = cfg.model_dump(exclude={"gate"})
+    # The gate judges results; it does not shape them, so changing it must not re-run an evaluation. Which weights
+    # are scored is the input artifact's (convert or quantize), already in the key.
+    out = cfg.model_dump(exclude={"gate", "weights"})
     if cfg.backend == "vllm":
         serving = profile.benchmark
         out["serving"] = {"tensor_parallel_size": serving.tensor_parallel_size,

@@ -1,0 +1,116 @@
+"""QLoRA's frozen base in NF4 (torchao 0.11's ``NF4Tensor``): linear layers and routed experts.
+
+Linear layers use torchtune's ``FrozenNF4Linear`` / ``LoRALinear(quantize_base=True)``. Routed experts are fused
+3-D parameters, which torchao quantizes (and FSDP2-shards) only as tensors of at most 2 dimensions: each expert
+block is stored as 2-D NF4 ``[E * in, out]`` and dequantized to the compute dtype one layer at a time, just before
+the grouped matmul. The dequantized copy lives only inside that call: backward dequantizes again rather than
+keeping it (like torchao's ``linear_nf4``), so peak memory grows by one layer's experts, not the model's.
+
+Measured on torch 2.13 CPU with torchao 0.11: ``to_nf4``, dequantization and ``linear_nf4`` run in fp32 and bf16,
+and ``to_nf4`` of a meta tensor gives a meta ``NF4Tensor`` (the planner sizes the real quantization with it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+
+from llama4tune.moe import GroupedExperts, LoRAGroupedExperts, expert_matmul
+
+BLOCK_SIZE = 64  # weights per NF4 scale (torchao's and QLoRA's default)
+SCALER_BLOCK_SIZE = 256  # scales per double-quantization block, lowered to a divisor for small tensors
+COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def quantization_kwargs(numel: int) -> dict[str, int]:
+    """``to_nf4`` block sizes for a tensor of ``numel`` elements; ValueError when NF4 cannot hold it."""
+    if numel % BLOCK_SIZE:
+        raise ValueError(f"QLoRA cannot quantize this model's base to NF4: a weight of {numel} elements is not a "
+                         f"multiple of the NF4 block size {BLOCK_SIZE}")
+    return {"block_size": BLOCK_SIZE, "scaler_block_size": math.gcd(numel // BLOCK_SIZE, SCALER_BLOCK_SIZE)}
+
+
+def quantize(tensor: torch.Tensor) -> NF4Tensor:
+    """``tensor`` (at most 2-D) as NF4, with the block sizes every NF4 weight of this package uses."""
+    return to_nf4(tensor.contiguous(), **quantization_kwargs(tensor.numel()))
+
+
+def requantize_like(tensor: torch.Tensor, like: NF4Tensor) -> NF4Tensor:
+    """``tensor`` reshaped to ``like``'s (2-D) shape and quantized with ``like``'s block sizes."""
+    flat = tensor.to(like.dtype).reshape(like.shape).contiguous()
+    return to_nf4(flat, block_size=like.block_size, scaler_block_size=like.scaler_block_size)
+
+
+class _NF4ExpertMatmul(torch.autograd.Function):
+    """x [T, in] (rows grouped by expert) times the experts' NF4 weight, dequantized for this call only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: NF4Tensor, counts: torch.Tensor, num_experts: int,
+                use_grouped_mm: bool) -> torch.Tensor:
+        ctx.save_for_backward(counts)
+        ctx.weight, ctx.num_experts, ctx.use_grouped_mm = weight, num_experts, use_grouped_mm
+        return expert_matmul(x, _experts(weight, num_experts, x.dtype), counts, use_grouped_mm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        (counts,) = ctx.saved_tensors
+        # The base is frozen: only the input's gradient, grad @ W[e]^T per expert block.
+        # A transposed view, not a copy: _grouped_mm takes column-major weights, so one layer's experts stay the
+        # only dequantized copy.
+        transposed = _experts(ctx.weight, ctx.num_experts, grad.dtype).transpose(1, 2)
+        return expert_matmul(grad.contiguous(), transposed, counts, ctx.use_grouped_mm), None, None, None, None
+
+
+def _experts(weight: NF4Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    full = weight.get_original_weight().to(dtype)
+    return full.view(num_experts, -1, full.shape[-1])
+
+
+def _quantize_experts(module: GroupedExperts) -> None:
+    """Replace the module's 3-D expert parameters by frozen 2-D NF4 ones (``[E * in, out]``)."""
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(module, name)
+        flat = weight.detach().reshape(-1, weight.shape[-1])
+        setattr(module, name, nn.Parameter(quantize(flat), requires_grad=False))
+
+
+class NF4GroupedExperts(GroupedExperts):
+    """Frozen routed experts in NF4 (no adapters)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _quantize_experts(self)
+
+    def reset_parameters(self) -> None:
+        if not isinstance(self.gate_up_proj, NF4Tensor):  # quantized weights come from the base checkpoint only
+            super().reset_parameters()
+
+    def _base(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
+        return _NF4ExpertMatmul.apply(x, getattr(self, which), counts, self.num_experts, self.use_grouped_mm)
+
+
+class NF4LoRAGroupedExperts(LoRAGroupedExperts):
+    """Routed experts with an NF4 frozen base and bf16 (train-dtype) per-expert LoRA adapters."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _quantize_experts(self)
+
+    def reset_parameters(self) -> None:
+        if not isinstance(self.gate_up_proj, NF4Tensor):
+            super().reset_parameters()
+
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> NF4LoRAGroupedExperts:
+        # Only the adapters are materialised here (as LoRALinear does); the NF4 base is assigned when loaded.
+        # swap_tensors keeps each Parameter object, which FSDP2 has registered (as nn.Module.to_empty does).
+        for name in self.adapter_params():
+            param = getattr(self, name)
+            torch.utils.swap_tensors(param, nn.Parameter(torch.empty_like(param, device=device),
+                                                         requires_grad=param.requires_grad))
+        return self
+
+    _base = NF4GroupedExperts._base

@@ -1,0 +1,71 @@
+"""QLoRA through the real trainer on the tiny Llama 4 (CPU, fp32): NF4 base, adapters-only DCP checkpoints and
+resume, then convert merging the adapters into the download's base weights. Short runs: the cost is in starting the
+trainer, not in the steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.profile import load_profile
+from finetune.stage import StageContext, execute_stage
+from finetune.store import Store
+from tasks import convert, download, pack, train
+from tasks.convert.sources import DcpSource
+
+pytestmark = pytest.mark.slow  # starts real trainers
+
+STEPS, EVERY = 6, 2
+QLORA = ["train.method=qlora", "data.max_seq_len=64", f"train.max_steps={STEPS}", "train.batch_size=2",
+         "train.warmup_steps=1", "train.lr=1.0e-2", f"train.checkpoint_every_steps={EVERY}",
+         "train.recipe_overrides={num_threads: 1}"]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_qlora_trains_adapters_on_an_nf4_base_resumes_and_converts_onto_the_bf16_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "scratch"))
+    profile = load_profile("tiny-cpu", QLORA)
+    store = Store(tmp_path / "store")
+    base, _ = execute_stage(download.SPEC, profile, store, {})
+    packed, _ = execute_stage(pack.SPEC, profile, store, {"download": base})
+    trained, _ = execute_stage(train.SPEC, profile, store, {"download": base, "pack": packed})
+    work = Path(trained.path)
+    assert trained.metrics["method"] == "qlora" and trained.metrics["last_loss"] < trained.metrics["first_loss"]
+
+    # The final checkpoint and the mid-run ones hold the adapters (and their optimizer state) only.
+    final = DcpSource(work / "final")
+    assert final.tensors() and all(".lora_" in key for key in final.tensors()), sorted(final.tensors())[:5]
+    meta = json.loads((work / "final" / "train_meta.json").read_text())
+    assert meta["method"] == "qlora" and meta["model"]["quantize_base"] is True
+    checkpoint = DcpSource(next((work / "checkpoints").iterdir()))
+    assert all(".lora_" in key for key in checkpoint.tensors() if key.startswith("model."))
+
+    # Resume from the newest checkpoint (step 4): adapters and their optimizer state come back exactly.
+    losses = _losses(work)
+    shutil.rmtree(work / "final")
+    resumed = train.run(StageContext(profile=profile, key=trained.key, workdir=work, log=lambda line: None,
+                                     inputs={"download": base, "pack": packed}, tables={}))
+    assert resumed["resumed_from_step"] == STEPS - EVERY
+    assert _losses(work) == pytest.approx(losses, abs=1e-6)
+
+    converted, _ = execute_stage(convert.SPEC, profile, store, {"download": base, "train": trained})
+    out = Path(converted.path)
+    assert converted.metrics["method"] == "qlora" and converted.metrics["peft_adapter"] == "adapter"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Merged onto the download's weights, not the NF4 copy: the routed experts (trained in NF4, no adapters) come
+    # out exactly as the base has them.
+    merged = {k: v for f in out.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    original = {k: v for f in Path(base.path).glob("*.safetensors") for k, v in load_file(f).items()}
+    key = "model.layers.0.feed_forward.experts.gate_up_proj"
+    assert torch.equal(merged[key], original[key].to(merged[key].dtype))
+    adapted = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[adapted], original[adapted].to(merged[adapted].dtype))
