@@ -20,7 +20,6 @@ import json
 import math
 import os
 import resource
-import select
 import shutil
 import signal
 import sys
@@ -410,7 +409,7 @@ class SFTRecipe:
         if self.notice_at is not None:
             return
         self.notice_at = time.monotonic()
-        _silence_if_nobody_reads()
+        sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
         grace = float(self.cfg.get("preemption_grace_s") or 0.0)
         needed = self.step_s + self.save_s
         if needed > grace:
@@ -568,16 +567,31 @@ def _zero_like_loss(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return sum(chunk.sum() for chunk in chunks) * 0.0
 
 
-def _silence_if_nobody_reads() -> None:
-    """When the SIGTERM came because the launcher died (its death signal), nobody reads our output pipe any more and
-    the next print would raise BrokenPipeError before the checkpoint is saved: write to /dev/null instead."""
-    for fd in (1, 2):
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+class _PipeSafe:
+    """stdout/stderr once SIGTERM came: when it came because the launcher died (its death signal), nobody reads our
+    output pipe any more, and a print would raise BrokenPipeError before the checkpoint is saved. Then the stream
+    goes to /dev/null instead (the pipe may still close after the signal, so this cannot be checked up front)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._safely(self.stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._safely(self.stream.flush)
+
+    def _safely(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, fd)
+            os.dup2(devnull, self.stream.fileno())
             os.close(devnull)
+            return call(*args)  # the buffer now drains into /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _import_object(path: str) -> Any:
