@@ -244,3 +244,21 @@ def test_two_processes_agree_on_checkpoints_by_time(inputs: dict[str, Artifact],
     assert metrics["steps"] == STEPS and metrics["checkpoints_by_reason"].get("minutes", 0) >= 1, metrics
     assert metrics["checkpoints_saved"] == sum(metrics["checkpoints_by_reason"].values())
     assert any("(minutes) saved" in line for line in run.lines)
+
+
+def test_fp32_master_weights_compute_in_bf16_and_keep_fp32_state(inputs: dict[str, Artifact], tmp_path: Path) -> None:
+    """recipe_overrides.master_dtype=fp32: FSDP gathers bf16 units for compute, the parameters, gradients and AdamW
+    states stay fp32 (what the final DCP checkpoint holds); without FSDP it is refused naming both dtypes."""
+    import math
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    master = "train.recipe_overrides={num_threads: 1, master_dtype: fp32}"
+    run = Run(inputs, tmp_path / "work", *TWO_PROCS, "train.dtype=bf16", "train.max_steps=2", master)
+    run()
+    assert len(run.losses()) == 2 and all(math.isfinite(loss) for loss in run.losses().values())
+    stored = FileSystemReader(str(tmp_path / "work" / "final")).read_metadata().state_dict_metadata
+    assert {item.properties.dtype for key, item in stored.items() if key.startswith("model.")} == {torch.float32}
+    with pytest.raises(PermanentError, match=r"master_dtype fp32 with dtype bf16 needs method 'full' under FSDP"):
+        Run(inputs, tmp_path / "one", "train.dtype=bf16", "train.max_steps=1", master)()

@@ -74,6 +74,10 @@ class SFTRecipe:
         if cfg.dtype not in DTYPES:
             raise RecipeError("config", f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
         self.dtype = DTYPES[cfg.dtype]
+        # Parameters, gradients and optimizer states (fp32 master weights when set); compute stays in dtype.
+        self.master_dtype = DTYPES.get(cfg.get("master_dtype") or cfg.dtype)
+        if self.master_dtype is None:
+            raise RecipeError("config", f"master_dtype must be one of {sorted(DTYPES)} or null, got {cfg.master_dtype!r}")
         self.batch_size = int(cfg.batch_size)
         self.accum = int(cfg.gradient_accumulation_steps)
         self.ckpt_cfg = cfg.checkpoint
@@ -152,7 +156,12 @@ class SFTRecipe:
         checkpoint, so a checkpoint that does not match the model fails with the keys that differ.
         """
         cfg = self.cfg
-        with training.set_default_dtype(self.dtype), torch.device("meta"):
+        mixed = self.master_dtype != self.dtype
+        if mixed and (self.method != "full" or not self.distributed):
+            raise RecipeError("config", f"master_dtype {cfg.master_dtype} with dtype {cfg.dtype} needs method 'full' "
+                                        f"under FSDP (several processes); got method '{self.method}' on "
+                                        f"{self.world_size} process(es)")
+        with training.set_default_dtype(self.master_dtype), torch.device("meta"):
             try:
                 model = config.instantiate(cfg.model)
             except ValueError as exc:  # a model the method cannot build, e.g. one NF4 cannot quantize (QLoRA)
@@ -170,7 +179,8 @@ class SFTRecipe:
             training.compile_model(model, verbose=self.is_rank_zero)
         if self.distributed:
             sharding.shard(model, cpu_offload=bool(cfg.fsdp_cpu_offload),
-                           reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)))
+                           reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
+                           mp_policy=sharding.mixed_precision(self.dtype) if mixed else None)
         # Every parameter where it will live (FSDP keeps offloaded shards on the CPU), then the adapters initialised
         # and the base weights read into each shard, tensor by tensor (tunerecipes/base_weights.py).
         model.to_empty(device=torch.device("cpu") if cfg.fsdp_cpu_offload else self.device)

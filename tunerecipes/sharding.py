@@ -6,8 +6,10 @@ model on the meta device over a fake process group to measure what each rank wil
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torchtune import training
 
 
@@ -21,7 +23,15 @@ def checkpoint_activations(model: nn.Module) -> None:
 OWN_UNITS = ("tok_embeddings", "output")
 
 
-def shard(model: nn.Module, *, cpu_offload: bool, reshard_after_forward: bool, mesh: DeviceMesh | None = None) -> None:
+def mixed_precision(compute: torch.dtype) -> MixedPrecisionPolicy:
+    """fp32 master weights: FSDP gathers each unit in ``compute`` for forward and backward, and reduce-scatters the
+    gradients in fp32 into fp32 shards, which the optimizer updates (a bf16 AdamW step rounds away updates under
+    ~2^-8 of a weight: at lr 1e-5 most of them)."""
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+def shard(model: nn.Module, *, cpu_offload: bool, reshard_after_forward: bool, mesh: DeviceMesh | None = None,
+          mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """FSDP2: one unit per decoder layer (its checkpoint wrapper, when present), one each for the token embeddings
     and the output projection, then the root unit with what is left (the final norm).
 
@@ -32,7 +42,13 @@ def shard(model: nn.Module, *, cpu_offload: bool, reshard_after_forward: bool, m
         module = getattr(model, name, None)
         if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=True)):
             units.add(id(module))
-    training.shard_model(
-        model, [lambda name, module: id(module) in units],
-        cpu_offload=cpu_offload, reshard_after_forward=reshard_after_forward, dp_mesh=mesh,
-    )
+    # torchtune's shard_model, plus the mixed-precision policy it does not take: innermost units first, the root last.
+    kwargs: dict = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for module in reversed(list(model.modules())):
+        if id(module) in units:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)

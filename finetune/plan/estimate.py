@@ -36,7 +36,7 @@ def flops_per_token(args: Any, seq_len: int, *, lora: bool, checkpointing: bool)
 
 def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator, constants: Constants, *,
              batch_size: int, accum: int, cpu_offload: bool, reshard_after_forward: bool, checkpointing: bool,
-             states: int, checkpoint_bytes: int) -> dict[str, Any]:
+             states: int, checkpoint_bytes: int, compute_ratio: float = 1.0) -> dict[str, Any]:
     train = profile.train
     seq = profile.data.max_seq_len
     flops = flops_per_token(args, seq, lora=train.adapters_only, checkpointing=checkpointing)
@@ -50,7 +50,8 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
     # per call.
     calls = {"output": constants.logits_chunks}
     layers = sum(unit.full_bytes * calls.get(unit.name, 1) for unit in model.units)
-    gather = (model.root.full_bytes + layers * (2 if reshard_after_forward else 1)) * share
+    # Units are gathered in the compute dtype (half the fp32 master bytes under mixed precision).
+    gather = (model.root.full_bytes + layers * (2 if reshard_after_forward else 1)) * share * compute_ratio
     reduce_scatter = (model.root.trainable_full_bytes
                       + sum(unit.trainable_full_bytes * calls.get(unit.name, 1) for unit in model.units)) * share
     link = gpu.inter_node_gbps if train.nnodes > 1 else gpu.intra_node_gbps

@@ -43,7 +43,7 @@ class TrainingMemory:
 
 def training_memory(model: MeasuredModel, activations: Activations, *, states: int, cpu_offload: bool,
                     reshard_after_forward: bool, lora: bool, async_save: bool, nproc_per_node: int,
-                    on_gpu: bool, constants: Constants) -> TrainingMemory:
+                    on_gpu: bool, constants: Constants, compute_ratio: float = 1.0) -> TrainingMemory:
     params, trainable = model.local_param_bytes, model.local_trainable_bytes
     optimizer = states * trainable
     sharded_state = params + trainable + optimizer  # parameters, gradients, optimizer states of this rank
@@ -57,6 +57,11 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
     else:
         gathered = model.root.full_bytes + sum(unit.full_bytes for unit in units)
         unsharded_grads = model.root.trainable_full_bytes + max(unit.trainable_full_bytes for unit in units)
+    if compute_ratio != 1.0:
+        # Mixed precision (fp32 master weights): units are gathered in the compute dtype, and each unit's
+        # compute-dtype gradients are cast to fp32 for the reduce-scatter while they still exist.
+        gathered = int(gathered * compute_ratio)
+        unsharded_grads = int(unsharded_grads * (compute_ratio + 1))
     on_device = 0 if cpu_offload else sharded_state
     # foreach AdamW allocates one tensor per parameter for the denominator; it runs after activations are freed.
     step_temp = 0 if cpu_offload else trainable

@@ -129,7 +129,7 @@ def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings)
                **settings.model_overrides}
     module, _, name = section.pop("_component_").rpartition(".")
     builder = getattr(importlib.import_module(module), name)
-    dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if settings.master_dtype == "bf16" else torch.float32
     with training.set_default_dtype(dtype), torch.device("meta"):
         try:
             model = builder(**section)
@@ -150,11 +150,11 @@ def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, wor
 
         set_trainable_params(model, get_adapter_params(model))
     if world_size == 1:
-        return _count(model, world_size, sharded=False, dtype=settings.dtype)
+        return _count(model, world_size, sharded=False, dtype=settings.master_dtype)
     with fake_world(world_size) as mesh:
         sharding.shard(model, cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
                        mesh=mesh)
-        return _count(model, world_size, sharded=True, dtype=settings.dtype)
+        return _count(model, world_size, sharded=True, dtype=settings.master_dtype)
 
 
 def _local(param: Any) -> Any:

@@ -11,7 +11,7 @@ from finetune.plan.activations import FORMULA, Shapes, activation_bytes
 from finetune.plan.catalog import GIB, Accelerator, Constants
 from finetune.plan.estimate import estimate
 from finetune.plan.memory import TrainingMemory, optimizer_states, training_memory
-from finetune.plan.model import MeasuredModel, ModelConfig, measure, model_config
+from finetune.plan.model import DTYPE_BYTES, MeasuredModel, ModelConfig, measure, model_config
 from finetune.plan.recipe import RecipeSettings, recipe_settings
 from finetune.plan.serving import quantization, serving
 from finetune.profile import Profile
@@ -30,6 +30,23 @@ def _shapes(profile: Profile, args: Any) -> Shapes:
         lora_mlp=bool(lora and lora.apply_to_mlp), lora_experts=bool(lora and lora.apply_to_experts),
         lora_dropout=bool(lora and lora.dropout > 0),
     )
+
+
+def compute_ratio(settings: RecipeSettings) -> float:
+    """Bytes of the compute dtype per byte of the stored parameters (0.5 with fp32 master weights, bf16 compute)."""
+    return DTYPE_BYTES[settings.dtype] / DTYPE_BYTES[settings.master_dtype]
+
+
+def precision(settings: RecipeSettings, adapters_only: bool) -> str:
+    """The plan's line on numerics: what is stored in which dtype, and the cost of the choice."""
+    if settings.master_dtype != settings.dtype:
+        return (f"{settings.master_dtype} master parameters, gradients and optimizer states; {settings.dtype} "
+                "compute (FSDP MixedPrecisionPolicy: units gathered in the compute dtype, gradients reduced in fp32)")
+    if settings.dtype == "bf16" and not adapters_only:
+        return ("pure bf16: parameters and AdamW states in bf16, so an update under ~2^-8 of a weight rounds away "
+                "(most updates at lr 1e-5); recipe_overrides.master_dtype=fp32 keeps fp32 master weights "
+                "(its memory: see the notes)")
+    return f"{settings.dtype} throughout"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +81,7 @@ class Planner:
         return Setup(recipe_settings(profile), profile.data.max_seq_len, gpu, host)
 
     def measured(self, settings: RecipeSettings, world_size: int) -> MeasuredModel:
-        key = (world_size, settings.dtype, settings.activation_checkpointing, settings.cpu_offload,
+        key = (world_size, settings.master_dtype, settings.activation_checkpointing, settings.cpu_offload,
                settings.reshard_after_forward)
         if key not in self._measured:
             self._measured[key] = measure(self.profile, self.config, settings, world_size)
@@ -75,7 +92,7 @@ class Planner:
         train = self.profile.train
         model = self.measured(settings, nnodes * train.nproc_per_node)
         activations = activation_bytes(
-            _shapes(self.profile, self.args), model.dtype_bytes, settings.batch_size * setup.seq_len,
+            _shapes(self.profile, self.args), DTYPE_BYTES[settings.dtype], settings.batch_size * setup.seq_len,
             checkpointing=settings.activation_checkpointing, chunks=self.constants.logits_chunks,
             cpu_seq_len=0 if self.on_gpu else setup.seq_len,
         )
@@ -84,7 +101,7 @@ class Planner:
             model, activations, states=states, cpu_offload=settings.cpu_offload and self.on_gpu,
             reshard_after_forward=settings.reshard_after_forward, lora=train.adapters_only,
             async_save=settings.async_save, nproc_per_node=train.nproc_per_node, on_gpu=self.on_gpu,
-            constants=self.constants,
+            constants=self.constants, compute_ratio=compute_ratio(settings),
         )
         return model, memory
 
@@ -142,6 +159,13 @@ def plan(profile: Profile) -> dict[str, Any]:
     states, optimizer_note = optimizer_states(settings.optimizer)
     fits = planner.fits(setup, memory)
     notes = [f"model config: {planner.config.origin}"] + ([optimizer_note] if optimizer_note else [])
+    if settings.dtype == "bf16" and settings.master_dtype == "bf16" and train.method == "full":
+        # The documented choice's cost: what fp32 master weights would take instead.
+        master = dataclasses.replace(setup, settings=dataclasses.replace(settings, master_dtype="fp32"))
+        _, alternative = planner.training(master, train.nnodes)
+        notes.append(f"fp32 master weights (recipe_overrides.master_dtype=fp32) would need {alternative.peak_gib:.1f} "
+                     f"GiB per GPU and {alternative.host_gib_per_node:.0f} GiB host RAM per node "
+                     f"({'fits' if planner.fits(master, alternative) else 'does not fit'})")
     if planner.config.vision_params:
         notes.append(f"vision tower + projector ({planner.config.vision_params / 1e9:.2f}B parameters, published "
                      "vision_config) counted for serving, quantization and checkpoints read; not trained")
@@ -170,6 +194,7 @@ def plan(profile: Profile) -> dict[str, Any]:
         "root_unit_gib": round(model.root.full_bytes / GIB, 3) if model.sharded else 0.0,
         "fsdp_units": len(model.units) + 1 if model.sharded else 0,
         "recipe": dataclasses.asdict(settings) | {"optimizer_states_per_param": states, "seq_len": setup.seq_len},
+        "precision": precision(settings, train.adapters_only),
         "fits": fits,
         "serving": {"evaluate_and_benchmark": serve, "quantize": quant},
         "serving_fits": bool(serve["fits"] and quant["fits"]),
@@ -193,6 +218,6 @@ def plan(profile: Profile) -> dict[str, Any]:
             profile, planner.args, model, setup.gpu, planner.constants, batch_size=settings.batch_size,
             accum=settings.gradient_accumulation_steps, cpu_offload=settings.cpu_offload,
             reshard_after_forward=settings.reshard_after_forward, checkpointing=settings.activation_checkpointing,
-            states=states, checkpoint_bytes=memory.checkpoint_bytes,
+            states=states, checkpoint_bytes=memory.checkpoint_bytes, compute_ratio=compute_ratio(settings),
         )
     return result

@@ -41,6 +41,9 @@ class RecipeSettings:
     """The rendered recipe config's values that decide memory and time."""
 
     dtype: str
+    """Compute dtype."""
+    master_dtype: str
+    """Parameters, gradients and optimizer states: fp32 master weights, or the compute dtype."""
     batch_size: int
     gradient_accumulation_steps: int
     activation_checkpointing: bool
@@ -71,6 +74,7 @@ def recipe_settings(profile: Profile) -> RecipeSettings:
 
     return RecipeSettings(
         dtype=value("dtype", train.dtype),
+        master_dtype=value("master_dtype") or value("dtype", train.dtype),
         batch_size=int(value("batch_size", train.batch_size)),
         gradient_accumulation_steps=int(value("gradient_accumulation_steps", train.gradient_accumulation_steps)),
         activation_checkpointing=bool(value("enable_activation_checkpointing", train.activation_checkpointing)),

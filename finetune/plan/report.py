@@ -15,6 +15,7 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ("GPUs", f"{plan['nnodes']} x {plan['nproc_per_node']} {plan['gpu']} ({plan['gpu_memory_gib']:g} GiB each)"),
         ("parameters", f"{plan['total_params'] / 1e9:,.2f}B total, {plan['trainable_params'] / 1e6:,.1f}M trainable "
                        f"({plan['method']}, {plan['recipe']['dtype']})"),
+        ("precision", plan["precision"]),
         ("FSDP", f"{plan['fsdp_units']} units, largest layer unit {_gib(plan['largest_gathered_unit_gib'])}, root "
                  f"(final norm) {_gib(plan['root_unit_gib'])}, embeddings and output units of their own" if plan["fsdp_units"] else "not sharded"),
         ("per GPU: params / grads / optimizer",
