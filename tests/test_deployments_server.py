@@ -326,3 +326,83 @@ def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: 
     assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"]["value"] == "reschedule"
     assert env["PREFECT__FLOW_RUN_ID"]["value"] == run_id
     assert container["image"]
+
+
+ONE_KEY = {"overrides": ["train.max_steps=40", f"train.checkpoint_every_steps={EVERY}", "data.max_seq_len=64",
+                         "train.batch_size=2"], "until": "train"}
+
+
+def _start_run(cluster: LocalPrefect, params: dict[str, Any]) -> str:
+    proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
+    return next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
+
+
+def _final(cluster: LocalPrefect, run_id: str, timeout_s: float = 600) -> dict[str, Any]:
+    return _wait(lambda: (run := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in (
+        "COMPLETED", "FAILED", "CRASHED", "CANCELLED") and run, timeout_s, f"flow run {run_id} to finish")
+
+
+def _messages(cluster: LocalPrefect, run_id: str) -> list[str]:
+    return [log["message"] for log in cluster.run_logs([run_id])]
+
+
+def _train_result(cluster: LocalPrefect, run_id: str) -> dict[str, Any]:
+    tasks = cluster.api("POST", "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run_id]}}})
+    (train,) = [t for t in tasks if t["name"].startswith("train-")]
+    return train
+
+
+def test_two_deployment_runs_on_two_workers_compute_each_stage_once(cluster: LocalPrefect) -> None:
+    first = _start_run(cluster, ONE_KEY)
+    time.sleep(3)
+    second = _start_run(cluster, ONE_KEY)
+    runs = [_final(cluster, run_id) for run_id in (first, second)]
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED", "COMPLETED"], [r["state"] for r in runs]
+    logs = {run_id: _messages(cluster, run_id) for run_id in (first, second)}
+    launches = sum("trainer process(es)" in m for messages in logs.values() for m in messages)
+    assert launches == 1, launches
+    waiting = [m for messages in logs.values() for m in messages if "is computing this stage; waiting" in m]
+    assert waiting and "flow run " in waiting[0], waiting  # names the run it waits for
+    print(f"\ntwo deployment runs of one key: {[m for ms in logs.values() for m in ms if 'waited for is done' in m]}")
+
+
+def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluster: LocalPrefect) -> None:
+    """A lost machine: every process of the flow run computing train (its trainer included) killed with SIGKILL."""
+    import re
+
+    import psutil
+
+    steps = 100  # long enough that the second run is waiting when the first is killed
+    params = {**ONE_KEY, "overrides": [*ONE_KEY["overrides"], f"train.max_steps={steps}"]}  # a key of its own
+    run_ids = [_start_run(cluster, params)]
+    time.sleep(3)
+    run_ids.append(_start_run(cluster, params))
+
+    def waiting_for_train() -> str | None:
+        return next((run_id for run_id in run_ids if any(re.search(r"\btrain [0-9a-f]{12}: .* waiting for it", m)
+                                                         for m in _messages(cluster, run_id))), None)
+
+    taker = _wait(waiting_for_train, 600, "one run to wait for the other's train stage")
+    holder = next(run_id for run_id in run_ids if run_id != taker)
+    store = Path(cluster.env["FINETUNE_STORE"])
+    workdir = _wait(lambda: next((m.parent for m in (store / "train").glob("*/metrics.jsonl")
+                                  if f"max_steps: {steps}" in (m.parent / "torchtune_config.yaml").read_text()
+                                  and _last_step(m.parent) >= EVERY + 3), None), 300, "the holder past a checkpoint")
+    killed_at = _last_step(workdir)
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("PREFECT__FLOW_RUN_ID") == holder:
+                process.kill()
+        except psutil.Error:
+            continue
+    killed = time.monotonic()
+    run = _final(cluster, taker)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    artifact = json.loads((workdir / "artifact.json").read_text())
+    resumed = artifact["metrics"]["resumed_from_step"]
+    assert resumed is not None and killed_at - EVERY <= resumed <= killed_at + 2, (killed_at, resumed)
+    recorded = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert recorded == list(range(1, steps + 1))
+    took = next(m for m in _messages(cluster, taker) if "waited for is done" in m)
+    print(f"\nkill -9 at step {killed_at}: {took}; resumed from {resumed} ({max(0, killed_at - resumed)} steps lost), "
+          f"taker finished {time.monotonic() - killed:.1f} s after the kill")
