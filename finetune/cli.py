@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -11,9 +12,9 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
-from finetune.profile import REPO_ROOT, ProfileError, list_profiles, load_profile, resolved_yaml
+from finetune.profile import REPO_ROOT, Profile, ProfileError, list_profiles, load_profile, resolved_yaml
 
 
 def _prefect_defaults() -> None:
@@ -32,25 +33,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
     if args.no_plan_check:
         args.overrides = [*args.overrides, "plan.enforce=false"]  # the flow checks the plan again
-    else:
-        from finetune.plan import PlanDoesNotFit, PlanError, check_fits
-
-        try:
-            check_fits(profile)  # before any stage: no download, no GPU rented
-        except (PlanDoesNotFit, PlanError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     _prefect_defaults()
     started = time.perf_counter()
     if args.verbose:
+        if (code := _check_plan(args, profile, sys.stderr)) is not None:
+            return code
         from flows.finetune import finetune
 
         with _stdout_to_stderr(args.json):
             summary = finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
     else:
-        summary = _run_with_progress(args, profile.name)
-        if summary is None:
-            return 1
+        summary = _run_with_progress(args, profile)
+        if isinstance(summary, int):
+            return summary
     wall = round(time.perf_counter() - started, 2)
     if args.json:
         print(json.dumps({"profile": args.profile, "wall_seconds": wall, "stages": summary}, indent=2, default=str))
@@ -80,20 +75,40 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_with_progress(args: argparse.Namespace, profile_name: str) -> dict[str, Any] | None:
+def _check_plan(args: argparse.Namespace, profile: Profile, err: TextIO) -> int | None:
+    """Exit code 2 (with the figures on ``err``) when the plan does not fit; None to go on."""
+    if args.no_plan_check:
+        return None
+    from finetune.plan import PlanDoesNotFit, PlanError, check_fits
+
+    try:
+        check_fits(profile)  # before any stage: no download, no GPU rented
+    except (PlanDoesNotFit, PlanError) as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    return None
+
+
+def _run_with_progress(args: argparse.Namespace, profile: Profile) -> dict[str, Any] | int:
     """Run the flow with every log line and library output in the run's log file and a progress display per stage
-    on stderr; on failure, the error and the log's last lines. Returns the flow's summary, None when it failed."""
+    on stderr; on failure, the error and the log's last lines. Returns the flow's summary, or the exit code."""
     from finetune.console import StageDisplay, log_tail, output_to_log, run_log_path
     from finetune.store import Store, default_store_url
 
-    log_path = run_log_path(Store(args.store or default_store_url()).runs_dir(), profile_name)
+    # What the plan check's libraries print (torchao's warnings) belongs in the log, which a refused run never opens.
+    early, console = io.StringIO(), sys.stderr
+    with contextlib.redirect_stdout(early), contextlib.redirect_stderr(early):
+        if (code := _check_plan(args, profile, console)) is not None:
+            return code
+    # That logging.warning() also gave the root logger a bare handler, and Prefect keeps one it finds there instead
+    # of its own (timestamps, run names): drop it before Prefect loads.
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)
+    log_path = run_log_path(Store(args.store or default_store_url()).runs_dir(), profile.name)
     os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")  # Prefect's log goes to a file, not a terminal
     failure: Exception | None = None
     with output_to_log(log_path) as (_, err):
-        # A library's logging.warning() (torchao's, during the plan check) gave the root logger a bare handler, and
-        # Prefect keeps one it finds there instead of its own (timestamps, run names): drop it before Prefect loads.
-        for handler in logging.root.handlers[:]:
-            logging.root.removeHandler(handler)
+        sys.stderr.write(early.getvalue())
         with StageDisplay(err) as display:
             display.print(f"full log: {log_path}  (-v streams it here)")
             try:
@@ -105,7 +120,7 @@ def _run_with_progress(args: argparse.Namespace, profile_name: str) -> dict[str,
                 failure = exc
         err.write(f"error: {type(failure).__name__}: {failure}\n--- last lines of {log_path} ---\n"
                   f"{log_tail(log_path)}\n")
-    return None
+    return 1
 
 
 @contextlib.contextmanager

@@ -108,6 +108,7 @@ def _collect(steps: list[Step], submitted: dict[str, Submitted], gate: PrefectFu
     if gate is not None:
         labels[gate] = GATE
     for future in as_completed(list(labels)):
+        future.wait()  # records the final state: the API's may still say Running when the callback fires
         label = labels[future]
         if future.state.is_failed() or future.state.is_crashed():
             stage_event(label, "failed", _first_line(future.state.message))
