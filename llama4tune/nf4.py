@@ -23,6 +23,9 @@ from llama4tune.moe import GroupedExperts, LoRAGroupedExperts, expert_matmul
 
 BLOCK_SIZE = 64  # weights per NF4 scale (torchao's and QLoRA's default)
 SCALER_BLOCK_SIZE = 256  # scales per double-quantization block, lowered to a divisor for small tensors
+# FSDP2 shards an NF4 weight by splitting each of its inner tensors (codes, scales, scale factors) evenly: small
+# tensors get smaller scaler blocks so that they still split over up to this many processes (any power of two).
+FSDP_SPLITS = 8
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -31,7 +34,19 @@ def quantization_kwargs(numel: int) -> dict[str, int]:
     if numel % BLOCK_SIZE:
         raise ValueError(f"QLoRA cannot quantize this model's base to NF4: a weight of {numel} elements is not a "
                          f"multiple of the NF4 block size {BLOCK_SIZE}")
-    return {"block_size": BLOCK_SIZE, "scaler_block_size": math.gcd(numel // BLOCK_SIZE, SCALER_BLOCK_SIZE)}
+    blocks = numel // BLOCK_SIZE
+    scaler = math.gcd(blocks, SCALER_BLOCK_SIZE)
+    while scaler > 1 and (blocks // scaler) % FSDP_SPLITS:
+        scaler //= 2
+    return {"block_size": BLOCK_SIZE, "scaler_block_size": scaler}
+
+
+def unshardable(weight: NF4Tensor, processes: int) -> str | None:
+    """Why FSDP cannot split ``weight`` over ``processes`` (torchao splits every inner tensor evenly), else None."""
+    parts = {"rows": weight.shape[0], "scales": weight.n_blocks, "scale factors": weight.quantization_factor.numel(),
+             "codes": weight.quantized_data.numel()}
+    uneven = [f"{count} {name}" for name, count in parts.items() if count % processes]
+    return f"{', '.join(uneven)} do not split over {processes} processes" if uneven else None
 
 
 def quantize(tensor: torch.Tensor) -> NF4Tensor:

@@ -93,7 +93,8 @@ def test_a_model_nf4_cannot_hold_is_refused_before_any_stage_naming_the_size() -
 
     with pytest.raises(ValueError, match="weight of 100 elements is not a multiple of the NF4 block size 64"):
         quantization_kwargs(100)
-    assert quantization_kwargs(128 * 64) == {"block_size": 64, "scaler_block_size": 128}  # tiny k_proj
+    # tiny k_proj: 128 blocks, in 8 scaler blocks so that FSDP can split it over up to 8 processes
+    assert quantization_kwargs(128 * 64) == {"block_size": 64, "scaler_block_size": 16}
     profile = load_profile("tiny-cpu", ["train.method=qlora"])
     odd = random_text_config("scout", 1, hidden_size=36, num_key_value_heads=1, num_attention_heads=2, head_dim=8)
     with pytest.raises(PlanError, match="train.method qlora: QLoRA cannot quantize .* 288 elements"):

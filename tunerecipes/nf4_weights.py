@@ -18,13 +18,20 @@ from torch import nn
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
 
-from llama4tune.nf4 import requantize_like
+from llama4tune.nf4 import requantize_like, unshardable
 
 
 def nf4_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the model's NF4 parameters (plain, or the local tensor of an FSDP shard)."""
     return {name for name, param in model.state_dict(keep_vars=True).items()
             if isinstance(getattr(param, "_local_tensor", param), NF4Tensor)}
+
+
+def check_shardable(model: nn.Module, processes: int) -> None:
+    """ValueError naming the first NF4 weight FSDP cannot split over ``processes`` (checked before sharding)."""
+    for name, param in model.state_dict(keep_vars=True).items():
+        if isinstance(param, NF4Tensor) and (reason := unshardable(param, processes)):
+            raise ValueError(f"QLoRA with FSDP over {processes} processes: NF4 weight {name}: {reason}")
 
 
 def load(model: nn.Module, index: Mapping[str, tuple[Path, str]], keys: set[str], device: torch.device, *,

@@ -173,11 +173,18 @@ class SFTRecipe:
         if (self.method == "qlora") != bool(cfg.model.get("quantize_base", False)):
             raise RecipeError("config", f"method '{self.method}' needs model.quantize_base "
                                         f"{self.method == 'qlora'} (QLoRA, and only QLoRA, has an NF4 base)")
+        if self.method == "qlora":
+            # Frozen before FSDP shards it: torchao's NF4 split refuses a base weight that requires grad.
+            set_trainable_params(model, adapters)
         if cfg.enable_activation_checkpointing:
             sharding.checkpoint_activations(model)
         if cfg.compile:
             training.compile_model(model, verbose=self.is_rank_zero)
         if self.distributed:
+            try:
+                nf4_weights.check_shardable(model, self.world_size)
+            except ValueError as exc:
+                raise RecipeError("config", str(exc)) from exc
             sharding.shard(model, cpu_offload=bool(cfg.fsdp_cpu_offload),
                            reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
                            mp_policy=sharding.mixed_precision(self.dtype) if mixed else None)

@@ -158,7 +158,8 @@ def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, wor
 
 
 def _local(param: Any) -> Any:
-    return param.to_local() if hasattr(param, "to_local") else param
+    # The DTensor's own local tensor: to_local() makes a view, which an NF4 local tensor (QLoRA) does not support.
+    return param._local_tensor if hasattr(param, "_local_tensor") else param
 
 
 def _nbytes(param: Any) -> int:
