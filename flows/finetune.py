@@ -94,7 +94,8 @@ def finetune(
     finally:
         _post_lineage(resolved.name, artifacts_store, results)
         try:
-            _post_report(resolved, artifacts_store, results, skipped, started, status)
+            in_order = {step.label: results[step.label] for step in steps if step.label in results}
+            _post_report(resolved, artifacts_store, in_order, skipped, started, status)
         except (OSError, ValueError, KeyError) as exc:  # a report must not turn a finished run into a failed one
             get_run_logger().warning(f"could not write the run record or report: {type(exc).__name__}: {exc}")
     return {step.label: results[step.label].summary() for step in steps if step.label in results}  # pipeline order

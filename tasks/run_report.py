@@ -36,7 +36,7 @@ def write_run_record(store: Store, record: dict[str, Any]) -> str:
     none (a local rename, or one PUT to an object store)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = f"{record['flow_run']}-{stamp}.json"
-    payload = json.dumps(record, indent=2, sort_keys=True)
+    payload = json.dumps(record, indent=2)  # stages stay in pipeline order
     if store.is_local:
         path = Path(store.root) / RUNS_DIR / name
         with atomic_file(path, "w") as handle:
