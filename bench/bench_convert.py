@@ -3,7 +3,8 @@
     python bench/bench_convert.py [--size-gb 4.3] [--repeats 3] [--shard-size 1GB] [--dir /tmp]
 
 Builds a synthetic Llama-4-shaped bf16 checkpoint (real key names and MoE shapes, fewer layers) once in DCP and once
-as HF safetensors shards, then times, each in a fresh process with the page cache dropped first (when allowed):
+as HF safetensors shards, then times, each in a fresh process with its source out of the page cache (drop_caches
+when allowed, else posix_fadvise DONTNEED on the source files):
 - cp:     `cp -r` of the source directory, then `sync` of the copies (the same durability our fsyncs give);
 - ours:   tasks.convert.checkpoint.convert_checkpoint (DCP -> HF and HF -> HF);
 - naive:  load the whole state dict (dcp.load / safetensors load_file), then huggingface_hub.save_torch_state_dict,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -138,13 +140,24 @@ def naive(src: Path, dst: Path, shard_size: str) -> None:
 
 # -- driver ------------------------------------------------------------------------------------------------------
 
-def _drop_caches() -> bool:
+def _drop_caches(sources: list[Path]) -> bool:
+    """Every run starts with its source out of the page cache. Without root (containers) drop_caches is refused:
+    then each source file's clean pages are evicted with posix_fadvise(DONTNEED), which needs no privilege. Without
+    either, what a run finds cached depends on what ran before it (measured with fincore in a repeat: the DCP source
+    wholly cached, the HF source not at all), and a method's throughput swung 2x between repeats with it."""
     subprocess.run(["sync"], check=True)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
         return True
     except OSError:
-        return False
+        pass
+    for path in (p for source in sources for p in sorted(source.rglob("*")) if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
 
 
 def _timed(cmd: list[str]) -> tuple[float, float, str]:
@@ -209,7 +222,7 @@ def main() -> None:
             for name, src in (("cp (dcp files)", "dcp"), ("ours dcp->hf", "dcp"), ("naive dcp->hf", "dcp"),
                               ("cp (hf files)", "hf"), ("ours hf->hf", "hf"), ("naive hf->hf", "hf")):
                 out = work / "out"
-                cold = _drop_caches() and cold
+                cold = _drop_caches([work / "dcp", work / "hf"]) and cold
                 if name.startswith("cp"):
                     stats = _run_cp(work / src, out)
                 else:
@@ -228,8 +241,8 @@ def _report(runs: dict[str, list[dict[str, float]]], sizes: dict[str, int], args
             cold: bool) -> None:
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     print(f"\ncheckpoint: DCP {sizes['dcp'] / 1e9:.2f} GB, HF {sizes['hf'] / 1e9:.2f} GB; output shards "
-          f"{args.shard_size}; medians of {args.repeats}; page cache {'dropped' if cold else 'NOT dropped'} "
-          "before each run")
+          f"{args.shard_size}; medians of {args.repeats}; page cache "
+          f"{'dropped (or the sources evicted)' if cold else 'NOT dropped'} before each run")
     print(f"{'method':16s} {'seconds':>8s} {'MB/s':>8s} {'peak RSS MB':>12s} {'above import MB':>16s}")
     for name, m in med.items():
         above = m["peak_mb"] - m["baseline_mb"]

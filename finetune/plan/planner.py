@@ -44,7 +44,7 @@ def precision(settings: RecipeSettings, adapters_only: bool) -> str:
                 "compute (FSDP MixedPrecisionPolicy: units gathered in the compute dtype, gradients reduced in fp32)")
     if settings.dtype == "bf16" and not adapters_only:
         return ("pure bf16: parameters and AdamW states in bf16, so an update under ~2^-8 of a weight rounds away "
-                "(most updates at lr 1e-5); recipe_overrides.master_dtype=fp32 keeps fp32 master weights "
+                "(most updates at lr 1e-5); train.recipe_overrides.master_dtype=fp32 keeps fp32 master weights "
                 "(its memory: see the notes)")
     return f"{settings.dtype} throughout"
 
@@ -163,8 +163,9 @@ def plan(profile: Profile) -> dict[str, Any]:
         # The documented choice's cost: what fp32 master weights would take instead.
         master = dataclasses.replace(setup, settings=dataclasses.replace(settings, master_dtype="fp32"))
         _, alternative = planner.training(master, train.nnodes)
-        notes.append(f"fp32 master weights (recipe_overrides.master_dtype=fp32) would need {alternative.peak_gib:.1f} "
-                     f"GiB per GPU and {alternative.host_gib_per_node:.0f} GiB host RAM per node "
+        notes.append(f"fp32 master weights (train.recipe_overrides.master_dtype=fp32) would need "
+                     f"{alternative.peak_gib:.1f} GiB per GPU and {alternative.host_gib_per_node:.0f} GiB host RAM "
+                     "per node "
                      f"({'fits' if planner.fits(master, alternative) else 'does not fit'})")
     if planner.config.vision_params:
         notes.append(f"vision tower + projector ({planner.config.vision_params / 1e9:.2f}B parameters, published "
