@@ -196,6 +196,12 @@ def test_compare_reports_points_deltas_and_stderr(tmp_path: Path) -> None:
     assert "| arc_challenge | acc_norm | 61.20 | 58.90 | -2.30 |" in table
 
 
+def test_a_gate_failure_rebuilt_from_its_message_reads_the_same() -> None:
+    failed = evaluate.GateFailed(["a rose 0.0 points", "b dropped 2.0 points"])
+    rebuilt = evaluate.GateFailed(str(failed))  # how Prefect's JSON serializer brings an exception back
+    assert str(rebuilt) == str(failed) and rebuilt.failures == failed.failures
+
+
 def test_gate_names_every_task_that_dropped_too_far() -> None:
     rows = evaluate.compare_scores(evaluate.scores_from_results(_results(BASE)),
                                    evaluate.scores_from_results(_results(TUNED)))

@@ -8,7 +8,7 @@ import pytest
 
 from finetune.profile import ProfileError, list_profiles, load_profile
 
-SHIPPED = ["tiny-cpu", "scout-lora", "scout-sft", "maverick-lora", "maverick-sft"]
+SHIPPED = ["tiny-cpu", "scout-lora", "scout-qlora", "scout-sft", "maverick-lora", "maverick-sft"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -20,7 +20,8 @@ def test_shipped_profiles_validate(name: str) -> None:
 
 def test_production_profiles_have_the_documented_topologies() -> None:
     topology = {n: (load_profile(n).train.nnodes, load_profile(n).train.nproc_per_node) for n in SHIPPED[1:]}
-    assert topology == {"scout-lora": (1, 8), "scout-sft": (2, 8), "maverick-lora": (2, 8), "maverick-sft": (4, 8)}
+    assert topology == {"scout-lora": (1, 8), "scout-qlora": (1, 1), "scout-sft": (2, 8), "maverick-lora": (2, 8),
+                        "maverick-sft": (4, 8)}
     maverick_sft = load_profile("maverick-sft").train
     assert maverick_sft.fsdp_cpu_offload and maverick_sft.enable_dcp and maverick_sft.async_checkpoint
 

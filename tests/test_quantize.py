@@ -205,7 +205,8 @@ def test_text_model_is_a_compressed_tensors_w4a16_checkpoint(text: Quantized) ->
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "recipe.yaml"} <= files
     assert "adapter" not in files and not any(name.startswith(".saving") for name in files)
     assert "tables.json" not in text.artifact.metrics["files"]  # the store's, not carried from convert
-    assert set(json.loads((text.path / "tables.json").read_text())) == {"quantize", "quantize_summary"}
+    assert set(json.loads((text.path / "tables.json").read_text())) == {"quantize", "quantize_summary",
+                                                                         "quantize_routing"}
     assert (text.path / "tokenizer.json").read_bytes() == (text.source / "tokenizer.json").read_bytes()
     assert all((text.path / name).stat().st_mode & 0o044 == 0o044 for name in text.artifact.metrics["files"])
     recipe = (text.path / "recipe.yaml").read_text()

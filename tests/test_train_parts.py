@@ -118,7 +118,7 @@ def test_render_config_maps_the_profile_and_applies_overrides(tmp_path: Path) ->
     assert cfg["model"] == {
         "_component_": "llama4tune.lora_llama4_from_hf_config", "config": str(model_dir), "max_seq_len": 64,
         "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True, "apply_lora_to_experts": False,
-        "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+        "apply_lora_to_output": True, "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
     }
     assert cfg["method"] == "lora" and cfg["final_format"] == "hf" and cfg["max_steps"] == 7
     assert cfg["optimizer"] == {"_component_": "torch.optim.AdamW", "lr": profile.train.lr, "weight_decay": 0.0,

@@ -24,9 +24,13 @@ _NOT_METRICS = {"alias", "name", "sample_len", "samples"}
 class GateFailed(PermanentError):
     """The tuned model missed the profile's quality gate; the pipeline stops before quantization."""
 
-    def __init__(self, failures: list[str]):
+    PREFIX = "quality gate failed: "
+
+    def __init__(self, failures: list[str] | str):
+        if isinstance(failures, str):  # rebuilt from its message (Prefect's JSON serializer keeps only that)
+            failures = failures.removeprefix(self.PREFIX).split("; ")
         self.failures = failures
-        super().__init__("quality gate failed: " + "; ".join(failures))
+        super().__init__(self.PREFIX + "; ".join(failures))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s"}
 
 
 def config(profile: Profile) -> dict[str, Any]:
-    return {"train": profile.train.model_dump(mode="json", exclude=NOT_IN_KEY),
+    # A full run ignores a lora: section (tiny-cpu carries one for train.method=lora/qlora overrides).
+    ignored = NOT_IN_KEY | ({"lora"} if profile.train.method == "full" else set())
+    return {"train": profile.train.model_dump(mode="json", exclude=ignored),
             "max_seq_len": profile.data.max_seq_len}
 
 
