@@ -357,6 +357,11 @@ class RetriesConfig(Section):
         86400, gt=0,
         description="How long a stage waits for another run that is computing the same stage key (it then takes "
                     "that run's artifact as a cache hit) before it fails; null waits as long as that run lives.")
+    lock_lease_s: float = Field(
+        120, ge=60, le=86400,
+        description="Through a Prefect server: the lease on a stage key's global concurrency limit (the server "
+                    "accepts 60 s to a day). A killed run's stage is taken over this long after its last renewal "
+                    "(plus the server's repossessor loop); a run that cannot renew for half of it stops its trainers.")
 
 
 class PlanConfig(Section):

@@ -117,7 +117,7 @@ def execute_stage(
     owner = identity(run)
     try:
         with stage_lock(store, spec.name, key, owner=owner, timeout_s=profile.retries.lock_timeout_s, log=log_fn,
-                        progress=progress) as lease:
+                        progress=progress, server_lease_s=profile.retries.lock_lease_s) as lease:
             existing = store.verified_artifact(spec.name, key)
             if existing is not None:  # the run we waited for finished it
                 log_fn(f"{spec.name} {key[:12]}: taking the artifact "

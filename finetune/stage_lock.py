@@ -23,6 +23,14 @@ run sharing artifacts shares anyway:
   last goes on. It relies on the machines' clocks agreeing to well within ``ttl`` (NTP).
 
 The lock file holds who holds it (run, pid, host, since), which the waiting run logs and shows as its progress.
+
+- **Through a Prefect server** (``PREFECT_API_URL`` set; the ephemeral API does not run the lease-expiry service), a
+  global concurrency limit is taken first, then the store's lock above as well (see ``_server_limit``). Both hold
+  for the block; losing either stops the trainers. The server lock serializes runs on different machines that reach
+  the store by different paths or through an object store without compare-and-swap; the store lock still guards
+  against a run that does not use the server (``finetune run`` with the ephemeral API on the same store) and, on a
+  local store, keeps the key locked while a killed run's trainer is still saving (the server's lease expires after
+  its duration whether or not that trainer is gone).
 """
 
 from __future__ import annotations
@@ -39,6 +47,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import get_current_settings
 
 from finetune.store import Store, now_iso
 
@@ -46,6 +64,14 @@ LOCKS_DIR = ".locks"
 POLL_S = 1.0
 LEASE_TTL_S = 60.0
 SETTLE_S = 2.0
+SERVER_LEASE_S = 120.0
+"""A server lease's duration (the server accepts 60 s to a day): a killed holder's stage is free this long after its
+last renewal (plus the server's ``repossessor.loop_seconds``, 15 s by default); a holder that cannot renew for half
+of it stops its trainers."""
+
+
+Waiter = Callable[[Callable[[], "dict[str, Any] | None"]], None]
+"""Calls an attempt to take a lock until it succeeds (returns None) or the wait times out; see ``_wait``."""
 
 
 class LockTimeout(TimeoutError):
@@ -75,24 +101,150 @@ def stage_lock(
     store: Store, stage: str, key: str, *, owner: str, timeout_s: float | None,
     log: Callable[[str], None], progress: Callable[[float, str], None],
     poll_s: float = POLL_S, ttl_s: float = LEASE_TTL_S, settle_s: float = SETTLE_S,
+    server_lease_s: float = SERVER_LEASE_S,
 ) -> Iterator[Lease]:
     """Hold the lock of ``<stage>/<key>`` for the block, waiting up to ``timeout_s`` (None: as long as it takes)."""
     holder = {"owner": owner, "since": now_iso()}
     where = f"{stage} {key[:12]}"
-    if store.is_local:
-        lock = _flock(Path(store.root) / LOCKS_DIR / stage / f"{key}.lock", holder, where, timeout_s, log,
-                      progress, poll_s)
-    else:
-        lock = _lease_file(store, f"{store.root}/{LOCKS_DIR}/{stage}/{key}.lease", holder, where, timeout_s, log,
-                           progress, poll_s, ttl_s, settle_s)
-    with lock as lease:
+    lost = threading.Event()
+    started = time.monotonic()
+    path = f"{store.root}/{LOCKS_DIR}/{stage}/{key}.{'lock' if store.is_local else 'lease'}"
+
+    def read_holder() -> dict[str, Any] | None:  # whoever holds the store's lock wrote itself into the file
+        return _read_lease(store, path)
+
+    def wait(attempt: Callable[[], dict[str, Any] | None]) -> None:  # one bound for the server's and the store's
+        _wait(attempt, where, timeout_s, log, progress, poll_s, started)
+
+    def store_lock() -> contextlib.AbstractContextManager[Lease]:
+        if store.is_local:
+            return _flock(Path(path), holder, wait, lost)
+        return _lease_file(store, path, holder, where, log, wait, ttl_s, settle_s, lost)
+
+    backend = f"flock on {path}" if store.is_local else f"lease file {path} (ttl {ttl_s:g} s)"
+    with contextlib.ExitStack() as stack:
+        api_url = get_current_settings().api.url
+        if api_url:  # a real server: the ephemeral API (no URL) never revokes a dead holder's lease
+            name = limit_name(stage, key)
+            stack.enter_context(_server_limit(name, where, log, wait, server_lease_s, lost, read_holder))
+            backend = (f"Prefect global concurrency limit {name} on {api_url} (lease {server_lease_s:g} s), "
+                       f"and {backend}")
+        lease = stack.enter_context(store_lock())
+        log(f"{where}: computing under {backend}")
         yield lease
 
 
+def limit_name(stage: str, key: str) -> str:
+    """The global concurrency limit of a stage key. Not tied to the store: two stores reached by different paths
+    are told apart by nothing reliable, and two runs on truly different stores only wait for each other once."""
+    return f"finetune-key-{stage}-{key[:16]}"
+
+
+@contextlib.contextmanager
+def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waiter, lease_s: float,
+                  lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None]) -> Iterator[None]:
+    """Hold the one slot of the global concurrency limit ``name`` (created on demand, deleted after) with a lease.
+
+    Built from the client calls ``prefect.concurrency.sync.concurrency(name, strict=True, lease_duration=...)`` makes,
+    not from it: its acquisition waits without saying for whom and cannot be bounded while reporting; and it renews
+    at 3/4 of the lease and, when renewal fails, cancels the calling thread after three attempts, possibly after the
+    server already gave the slot away and without stopping the trainers (child processes). Here renewal runs every
+    quarter of the lease, and half a lease without one sets ``lost`` (the stage kills its trainers at once), well
+    before the server's lease-expiry service (``repossessor``) can free the slot for another run.
+    """
+    lease_id: UUID | None = None
+    last_holder: dict[str, Any] = {}
+    with get_client(sync_client=True) as client:
+        def attempt() -> dict[str, Any] | None:
+            nonlocal lease_id
+            for _ in range(2):
+                try:
+                    response = client.increment_concurrency_slots_with_lease(
+                        names=[name], slots=1, mode="concurrency", lease_duration=lease_s, holder=_flow_run_holder())
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code != 423:  # 423 Locked: the one slot is taken
+                        raise
+                    last_holder.update(read_holder() or {})  # empty while the holder takes or leaves the store lock
+                    return dict(last_holder)
+                granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+                if granted.limits:
+                    lease_id = granted.lease_id
+                    return None
+                # No such limit (strict: never run without it): create it. Not before every increment: the server
+                # logs each refused duplicate with a traceback.
+                with contextlib.suppress(ObjectAlreadyExists):
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            return dict(last_holder)  # deleted again by a run that took and finished it meanwhile: next poll
+
+        wait(attempt)
+        assert lease_id is not None
+        done = threading.Event()
+        renewed = time.monotonic()
+
+        def renew() -> None:
+            nonlocal renewed
+            failing = False
+            with get_client(sync_client=True) as renewer:
+                while not done.wait(min(5.0, lease_s / 8) if failing else lease_s / 4):
+                    try:
+                        renewer.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+                        renewed, failing = time.monotonic(), False
+                    except httpx.HTTPStatusError as exc:
+                        if exc.response.status_code in (404, 410):  # revoked: another run may hold it already
+                            log(f"{where}: the server revoked our lease on {name}; stopping")
+                            lost.set()
+                            return
+                        log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
+                        failing = True
+                    except httpx.HTTPError as exc:  # the server unreachable: retried until the watchdog gives up
+                        log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
+                        failing = True
+
+        def watchdog() -> None:  # apart from renew(): a request hanging in its own timeout must not delay this
+            while not done.wait(1.0) and not lost.is_set():
+                if time.monotonic() - renewed > lease_s / 2:
+                    log(f"{where}: could not renew the lease on {name} for {lease_s / 2:g} s; stopping")
+                    lost.set()
+
+        threads = [threading.Thread(target=target, daemon=True, name=f"{target.__name__}-{where}")
+                   for target in (renew, watchdog)]
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(timeout=2)
+            _release_limit(client, name, lease_id, lease_s, lost, where, log)
+
+
+def _release_limit(client: SyncPrefectClient, name: str, lease_id: UUID, lease_s: float, lost: threading.Event,
+                   where: str, log: Callable[[str], None]) -> None:
+    """Delete the limit, then release our slot. Deleted while we still hold its one slot, proven by renewing the
+    lease first: nobody else can hold it then, and a waiter just finds it gone and creates it again. Deleted after
+    the release instead, a waiter could take the freed slot and lose its limit under it, and a third run create a
+    new one and compute beside it. A lost lease leaves the limit to whoever holds it now."""
+    try:
+        if not lost.is_set():
+            client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+            with contextlib.suppress(ObjectNotFound):
+                client.delete_global_concurrency_limit_by_name(name)
+        client.release_concurrency_slots_with_lease(lease_id)
+    except httpx.HTTPError as exc:  # a leftover limit is reused by the next run; a leftover slot expires with its lease
+        log(f"{where}: could not release {name} ({exc}); its lease expires by itself")
+
+
+def _flow_run_holder() -> ConcurrencyLeaseHolder | None:
+    """The flow run taking the slot, which the server records with the lease."""
+    context = FlowRunContext.get()
+    return ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id) if context and context.flow_run else None
+
+
 def _wait(attempt: Callable[[], dict[str, Any] | None], where: str, timeout_s: float | None,
-          log: Callable[[str], None], progress: Callable[[float, str], None], poll_s: float) -> None:
-    """Call ``attempt`` until it returns None (acquired); meanwhile say whom we wait for, and since when."""
-    started = time.monotonic()
+          log: Callable[[str], None], progress: Callable[[float, str], None], poll_s: float, started: float) -> None:
+    """Call ``attempt`` until it returns None (acquired); meanwhile say whom we wait for, and since when.
+    ``timeout_s`` counts from ``started`` (monotonic), the start of the whole ``stage_lock`` wait."""
     announced = None
     while (holder := attempt()) is not None:
         text = f"{holder.get('owner') or 'another run'} since {holder.get('since') or '?'}"
@@ -109,8 +261,7 @@ def _wait(attempt: Callable[[], dict[str, Any] | None], where: str, timeout_s: f
 
 
 @contextlib.contextmanager
-def _flock(path: Path, holder: dict[str, Any], where: str, timeout_s: float | None, log: Callable[[str], None],
-           progress: Callable[[float, str], None], poll_s: float) -> Iterator[Lease]:
+def _flock(path: Path, holder: dict[str, Any], wait: Waiter, lost: threading.Event) -> Iterator[Lease]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Never deleted: a waiter holding the old file open would lock a name nobody else uses any more.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -122,11 +273,11 @@ def _flock(path: Path, holder: dict[str, Any], where: str, timeout_s: float | No
                 return _read_json(path.read_bytes()) or {}
             return None
 
-        _wait(attempt, where, timeout_s, log, progress, poll_s)
+        wait(attempt)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         try:
-            yield Lease(fds=(fd,))
+            yield Lease(fds=(fd,), lost=lost)
         finally:
             os.ftruncate(fd, 0)
     finally:
@@ -134,18 +285,13 @@ def _flock(path: Path, holder: dict[str, Any], where: str, timeout_s: float | No
 
 
 @contextlib.contextmanager
-def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, timeout_s: float | None,
-                log: Callable[[str], None], progress: Callable[[float, str], None], poll_s: float, ttl_s: float,
-                settle_s: float) -> Iterator[Lease]:
+def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, log: Callable[[str], None],
+                wait: Waiter, ttl_s: float, settle_s: float, lost: threading.Event) -> Iterator[Lease]:
     fs = store.fs
     token = uuid.uuid4().hex
 
     def read() -> dict[str, Any] | None:
-        try:
-            with fs.open(path, "rb") as handle:
-                return _read_json(handle.read())
-        except FileNotFoundError:
-            return None
+        return _read_lease(store, path)
 
     def write() -> None:
         with fs.open(path, "wb") as handle:
@@ -162,8 +308,8 @@ def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, tim
         return None if mine and mine.get("token") == token else (mine or {})
 
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    _wait(attempt, where, timeout_s, log, progress, poll_s)
-    lease = Lease()
+    wait(attempt)
+    lease = Lease(lost=lost)
     done = threading.Event()
 
     def renew() -> None:
@@ -193,6 +339,14 @@ def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, tim
         with contextlib.suppress(Exception):
             if (read() or {}).get("token") == token:
                 fs.rm(path)
+
+
+def _read_lease(store: Store, path: str) -> dict[str, Any] | None:
+    try:
+        with store.fs.open(path, "rb") as handle:
+            return _read_json(handle.read())
+    except FileNotFoundError:
+        return None
 
 
 def _read_json(data: bytes) -> dict[str, Any] | None:

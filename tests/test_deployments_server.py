@@ -25,7 +25,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
-    started = start_cluster(tmp_path_factory.mktemp("prefect-cluster"))
+    # Expired stage-key leases are revoked within a second (15 s by default): takeover times are the lease's.
+    started = start_cluster(tmp_path_factory.mktemp("prefect-cluster"),
+                            {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"})
     yield started
     started.stop()
     leftovers = [n for n, p in started.procs.items() if p.returncode is None]
@@ -329,7 +331,7 @@ def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: 
 
 
 ONE_KEY = {"overrides": ["train.max_steps=40", f"train.checkpoint_every_steps={EVERY}", "data.max_seq_len=64",
-                         "train.batch_size=2"], "until": "train"}
+                         "train.batch_size=2", "retries.lock_lease_s=60"], "until": "train"}
 
 
 def _start_run(cluster: LocalPrefect, params: dict[str, Any]) -> str:

@@ -80,7 +80,7 @@ _HOLDER = textwrap.dedent("""
     # The child stands for a trainer that saves a checkpoint on SIGTERM (its engine died) before it exits.
     child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0))); " \\
             "print('child up', flush=True); time.sleep(60)"
-    with stage_lock(Store(sys.argv[1]), "train", "k" * 64, owner="holder", timeout_s=None, log=print,
+    with stage_lock(Store(sys.argv[1]), "train", "k" * 64, owner="holder", timeout_s=None, log=lambda line: None,
                     progress=lambda f, m: None) as lease:
         run_streaming([[sys.executable, "-c", child]], lambda line: print(line, flush=True), pass_fds=lease.fds)
 """)

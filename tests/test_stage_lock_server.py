@@ -1,0 +1,142 @@
+"""One computation per stage key through a real Prefect server: a global concurrency limit per key with a lease.
+
+Processes contend for one key with a stage that sleeps (no trainer): they compute one after another even on stores
+that share nothing, the waiter names the holder, the limit is gone afterwards; a holder killed with kill -9 is taken
+over once the server's lease-expiry service revokes its lease; a holder that cannot renew its lease (server frozen
+with SIGSTOP) kills its children before the lease could expire.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from finetune.procs import free_port
+from finetune.profile import REPO_ROOT
+from tests.local_prefect import LocalPrefect, prefect_env, wait_healthy
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+LEASE_S = 60  # the shortest lease the server accepts
+
+_CONTENDER = textwrap.dedent("""
+    import sys, time
+    from finetune.procs import run_streaming
+    from finetune.stage_lock import stage_lock
+    from finetune.store import Store
+    store, owner, hold = Store(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    with stage_lock(store, "slow", "k" * 64, owner=owner, timeout_s=300, log=lambda line: print(line, flush=True),
+                    progress=lambda f, m: None, poll_s=0.5, server_lease_s=float(sys.argv[4])) as lease:
+        print(f"ACQUIRED {time.time()}", flush=True)
+        try:  # the stage: a child process, stopped at once when the lease is lost
+            run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost)
+        except Exception as exc:
+            print(f"STOPPED {time.time()} lost={lease.lost.is_set()} {exc}", flush=True)
+        print(f"RELEASING {time.time()}", flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
+    root = tmp_path_factory.mktemp("stage-lock-server")
+    api_url = f"http://127.0.0.1:{(port := free_port())}/api"
+    # Expired leases are looked for every 15 s by default: every second here, so takeover times are the lease's.
+    env = prefect_env(root, api_url, {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"})
+    started = LocalPrefect(root=root, api_url=api_url, env=env)
+    started.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+    try:
+        wait_healthy(started)
+        yield started
+    finally:
+        started.stop()
+
+
+def _contender(server: LocalPrefect, store: Path, owner: str, hold_s: float) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _CONTENDER, str(store), owner, str(hold_s), str(LEASE_S)],
+                            cwd=REPO_ROOT, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_line(proc: subprocess.Popen[str], prefix: str, seen: list[str]) -> float:
+    """Read the process's output until a line starting with ``prefix``; its timestamp."""
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return float(line.split()[1])
+    raise AssertionError(f"no {prefix} line:\n{''.join(seen)}")
+
+
+def _key_limits(server: LocalPrefect) -> list[str]:
+    return [limit["name"] for limit in server.api("POST", "/v2/concurrency_limits/filter", {"limit": 200})
+            if limit["name"].startswith("finetune-key-")]
+
+
+def test_runs_on_stores_that_share_nothing_compute_one_key_one_at_a_time(server: LocalPrefect,
+                                                                         tmp_path: Path) -> None:
+    holder = _contender(server, tmp_path / "a", "owner-a", 6)
+    out_a: list[str] = []
+    acquired_a = _wait_line(holder, "ACQUIRED", out_a)
+    assert any("computing under Prefect global concurrency limit finetune-key-slow-kkkkkkkkkkkkkkkk" in line
+               for line in out_a), out_a
+    assert _key_limits(server) == ["finetune-key-slow-kkkkkkkkkkkkkkkk"]  # created on demand
+    # b shares a's store (and learns who holds the key from it); c's store is its own: only the server stops it.
+    waiters = {name: _contender(server, tmp_path / store, f"owner-{name}", 2) for name, store in (("b", "a"),
+                                                                                                 ("c", "c"))}
+    outs: dict[str, list[str]] = {"a": out_a, "b": [], "c": []}
+    spans = {"a": (acquired_a, _wait_line(holder, "RELEASING", out_a))}
+    for name, proc in waiters.items():
+        spans[name] = (_wait_line(proc, "ACQUIRED", outs[name]), _wait_line(proc, "RELEASING", outs[name]))
+    for proc in (holder, *waiters.values()):
+        assert proc.wait(60) == 0
+    ordered = sorted(spans.values())
+    assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(ordered)), spans  # never two at once
+    assert any("owner-a" in line and "waiting for it" in line for line in outs["b"]), outs["b"]
+    assert any("waiting for it" in line for line in outs["c"]), outs["c"]
+    assert _key_limits(server) == []  # removed after
+
+
+def test_a_holder_killed_with_kill_9_is_taken_over_when_its_lease_expires(server: LocalPrefect,
+                                                                         tmp_path: Path) -> None:
+    holder = _contender(server, tmp_path / "a", "owner-a", 600)
+    _wait_line(holder, "ACQUIRED", [])
+    taker = _contender(server, tmp_path / "b", "owner-b", 0.1)
+    time.sleep(3)
+    holder.kill()
+    holder.wait()
+    killed = time.time()
+    out: list[str] = []
+    waited = _wait_line(taker, "ACQUIRED", out) - killed
+    # The lease runs LEASE_S from the holder's last renewal (every LEASE_S/4), then the repossessor (1 s) frees it.
+    assert LEASE_S * 3 / 4 - 5 < waited < LEASE_S + 15, waited
+    assert any("waiting for it" in line for line in out), out
+    assert taker.wait(60) == 0
+    print(f"\nkill -9 of the holder: taken over {waited:.1f} s later (lease {LEASE_S} s)")
+
+
+def test_a_holder_that_cannot_renew_its_lease_stops_its_stage_before_it_expires(server: LocalPrefect,
+                                                                               tmp_path: Path) -> None:
+    holder = _contender(server, tmp_path / "a", "owner-a", 600)
+    out: list[str] = []
+    acquired = _wait_line(holder, "ACQUIRED", out)
+    os.killpg(server.procs["server"].pid, signal.SIGSTOP)  # unreachable, as in a network partition
+    try:
+        stopped = _wait_line(holder, "STOPPED", out)
+    finally:
+        os.killpg(server.procs["server"].pid, signal.SIGCONT)
+    assert "lost=True" in out[-1], out
+    # Renewed last at most LEASE_S/4 after acquiring; stopped half a lease after that: before the lease can expire.
+    assert stopped - acquired < LEASE_S * 3 / 4 + 3, stopped - acquired
+    assert any(f"could not renew the lease on finetune-key-slow-{'k' * 16} for {LEASE_S / 2:g} s" in line
+               for line in out), out
+    assert holder.wait(120) == 0
+    print(f"\nserver frozen: the holder stopped its stage {stopped - acquired:.1f} s after acquiring "
+          f"(lease {LEASE_S} s)")
