@@ -238,7 +238,9 @@ def _check_resumed_training(cluster: LocalPrefect, node0_id: str, workdir: Path,
     left. Returns the step it resumed from."""
     resumed = [int(m.split("(step ")[1].split(",")[0]) for m in (log["message"] for log in cluster.run_logs([node0_id]))
                if "[sft] resumed from" in m]
-    assert resumed and EVERY <= resumed[-1] <= killed_at and killed_at - resumed[-1] <= EVERY + 1, (resumed, killed_at)
+    # The preempted trainer finishes its step and saves on notice (issue 16), so the resume point may be just past the
+    # step the SIGTERM was seen at; without a notice save it is the last periodic checkpoint.
+    assert resumed and EVERY <= resumed[-1] <= killed_at + 2 and killed_at - resumed[-1] <= EVERY + 1, (resumed, killed_at)
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, max_steps + 1))  # one contiguous log: redone steps replace their first try
     artifact = json.loads((workdir / "artifact.json").read_text())
@@ -277,7 +279,7 @@ def test_a_preempted_rendezvous_host_retries_the_stage_which_resumes_from_its_ch
 
 
 def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: LocalPrefect) -> None:
-    """What prefect-kubernetes' worker submits for a maverick-lora node run in gpu-h100, built by the worker's own
+    """What prefect-kubernetes' worker submits for a maverick-lora node run in its GPU pool (gpu-h200), built by the worker's own
     code from the pool created by create-pools.sh, the deployed node deployment and the job variables the train
     stage passes; the Job's spec is checked against Kubernetes' JobSpec schema (from the JobSet CRD, strict)."""
     import asyncio

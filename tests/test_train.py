@@ -31,7 +31,9 @@ BASE = [
     "data.max_seq_len=64", f"train.max_steps={STEPS}", "train.batch_size=2", "train.warmup_steps=1",
     f"train.checkpoint_every_steps={EVERY}", "train.recipe_overrides={num_threads: 1}",
 ]
-LORA = ["train.method=lora", "train.lora={rank: 8, alpha: 16}", "train.lr=1.0e-2"]
+# Pinned whole: tiny-cpu's own lora section (for method=lora/qlora runs) would otherwise merge in.
+LORA = ["train.method=lora", "train.lr=1.0e-2",
+        "train.lora={rank: 8, alpha: 16, attn_modules: [q_proj, v_proj, output_proj], apply_to_output: false}"]
 TWO_PROCS = ["train.nproc_per_node=2", "train.batch_size=1"]  # same global batch as one process with 2
 TWO_NODES = ["train.launcher=local-nodes", "train.nnodes=2", "train.batch_size=1"]
 
