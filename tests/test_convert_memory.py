@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow  # converts in child processes to measure their peak RSS
+
 SHARD_MB = 16
 TOTAL_MB = 8 * SHARD_MB
 TENSOR_MB = 2

@@ -17,6 +17,8 @@ import pytest
 from finetune.profile import REPO_ROOT
 from tasks.serving import vllm
 
+pytestmark = pytest.mark.slow  # resolves every role against the package index (uv), tens of seconds
+
 LOCKS = REPO_ROOT / "deployments" / "locks"
 
 

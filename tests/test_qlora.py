@@ -178,6 +178,7 @@ def test_qlora_needs_dcp_checkpoints_and_a_lora_section() -> None:
     assert load_profile("tiny-cpu", ["train.method=qlora"]).train.lora is not None  # works as typed
 
 
+@pytest.mark.slow  # plans full-size Scout with NF4 weights on the meta device (~30 s)
 def test_scout_qlora_fits_one_h100_with_five_percent_headroom() -> None:
     result = plan(load_profile("scout-qlora"))
     assert (result["gpu"], result["world_size"]) == ("H100-80GB", 1)
