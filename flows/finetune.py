@@ -57,9 +57,10 @@ def finetune(
         f"# Profile `{resolved.name}`\n\n{resolved.description}\n\n```yaml\n{resolved_yaml(resolved)}```",
         key="resolved-profile", description="The fully resolved profile this run used")
     # Before any stage: a run that cannot fit its GPUs fails here, not after the GPUs are rented.
-    create_markdown_artifact(markdown(plan(resolved)), key="plan",
+    planned = plan(resolved)
+    create_markdown_artifact(markdown(planned), key="plan",
                              description="Memory per GPU and node, time and cost of this run at its real size")
-    check_fits(resolved)
+    check_fits(resolved, planned)
     started = now_iso()
     skipped = {step.label: reason for step in steps if (reason := spec(step.stage).skipped(resolved))}
     for label, reason in skipped.items():

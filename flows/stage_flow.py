@@ -56,7 +56,7 @@ def finetune_stage(
     if computed != key:
         raise PermanentError(f"stage {label}: this worker computes key {computed[:12]}, the orchestrator {key[:12]}: "
                              "the GPU pool's image runs different code or profiles than the orchestrator")
-    return run_stage(stage_spec, resolved, artifacts_store, artifacts, label=label).summary()
+    return run_stage(stage_spec, key, resolved, artifacts_store, artifacts, label=label).summary()
 
 
 def _node_run_name() -> str:

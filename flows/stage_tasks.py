@@ -195,9 +195,10 @@ def stage_result(submitted: Submitted, store: Store) -> StageResult:
     return _post_tables(result, submitted.label, store)
 
 
-def run_stage(spec: StageSpec, profile: Profile, store: Store, inputs: dict[str, Artifact], label: str) -> StageResult:
-    """Run one stage here and now (the GPU pool's stage flow): same task, same caching."""
-    key = stage_key(spec, profile, inputs)
+def run_stage(spec: StageSpec, key: str, profile: Profile, store: Store, inputs: dict[str, Artifact],
+              label: str) -> StageResult:
+    """Run one stage, whose key the caller computed, here and now (the GPU pool's stage flow): same task, same
+    caching."""
     return stage_result(submit_stage(spec, key, profile, store, inputs, label), store)
 
 

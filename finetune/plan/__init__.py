@@ -91,10 +91,11 @@ def refusal(result: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
-def check_fits(profile: Profile) -> None:
-    """Raise PlanDoesNotFit when the profile's run cannot fit its GPUs or hosts (unless plan.enforce is false)."""
+def check_fits(profile: Profile, planned: dict[str, Any] | None = None) -> None:
+    """Raise PlanDoesNotFit when the profile's run cannot fit its GPUs or hosts (unless plan.enforce is false);
+    ``planned`` is the profile's plan when the caller already has it."""
     if not profile.plan.enforce:
         return
-    message = refusal(plan(profile))
+    message = refusal(planned or plan(profile))
     if message:
         raise PlanDoesNotFit(message)
