@@ -51,11 +51,10 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
     largest_unit = max(units, key=lambda unit: unit.full_bytes, default=None)
     if not model.sharded or largest_unit is None:
         gathered = unsharded_grads = 0
-    elif reshard_after_forward:
-        gathered = model.root.full_bytes + 2 * largest_unit.full_bytes
-        unsharded_grads = model.root.trainable_full_bytes + max(unit.trainable_full_bytes for unit in units)
     else:
-        gathered = model.root.full_bytes + sum(unit.full_bytes for unit in units)
+        # Resharded after forward: the root plus the unit working and the one prefetched; else every unit stays.
+        held = 2 * largest_unit.full_bytes if reshard_after_forward else sum(unit.full_bytes for unit in units)
+        gathered = model.root.full_bytes + held
         unsharded_grads = model.root.trainable_full_bytes + max(unit.trainable_full_bytes for unit in units)
     if compute_ratio != 1.0:
         # Mixed precision (fp32 master weights): units are gathered in the compute dtype, and each unit's
