@@ -32,8 +32,6 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-DCP_METADATA = ".metadata"
-
 # (module, name) pairs a DCP .metadata pickle may reference: DCP's dataclasses and the torch values inside them.
 _DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _DCP_SAFE_GLOBALS = {

@@ -23,9 +23,10 @@ from typing import Any, Protocol
 
 import torch
 
-from finetune.checkpoint_pickle import DCP_METADATA, SafeFileSystemReader, UnsafeCheckpointError, load_dcp
+from finetune.checkpoint_pickle import SafeFileSystemReader, UnsafeCheckpointError, load_dcp
 from finetune.checkpoint_pickle import read_dcp_metadata as read_metadata_file
 from finetune.stage import PermanentError
+from tunerecipes.checkpoint_layout import METADATA
 
 INDEX_NAME = "model.safetensors.index.json"
 # Weights must be one of these; anything else (int, fp8, bool) is the wrong checkpoint or a corrupt header.
@@ -87,9 +88,9 @@ def check_float(key: str, info: TensorInfo, where: Path) -> None:
 
 def read_dcp_metadata(path: Path) -> Any:
     """The DCP ``Metadata`` of checkpoint directory ``path``, unpickled with the allow-list."""
-    meta_file = path / DCP_METADATA
+    meta_file = path / METADATA
     if not meta_file.is_file():
-        raise PermanentError(f"{path}: no {DCP_METADATA} file; not a complete DCP checkpoint (interrupted save?)")
+        raise PermanentError(f"{path}: no {METADATA} file; not a complete DCP checkpoint (interrupted save?)")
     try:
         return read_metadata_file(meta_file)
     except UnsafeCheckpointError as exc:
@@ -124,10 +125,10 @@ class DcpSource:
         for name, end in sorted(needed.items()):
             file = self.location / name
             if not file.is_file():
-                raise PermanentError(f"{file}: DCP data file listed in {DCP_METADATA} is missing")
+                raise PermanentError(f"{file}: DCP data file listed in {METADATA} is missing")
             if file.stat().st_size < end:
                 raise PermanentError(
-                    f"{file}: DCP data file is truncated ({file.stat().st_size} bytes, {DCP_METADATA} needs {end})")
+                    f"{file}: DCP data file is truncated ({file.stat().st_size} bytes, {METADATA} needs {end})")
 
     def tensors(self) -> dict[str, TensorInfo]:
         return dict(self._tensors)
@@ -287,6 +288,6 @@ def open_source(location: Path) -> DcpSource | SafetensorsSource:
     location = Path(location)
     if not location.is_dir():
         raise PermanentError(f"{location}: checkpoint directory does not exist")
-    if (location / DCP_METADATA).is_file():
+    if (location / METADATA).is_file():
         return DcpSource(location)
     return SafetensorsSource(location)
