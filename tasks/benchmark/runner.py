@@ -149,14 +149,13 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
     engine = ENGINES[cfg.engine]
-    if engine is VLLM:
-        vllm.require_vllm()  # fails at once, before any work, when there is no (recent enough) vllm to run
+    # vLLM's version is checked (and read once) first: no (recent enough) vllm fails before any work.
+    version = vllm.require_vllm() if engine is VLLM else engine.version()
     model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()
                   if name in cfg.weights}
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)
     generator = _generator(cfg, requests, ctx.log)
-    version = engine.version()
     ctx.log(f"benchmark: {engine.label} {version}, load generator: {generator}, "
             f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
     level_runner = _Level(engine, generator, requests, ctx.workdir)

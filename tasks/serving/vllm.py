@@ -67,8 +67,9 @@ def vllm_version(command: list[str] | None = None) -> str:
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
-def require_vllm() -> list[str]:
-    """The vLLM CLI to run, checked to be at least MIN_VERSION; a permanent error naming what was found where."""
+def require_vllm() -> str:
+    """The version of the vLLM CLI this machine runs, checked to be at least MIN_VERSION; a permanent error naming
+    what was found where."""
     command = vllm_command()
     found = vllm_version(command)
     try:
@@ -79,7 +80,7 @@ def require_vllm() -> list[str]:
         raise PermanentError(f"{' '.join(command)} --version says {found!r}; this project's vLLM flags need vLLM >= "
                              f"{MIN_VERSION} (looked for {_where_we_looked()}): install vllm=={MIN_VERSION} in the "
                              "serve image's vLLM environment (deployments/locks/vllm.txt)")
-    return command
+    return found
 
 
 def serve_args(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
