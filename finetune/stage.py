@@ -61,6 +61,9 @@ class StageSpec:
     config: Callable[[Profile], dict[str, Any]]
     """The part of the profile that shapes this stage's output."""
     upstream: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    """Input slots read when the run has them: the pipeline leaves out steps a profile does not run (a benchmark of
+    weights it does not serve), and a reader of every step (publish) reports what there is."""
     fingerprint: Callable[[Profile], dict[str, Any]] = lambda profile: {}
     """Identity of outside content the stage reads (data hashes, hub revisions)."""
     resumable: bool = False
@@ -90,8 +93,13 @@ def stage_key(spec: StageSpec, profile: Profile, inputs: dict[str, Artifact]) ->
         "version": spec.version,
         "config": spec.config(profile),
         "fingerprint": spec.fingerprint(profile),
-        "inputs": {name: inputs[name].key for name in spec.upstream},
+        "inputs": input_keys(spec, inputs),
     })
+
+
+def input_keys(spec: StageSpec, inputs: dict[str, Artifact]) -> dict[str, str]:
+    """Slot -> key of every input the stage reads: its upstream slots and the optional ones the run has."""
+    return {name: inputs[name].key for name in (*spec.upstream, *spec.optional) if name in inputs}
 
 
 def execute_stage(
@@ -155,7 +163,7 @@ def _compute(
         json.dump(ctx.tables, handle, indent=1, default=str)
     artifact = Artifact(
         stage=spec.name, key=key, path=str(workdir),
-        inputs={name: inputs[name].key for name in spec.upstream},
+        inputs=input_keys(spec, inputs),
         config={"version": spec.version, "profile": spec.config(profile), "fingerprint": spec.fingerprint(profile)},
         metrics=metrics,
         timings={"started": started, "finished": now_iso(), "seconds": round(time.perf_counter() - clock, 3),

@@ -10,10 +10,11 @@ stopped.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
@@ -23,9 +24,10 @@ from finetune.plan import check_fits, markdown, plan
 from finetune.profile import Profile, load_profile, resolved_yaml
 from finetune.store import Artifact, Store, default_store_url, now_iso
 from flows.dispatch import gpu_pool_target
-from flows.pipeline import GATE_BASE, GATE_TUNED, STAGES, Step, spec, stage_keys, steps_until
+from flows.pipeline import BENCHMARKS, GATE_BASE, GATE_TUNED, STAGES, Step, spec, stage_keys, steps_until
 from flows.slots import stage_slots
 from flows.stage_tasks import Payload, StageResult, Submitted, payload_artifact, stage_result, submit_stage
+from tasks.benchmark import report as serving
 from tasks.evaluate.report import RESULTS_FILE, check_gate, compare, markdown_table, recovery, scores
 from tasks.run_report import report_markdown, run_record, write_run_record
 from tasks.tracking import log_results
@@ -91,6 +93,8 @@ def finetune(
             failure.result()  # raises the first failure in pipeline order
         if "evaluate-quantized" in results:
             post_recovery(artifacts_store, results["evaluate-tuned"].artifact, results["evaluate-quantized"].artifact)
+        if all(label in results for label in BENCHMARKS.values()):
+            post_serving_comparison(artifacts_store, [results[label].artifact for label in BENCHMARKS.values()])
         status = "completed"
     finally:
         _post_lineage(resolved.name, artifacts_store, results)
@@ -172,3 +176,14 @@ def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResul
     create_markdown_artifact(
         f"# Lineage of `{profile_name}`\n\nStore: `{store.url}`\n\n{markdown_table(rows)}\n",
         key="lineage", description="Which artifact came from which inputs")
+
+
+def post_serving_comparison(store: Store, benchmarks: list[Artifact]) -> None:
+    """Each benchmark step served one model; the UI shows them side by side: one table (4-bit throughput relative to
+    bf16 per concurrency) and one latency-vs-throughput plot."""
+    levels = serving.levels_of(store.materialize(artifact, [serving.RESULTS_FILE]) for artifact in benchmarks)
+    create_table_artifact(serving.comparison_rows(levels), key="serving-comparison",
+                          description="Serving throughput and latency, bf16 against W4A16")
+    encoded = base64.b64encode(serving.latency_vs_throughput_png(levels, "bf16 vs W4A16")).decode()
+    create_markdown_artifact(f"![latency vs throughput](data:image/png;base64,{encoded})",
+                             key="serving-latency-vs-throughput", description="bf16 and W4A16 on one plot")

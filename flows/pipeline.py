@@ -39,17 +39,20 @@ PIPELINE: tuple[Step, ...] = (
     Step("evaluate-tuned", "evaluate", {"model": "convert"}),
     Step("quantize", "quantize", {"convert": "convert", "pack": "pack"}, after_gate=True),
     Step("evaluate-quantized", "evaluate", {"model": "quantize"}),
-    Step("benchmark", "benchmark", {"convert": "convert", "quantize": "quantize", "pack": "pack"}),
+    # Each model is served as soon as it exists: the bf16 one once the gate has passed (a rejected model is not
+    # served on rented GPUs), without waiting for quantization; the run report compares the two.
+    Step("benchmark-bf16", "benchmark", {"model": "convert", "pack": "pack"}, after_gate=True),
+    Step("benchmark-w4a16", "benchmark", {"model": "quantize", "pack": "pack"}),
     # The model card reports every earlier step (lineage, scores, recovery, serving), so publish reads them all.
     Step("publish", "publish", {label: label for label in (
         "download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned", "quantize", "evaluate-quantized",
-        "benchmark")}),
+        "benchmark-bf16", "benchmark-w4a16")}),
 )
 STEPS: dict[str, Step] = {step.label: step for step in PIPELINE}
 # The gate compares these two steps' scores.
 GATE_BASE, GATE_TUNED = "evaluate-base", "evaluate-tuned"
-
-
+# The benchmark step of each weights choice (benchmark.weights).
+BENCHMARKS = {"bf16": "benchmark-bf16", "w4a16": "benchmark-w4a16"}
 
 
 def _four_bit(steps: Iterable[Step]) -> tuple[Step, ...]:
@@ -77,9 +80,20 @@ def _four_bit(steps: Iterable[Step]) -> tuple[Step, ...]:
 FOUR_BIT_PIPELINE = _four_bit(PIPELINE)
 
 
+def _serving(steps: Iterable[Step], weights: Iterable[str]) -> tuple[Step, ...]:
+    """Only the benchmark steps of the weights a profile serves; the steps reading every step (publish) lose the
+    others from their inputs."""
+    dropped = {label for name, label in BENCHMARKS.items() if name not in weights}
+    return tuple(dataclasses.replace(step, inputs={slot: src for slot, src in step.inputs.items()
+                                                   if src not in dropped})
+                 for step in steps if step.label not in dropped)
+
+
 def pipeline(profile: Profile | None = None) -> tuple[Step, ...]:
     """The steps of a run of ``profile`` (PIPELINE when it is not given)."""
-    return FOUR_BIT_PIPELINE if profile is not None and profile.evaluate.weights == "w4a16" else PIPELINE
+    if profile is None:
+        return PIPELINE
+    return _serving(FOUR_BIT_PIPELINE if profile.evaluate.weights == "w4a16" else PIPELINE, profile.benchmark.weights)
 
 
 def spec(stage: str) -> StageSpec:

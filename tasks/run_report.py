@@ -115,20 +115,24 @@ def quantization_section(quantize: Artifact, bf16_eval: Artifact | None, w4_eval
     return "\n\n".join(lines)
 
 
-def benchmark_section(benchmark: Artifact) -> str:
-    """Output throughput and median TTFT per concurrency, one column per model (bf16, W4A16)."""
-    m = benchmark.metrics
-    models = {name: levels for name, levels in m.items() if isinstance(levels, dict)}
+def benchmark_section(benchmarks: list[Artifact]) -> str:
+    """Output throughput and median TTFT per concurrency, one column per model (bf16, W4A16) from each benchmark
+    step's metrics, and the 4-bit model's throughput relative to bf16 where both ran."""
+    models = {name: levels for artifact in benchmarks for name, levels in artifact.metrics.items()
+              if isinstance(levels, dict)}
     levels = sorted({c for per_model in models.values() for c in per_model}, key=lambda c: int(c.lstrip("c")))
     rows = []
     for level in levels:
         row: dict[str, Any] = {"concurrency": int(level.lstrip("c"))}
-        for name, per_model in models.items():
-            row[f"{name} tok/s"] = per_model.get(level, {}).get("output_throughput")
-        for name, per_model in models.items():
-            row[f"{name} TTFT p50 ms"] = per_model.get(level, {}).get("median_ttft_ms")
+        throughput = {name: per_model.get(level, {}).get("output_throughput") for name, per_model in models.items()}
+        row |= {f"{name} tok/s": value for name, value in throughput.items()}
+        row |= {f"{name} TTFT p50 ms": per_model.get(level, {}).get("median_ttft_ms")
+                for name, per_model in models.items()}
+        if throughput.get("bf16") and throughput.get("w4a16") is not None:
+            row["w4a16 tok/s vs bf16"] = round(throughput["w4a16"] / throughput["bf16"], 3)
         rows.append(row)
-    return f"{m.get('engine', '')}, {m.get('load_generator', '')}\n\n{markdown_table(rows)}"
+    first = benchmarks[0].metrics
+    return f"{first.get('engine', '')}, {first.get('load_generator', '')}\n\n{markdown_table(rows)}"
 
 
 def stages_section(record: Mapping[str, Any]) -> str:
@@ -159,8 +163,9 @@ def result_sections(artifacts: Mapping[str, Artifact], gate: GateConfig | None) 
     if "quantize" in artifacts:
         out["4-bit (W4A16)"] = quantization_section(artifacts["quantize"], artifacts.get("evaluate-tuned"),
                                                     artifacts.get("evaluate-quantized"))
-    if "benchmark" in artifacts:
-        out["Serving: bf16 vs 4-bit"] = benchmark_section(artifacts["benchmark"])
+    benchmarks = [artifact for artifact in artifacts.values() if artifact.stage == "benchmark"]
+    if benchmarks:
+        out["Serving: bf16 vs 4-bit"] = benchmark_section(benchmarks)
     return out
 
 

@@ -25,7 +25,7 @@ from finetune.procs import free_port, handling_sigterm
 from finetune.profile import BenchmarkConfig, load_profile
 from finetune.stage import PermanentError, Preempted, StageContext, execute_stage
 from finetune.store import Artifact, Store
-from tasks.benchmark import SPEC, loadgen, run
+from tasks.benchmark import SPEC, loadgen, report, run
 from tasks.benchmark.runner import BenchmarkError, _check_level, _raise_preempted
 from tasks.benchmark.workload import build_workload
 from tasks.serving.engines import TRANSFORMERS_SERVE
@@ -184,32 +184,42 @@ def test_rejected_requests_count_as_errors_and_fail_the_level(tiny_server: Serve
 
 # -- the stage end to end ------------------------------------------------------------------------------------------
 
-def test_benchmark_stage_serves_both_models_and_writes_results(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_each_benchmark_step_serves_its_model_and_the_two_compare(checkpoints: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
     profile = load_profile("tiny-cpu", ["benchmark.concurrencies=[1, 4]", f"benchmark.num_prompts={NUM_PROMPTS}",
                                         f"benchmark.max_tokens={MAX_TOKENS}"])
-    inputs = {slot: Artifact(stage=slot, key=f"{slot}-key", path=str(checkpoints[name]))
-              for slot, name in (("convert", "bf16"), ("quantize", "w4a16"), ("pack", "pack"))}
-    artifact, tables = execute_stage(SPEC, profile, Store(tmp_path / "store"), inputs)
+    store = Store(tmp_path / "store")
+    pack = Artifact(stage="pack", key="pack-key", path=str(checkpoints["pack"]))
+    artifacts = {}
+    for name, stage in (("bf16", "convert"), ("w4a16", "quantize")):
+        model = Artifact(stage=stage, key=f"{stage}-key", path=str(checkpoints[name]))
+        artifact, tables = execute_stage(SPEC, profile, store, {"model": model, "pack": pack})
+        artifacts[name] = artifact
 
-    workdir = Path(artifact.path)
-    assert {"results.json", "latency_vs_throughput.png"} <= set(artifact.files)
-    assert (workdir / "latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((workdir / "results.json").read_text())
-    assert results["engine"] == "transformers-serve (CPU stand-in for vLLM)"
-    assert results["load_generator"].startswith("finetune loadgen")
-    assert any("W4A16" in note for note in results["engine_notes"])
-    expected_tokens = results["workload"]["output_tokens"]["total"]
-    for name in ("bf16", "w4a16"):
-        model = results["models"][name]
-        assert [level["max_concurrency"] for level in model["levels"]] == [1, 4]
-        for level in model["levels"]:
+        workdir = Path(artifact.path)
+        assert {"results.json", "latency_vs_throughput.png"} <= set(artifact.files)
+        assert (workdir / "latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        results = json.loads((workdir / "results.json").read_text())
+        assert results["engine"] == "transformers-serve (CPU stand-in for vLLM)"
+        assert results["load_generator"].startswith("finetune loadgen")
+        assert any("W4A16" in note for note in results["engine_notes"])
+        assert list(results["models"]) == [name] and artifact.metrics["weights"] == name
+        expected_tokens = results["workload"]["output_tokens"]["total"]
+        levels = results["models"][name]["levels"]
+        assert [level["max_concurrency"] for level in levels] == [1, 4]
+        for level in levels:
             assert level["failed"] == 0 and level["total_output_tokens"] == expected_tokens
             assert level["median_ttft_ms"] > 0
         assert (workdir / "logs" / f"server-{name}.log").is_file()
-        assert not processes_running(model["server_command"])
-    assert [(row["model"], row["concurrency"]) for row in tables["comparison"]] == [
-        ("bf16", 1), ("bf16", 4), ("w4a16", 1), ("w4a16", 4)]
-    assert artifact.metrics["w4a16"]["c4"]["error_rate"] == 0.0
+        assert not processes_running(results["models"][name]["server_command"])
+        assert [(row["model"], row["concurrency"]) for row in tables["levels"]] == [(name, 1), (name, 4)]
+        assert artifact.metrics[name]["c4"]["error_rate"] == 0.0
+    # The run's comparison reads both steps: 4-bit throughput relative to bf16 at each concurrency.
+    rows = report.comparison_rows(report.levels_of([artifacts["w4a16"], artifacts["bf16"]]))
+    assert [(row["model"], row["concurrency"]) for row in rows] == [("bf16", 1), ("bf16", 4), ("w4a16", 1),
+                                                                     ("w4a16", 4)]
+    assert all(row["tok/s vs bf16"] > 0 for row in rows if row["model"] == "w4a16")
+    assert report.latency_vs_throughput_png(report.levels_of(artifacts.values()), "t")[:4] == b"\x89PNG"
 
 
 # -- server faults ---------------------------------------------------------------------------------------------------
@@ -220,13 +230,14 @@ def test_stage_refuses_inputs_that_are_not_the_expected_checkpoints(checkpoints:
     profile = load_profile("tiny-cpu")
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = [({"convert": empty, "quantize": checkpoints["w4a16"]}, "has no config.json"),
-             ({"convert": checkpoints["bf16"], "quantize": checkpoints["bf16"]}, "expected 'compressed-tensors'")]
-    for models, message in cases:
-        inputs = {slot: Artifact(stage=slot, key="k", path=str(path)) for slot, path in models.items()}
-        inputs["pack"] = Artifact(stage="pack", key="k", path=str(checkpoints["pack"]))
+    cases = [(Artifact(stage="convert", key="k", path=str(empty)), "has no config.json"),
+             (Artifact(stage="quantize", key="k", path=str(checkpoints["bf16"])), "expected 'compressed-tensors'"),
+             (Artifact(stage="train", key="k", path=str(checkpoints["bf16"])), "not by 'train'")]
+    pack = Artifact(stage="pack", key="k", path=str(checkpoints["pack"]))
+    for model, message in cases:
         with pytest.raises(PermanentError, match=message):
-            run(StageContext(profile=profile, key="k", workdir=tmp_path / "work", inputs=inputs))
+            run(StageContext(profile=profile, key="k", workdir=tmp_path / "work", inputs={"model": model,
+                                                                                          "pack": pack}))
     assert not (tmp_path / "work" / "logs").exists()
 
 

@@ -171,6 +171,7 @@ def test_vllm_engine_without_vllm_installed_is_a_permanent_error(tmp_path: Path)
 
     profile = load_profile("scout-lora")
     assert profile.benchmark.engine == "vllm"
-    inputs = {slot: Artifact(stage=slot, key="k", path=str(tmp_path)) for slot in ("convert", "quantize", "pack")}
+    inputs = {"model": Artifact(stage="convert", key="k", path=str(tmp_path)),
+              "pack": Artifact(stage="pack", key="k", path=str(tmp_path))}
     with pytest.raises(PermanentError, match="no vLLM CLI is found"):
         run(StageContext(profile=profile, key="k", workdir=tmp_path, inputs=inputs))

@@ -15,7 +15,7 @@ from tests.conftest import PipelineRun, parse_summary
 pytestmark = pytest.mark.e2e
 
 ALL_STAGES = ["download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned", "quantize",
-              "evaluate-quantized", "benchmark"]
+              "evaluate-quantized", "benchmark-bf16", "benchmark-w4a16"]
 
 
 def test_first_run_computes_every_stage_and_reports_it(pipeline_run: PipelineRun) -> None:
@@ -42,9 +42,11 @@ def test_tuned_model_beats_its_base_on_the_held_out_task(pipeline_run: PipelineR
 def test_quantized_model_is_smaller_and_benchmarked_against_bf16(pipeline_run: PipelineRun) -> None:
     quantize = pipeline_run.stage("quantize")["metrics"]
     assert quantize["weights_bytes_after"] < 0.5 * quantize["weights_bytes_before"]
-    results = json.loads((Path(pipeline_run.stage("benchmark")["path"]) / "results.json").read_text())
-    assert "stand-in" in results["engine"]
-    assert (Path(pipeline_run.stage("benchmark")["path"]) / "latency_vs_throughput.png").stat().st_size > 1000
+    for name in ("bf16", "w4a16"):
+        benchmark = Path(pipeline_run.stage(f"benchmark-{name}")["path"])
+        results = json.loads((benchmark / "results.json").read_text())
+        assert "stand-in" in results["engine"] and list(results["models"]) == [name]
+        assert (benchmark / "latency_vs_throughput.png").stat().st_size > 1000
 
 
 def test_second_run_in_a_new_process_is_all_cache_hits(pipeline_run: PipelineRun) -> None:
@@ -87,7 +89,8 @@ def test_the_ui_shows_profile_tables_plots_deltas_and_lineage(pipeline_run: Pipe
                           text=True, check=True)
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("resolved-profile", "lineage", "eval-deltas", "quantized-recovery", "train-loss-curve",
-                "benchmark-latency-vs-throughput", "benchmark-comparison", "pack-pack"):
+                "benchmark-bf16-latency-vs-throughput", "benchmark-w4a16-levels", "serving-comparison",
+                "serving-latency-vs-throughput", "pack-pack"):
         assert key in seen["keys"], key
     assert {"markdown", "table", "progress"} <= set(seen["types"])
     assert any(name.startswith("tiny-cpu-data-") and state == "Completed" for name, state in seen["runs"])
@@ -123,7 +126,9 @@ def test_the_run_graph_has_the_real_dependencies_and_stages_sharing_a_machine_ta
     assert graph["evaluate-tuned"]["upstream"] == ["convert"]
     assert graph["quality-gate"]["upstream"] == ["evaluate-base", "evaluate-tuned"]
     assert "quality-gate" in graph["quantize"]["upstream"]  # quantization waits for the gate's verdict
-    assert graph["benchmark"]["upstream"] == ["convert", "pack", "quantize"]
+    # Each model is served once it exists: bf16 after the gate, without waiting for quantization.
+    assert graph["benchmark-bf16"]["upstream"] == ["convert", "pack", "quality-gate"]
+    assert graph["benchmark-w4a16"]["upstream"] == ["pack", "quantize"]
     # tiny-cpu's one pool allows one stage at a time (deploy.stage_concurrency default): the stages' work (timed in
     # their manifests; a task run waiting for its slot is already Running) never overlaps.
     spans = sorted(

@@ -17,7 +17,7 @@ from finetune.profile import ProfileError, load_profile
 from finetune.stage import PermanentError, execute_stage
 from finetune.store import Artifact, Store
 from flows.pipeline import STAGES, spec, steps_until
-from tasks.publish import UPSTREAM
+from tasks.publish import OPTIONAL, UPSTREAM
 from tasks.publish.card import LICENSE_NOTICE
 from tasks.publish.targets import publish, still_published
 
@@ -62,12 +62,12 @@ def upstream(tmp_path: Path) -> tuple[Store, dict[str, Artifact]]:
         "evaluate-base": _eval(store, "evaluate-base", 0.1),
         "evaluate-tuned": _eval(store, "evaluate-tuned", 0.9),
         "evaluate-quantized": _eval(store, "evaluate-quantized", 0.85),
-        "benchmark": _artifact(store, "benchmark", "benchmark", {"results.json": b"{}"}, {
-            "engine": "transformers-serve", "load_generator": "finetune loadgen",
-            "bf16": {"c1": {"output_throughput": 20.0, "median_ttft_ms": 70.0}},
-            "w4a16": {"c1": {"output_throughput": 25.0, "median_ttft_ms": 60.0}}}),
+        **{f"benchmark-{name}": _artifact(store, "benchmark", f"benchmark-{name}", {"results.json": b"{}"}, {
+            "engine": "transformers-serve", "load_generator": "finetune loadgen", "weights": name,
+            name: {"c1": {"output_throughput": tok_s, "median_ttft_ms": ttft}}})
+           for name, tok_s, ttft in (("bf16", 20.0, 70.0), ("w4a16", 25.0, 60.0))},
     }
-    assert set(inputs) == set(UPSTREAM)
+    assert set(inputs) == set(UPSTREAM) | set(OPTIONAL)
     return store, inputs
 
 
@@ -87,7 +87,7 @@ def test_the_quantized_model_and_its_card_land_in_a_local_directory(
     card = (target / "README.md").read_text()
     for needed in ("# Llama-4-tiny-cpu-w4a16", "Built with Llama", LICENSE_NOTICE, "license_name: llama4",
                    "Loss 6.0000 -> 0.1000", "| tiny_synth_em | exact_match | 10.00 | 90.00 | 80.00",
-                   "Quality gate: passed", "recovery %", "| 1 | 20.00 | 25.00 | 70.00 | 60.00 |",
+                   "Quality gate: passed", "recovery %", "| 1 | 20.00 | 25.00 | 70.00 | 60.00 | 1.25 |",
                    inputs["train"].key, "Data fingerprint"):
         assert needed in card, needed
     record = json.loads((Path(artifact.path) / "publish.json").read_text())

@@ -195,7 +195,7 @@ def test_four_bit_evaluation_quantizes_the_base_once_and_gates_like_with_like() 
     steps = {step.label: step for step in steps_until("benchmark", profile)}
     assert steps["quantize-base"].inputs == {"convert": "download", "pack": "pack"}
     assert steps[GATE_BASE].inputs == {"model": "quantize-base"} and steps[GATE_TUNED].inputs == {"model": "quantize"}
-    assert "evaluate-quantized" not in steps and steps["benchmark"].after_gate
+    assert "evaluate-quantized" not in steps and steps["benchmark-w4a16"].after_gate
     keys = stage_keys(profile, steps.values())
     other = stage_keys(load_profile("tiny-cpu", ["train.method=qlora", "evaluate.weights=w4a16", "train.lr=1e-3"]),
                        steps.values())

@@ -1,13 +1,18 @@
-"""The benchmark's UI table and its latency-vs-throughput plot."""
+"""The benchmark's UI tables and latency-vs-throughput plots: one model's (the stage), bf16 against 4-bit (the run)."""
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from finetune.store import atomic_file
+from finetune.store import Artifact, atomic_file
 
 REFERENCE_MODEL = "bf16"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "latency_vs_throughput.png"
 
 
 def _ms(value: float) -> float:
@@ -44,7 +49,22 @@ def comparison_rows(models: dict[str, list[dict[str, Any]]]) -> list[dict[str, A
     return rows
 
 
+def levels_of(benchmarks: Iterable[Artifact]) -> dict[str, list[dict[str, Any]]]:
+    """Model name -> its concurrency levels, from the results of benchmark steps (their results.json readable here),
+    the reference model first."""
+    models: dict[str, list[dict[str, Any]]] = {}
+    for artifact in benchmarks:
+        results = json.loads((Path(artifact.path) / RESULTS_FILE).read_text())
+        models |= {name: model["levels"] for name, model in results["models"].items()}
+    return dict(sorted(models.items(), key=lambda item: item[0] != REFERENCE_MODEL))
+
+
 def plot_latency_vs_throughput(models: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    with atomic_file(path, "wb") as handle:
+        handle.write(latency_vs_throughput_png(models, title))
+
+
+def latency_vs_throughput_png(models: dict[str, list[dict[str, Any]]], title: str) -> bytes:
     """Median TTFT and TPOT against output token throughput, one line per model, points labelled by concurrency."""
     import matplotlib
 
@@ -67,6 +87,7 @@ def plot_latency_vs_throughput(models: dict[str, list[dict[str, Any]]], path: Pa
         ax.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()

@@ -1,10 +1,10 @@
-"""The benchmark stage: serve the bf16 and the W4A16 checkpoint in turn and drive the same load at each concurrency.
+"""The benchmark stage: serve one checkpoint (bf16 or W4A16) and drive the same load at each concurrency.
 
-For each model: start the engine's server (its own process group), wait for ``/health``, send one warm-up request
-(lazy initialisation, e.g. compressed-tensors decompression on the first forward, must not land in the numbers), run
-every concurrency level, and stop the server whatever happens. The load generator is ``vllm bench serve`` when the
-engine is vLLM, vLLM is installed, ``benchmark.use_vllm_bench`` is on and every prompt is a single user message;
-otherwise our own OpenAI-protocol generator (tasks/benchmark/loadgen.py) with the same metric definitions.
+Start the engine's server (its own process group), wait for ``/health``, send one warm-up request (lazy
+initialisation, e.g. compressed-tensors decompression on the first forward, must not land in the numbers), run every
+concurrency level, and stop the server whatever happens. The load generator is ``vllm bench serve`` when the engine is
+vLLM, vLLM is installed, ``benchmark.use_vllm_bench`` is on and every prompt is a single user message; otherwise our
+own OpenAI-protocol generator (tasks/benchmark/loadgen.py) with the same metric definitions.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from typing import Any
 from finetune.procs import free_port, handling_sigterm
 from finetune.profile import BenchmarkConfig
 from finetune.stage import PermanentError, Preempted, StageContext
-from finetune.store import atomic_file
+from finetune.store import Artifact, atomic_file
 from tasks.benchmark import loadgen, report, stage_config, vllm_cli
+from tasks.benchmark.report import PLOT_FILE, RESULTS_FILE
 from tasks.benchmark.workload import BenchRequest, build_workload, describe
 from tasks.serving import vllm
 from tasks.serving.engines import ENGINES, VLLM, Engine
 from tasks.serving.server import Server, log_tail, run_client, serving
 
-# Which upstream artifact holds which model, in the order they are benchmarked.
-MODELS = {"bf16": "convert", "w4a16": "quantize"}
+# The weights a model artifact holds, by the stage that made it.
+WEIGHTS_OF_STAGE = {"convert": "bf16", "quantize": "w4a16"}
 OUR_LOADGEN = "finetune loadgen (httpx, streaming /v1/chat/completions)"
 VLLM_BENCH = "vllm bench serve"
 # A hung external client must not hang the stage: one level may take at most this long.
@@ -38,11 +39,19 @@ class BenchmarkError(PermanentError):
     """Too many requests failed: the numbers would not describe a working server."""
 
 
-def _checkpoint(ctx: StageContext, slot: str, quantized: bool) -> Path:
-    path = Path(ctx.inputs[slot].path)
+def weights_of(model: Artifact) -> str:
+    """"bf16" or "w4a16": what the benchmark calls the model in its results, tables and metrics."""
+    if model.stage not in WEIGHTS_OF_STAGE:
+        raise PermanentError(f"benchmark serves a checkpoint made by {', '.join(WEIGHTS_OF_STAGE)}, not by "
+                             f"{model.stage!r} (artifact {model.key})")
+    return WEIGHTS_OF_STAGE[model.stage]
+
+
+def _checkpoint(model: Artifact, quantized: bool) -> Path:
+    path = Path(model.path)
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise PermanentError(f"{slot} artifact {path} has no config.json: not a Hugging Face checkpoint")
+        raise PermanentError(f"{model.stage} artifact {path} has no config.json: not a Hugging Face checkpoint")
     if quantized:
         quant = json.loads(config_path.read_text()).get("quantization_config") or {}
         if quant.get("quant_method") != "compressed-tensors":
@@ -130,7 +139,8 @@ def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, na
 
 def _metrics(results: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers per model and concurrency (the full record is results.json)."""
-    out: dict[str, Any] = {"engine": results["engine"], "load_generator": results["load_generator"]}
+    out: dict[str, Any] = {"engine": results["engine"], "load_generator": results["load_generator"],
+                           "weights": next(iter(results["models"]))}
     for name, model in results["models"].items():
         out[name] = {
             f"c{level['max_concurrency']}": {
@@ -151,24 +161,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
     engine = ENGINES[cfg.engine]
     # vLLM's version is checked (and read once) first: no (recent enough) vllm fails before any work.
     version = vllm.require_vllm() if engine is VLLM else engine.version()
-    model_dirs = {name: _checkpoint(ctx, slot, quantized=slot == "quantize") for name, slot in MODELS.items()
-                  if name in cfg.weights}
+    name = weights_of(ctx.inputs["model"])
+    model_dir = _checkpoint(ctx.inputs["model"], quantized=name == "w4a16")
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)
     generator = _generator(cfg, requests, ctx.log)
-    ctx.log(f"benchmark: {engine.label} {version}, load generator: {generator}, "
+    ctx.log(f"benchmark {name}: {engine.label} {version}, load generator: {generator}, "
             f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
     level_runner = _Level(engine, generator, requests, ctx.workdir)
-    steps, total = itertools.count(1), len(model_dirs) * len(cfg.concurrencies)
+    steps = itertools.count(1)
 
     def level_done(message: str) -> None:
-        ctx.progress(next(steps) / total, message)
+        ctx.progress(next(steps) / len(cfg.concurrencies), message)
 
-    models: dict[str, Any] = {}
     with handling_sigterm(_raise_preempted):
-        for name, model_dir in model_dirs.items():
-            models[name] = _benchmark_model(ctx, engine, level_runner, name, model_dir, level_done)
-    levels = {name: model["levels"] for name, model in models.items()}
+        model = _benchmark_model(ctx, engine, level_runner, name, model_dir, level_done)
     results = {
         "engine": engine.label,
         "engine_version": version,
@@ -176,12 +183,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "load_generator": generator,
         "config": stage_config(ctx.profile),
         "workload": describe(requests),
-        "models": models,
-        "comparison": report.comparison_rows(levels),
+        "models": {name: model},
     }
-    with atomic_file(ctx.workdir / "results.json", "w") as handle:
+    with atomic_file(ctx.workdir / RESULTS_FILE, "w") as handle:
         json.dump(results, handle, indent=2)
-    report.plot_latency_vs_throughput(levels, ctx.workdir / "latency_vs_throughput.png",
-                                      f"{engine.label} {version}, {generator}")
-    ctx.tables["comparison"] = results["comparison"]
+    levels = {name: model["levels"]}
+    report.plot_latency_vs_throughput(levels, ctx.workdir / PLOT_FILE, f"{name}: {engine.label} {version}, {generator}")
+    ctx.tables["levels"] = report.comparison_rows(levels)
     return _metrics(results)

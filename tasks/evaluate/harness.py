@@ -215,9 +215,9 @@ def served_model(engine: Engine, model_dir: Path, serving_cfg: BenchmarkConfig, 
 
     Evaluate and benchmark do not share one server: they are separate stages of the pipeline DAG
     (flows/pipeline.py), each its own cached, retried unit and, on GPU profiles, its own flow run in its own pod;
-    evaluate-tuned runs before the quality gate and the benchmark only after quantize, so a shared server would
-    have to outlive a stage and hold the GPUs across the gate and quantization. Both start the same command, so the
-    cost is one model load per stage."""
+    evaluate-tuned runs before the quality gate and benchmark-bf16 only after it, so a shared server would have to
+    outlive a stage and hold the GPUs across the gate. Both start the same command, so the cost is one model load
+    per stage."""
     port = serving_cfg.port or free_port()
     cmd = engine.serve_command(model_dir, port, serving_cfg)
     with serving(cmd, port, log_path, health_path=engine.health_path, startup_timeout_s=serving_cfg.startup_timeout_s,

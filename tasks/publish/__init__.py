@@ -18,9 +18,11 @@ from finetune.profile import Profile
 from finetune.stage import StageSpec, deferred
 from finetune.store import Artifact
 
-# Input slots are the pipeline's step labels: the card reports each of them.
+# Input slots are the pipeline's step labels: the card reports each of them (a benchmark only where the profile
+# serves those weights, benchmark.weights).
 UPSTREAM = ("download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned", "quantize",
-            "evaluate-quantized", "benchmark")
+            "evaluate-quantized")
+OPTIONAL = ("benchmark-bf16", "benchmark-w4a16")
 
 
 def _config(profile: Profile) -> dict[str, Any]:
@@ -37,7 +39,7 @@ def _still_valid(artifact: Artifact) -> bool:
     return still_published(artifact.metrics)
 
 
-SPEC = StageSpec(name="publish", version="1", run=deferred("tasks.publish.stage"), config=_config,
-                 upstream=UPSTREAM, skipped=_skipped, still_valid=_still_valid)
+SPEC = StageSpec(name="publish", version="2", run=deferred("tasks.publish.stage"), config=_config,
+                 upstream=UPSTREAM, optional=OPTIONAL, skipped=_skipped, still_valid=_still_valid)
 
-__all__ = ["SPEC", "UPSTREAM"]
+__all__ = ["OPTIONAL", "SPEC", "UPSTREAM"]

@@ -1,0 +1,43 @@
+"""The pipeline's DAG (flows/pipeline.py): which step reads which, what waits for the gate, what a profile runs."""
+
+from __future__ import annotations
+
+from finetune.profile import load_profile
+from flows.pipeline import BENCHMARKS, PIPELINE, STEPS, pipeline, stage_keys, steps_until
+
+
+def test_each_model_is_benchmarked_as_soon_as_it_exists() -> None:
+    # The bf16 model's serving numbers do not wait for quantization; a rejected model is not served.
+    assert STEPS["benchmark-bf16"].inputs == {"model": "convert", "pack": "pack"}
+    assert STEPS["benchmark-bf16"].after_gate
+    assert STEPS["benchmark-w4a16"].inputs == {"model": "quantize", "pack": "pack"}
+    assert "quantize" not in STEPS["benchmark-bf16"].inputs.values()
+
+
+def test_the_two_benchmarks_have_their_own_keys_and_a_serving_setting_changes_both() -> None:
+    profile = load_profile("tiny-cpu")
+    keys = stage_keys(profile, PIPELINE)
+    assert keys["benchmark-bf16"] != keys["benchmark-w4a16"]
+    other = stage_keys(load_profile("tiny-cpu", ["benchmark.max_tokens=7"]), PIPELINE)
+    assert all(keys[label] != other[label] for label in BENCHMARKS.values())
+    # Which weights a profile serves chooses the steps, not the numbers of the ones it runs.
+    served = stage_keys(load_profile("tiny-cpu", ["benchmark.weights=[w4a16]"]), PIPELINE[:-1])
+    assert served["benchmark-w4a16"] == keys["benchmark-w4a16"]
+
+
+def test_a_profile_serving_only_4_bit_has_no_bf16_benchmark_and_publish_reads_what_runs() -> None:
+    profile = load_profile("tiny-cpu", ["benchmark.weights=[w4a16]"])
+    steps = {step.label: step for step in pipeline(profile)}
+    assert "benchmark-bf16" not in steps and "benchmark-w4a16" in steps
+    assert "benchmark-bf16" not in steps["publish"].inputs.values()
+    assert [step.label for step in steps_until("benchmark", profile)][-1] == "benchmark-w4a16"
+    keys = stage_keys(profile, steps.values())  # publish's key is computed without the missing optional input
+    assert len(keys["publish"]) == 20
+
+
+def test_an_optional_input_is_part_of_the_key_when_the_run_has_it() -> None:
+    full = stage_keys(load_profile("tiny-cpu"), PIPELINE)
+    only_4_bit = stage_keys(load_profile("tiny-cpu", ["benchmark.weights=[w4a16]"]),
+                            pipeline(load_profile("tiny-cpu", ["benchmark.weights=[w4a16]"])))
+    # publish's settings are the same in both profiles: only the bf16 benchmark's presence differs.
+    assert full["publish"] != only_4_bit["publish"]
