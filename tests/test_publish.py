@@ -172,6 +172,7 @@ def test_a_hub_target_is_one_commit_whose_revision_is_recorded(tmp_path: Path,
     assert hub.calls[:2] == [("create_repo", "org/repo", {"private": True, "exist_ok": True}),
                              ("create_commit", "org/repo", ["README.md", "model.safetensors"])]
     assert record["revision"] == "c0ffee" * 6 + "abcd" and record["kind"] == "hf"
+    assert record["files"]["model.safetensors"] == {"size": 16, "sha256": sha256_file(files["model.safetensors"])}
     assert still_published(record)
     hub.tree[0] = RepoFile(path="model.safetensors", size=16, oid="1" * 40,
                            lfs={"size": 16, "pointerSize": 1, "oid": "f" * 64})

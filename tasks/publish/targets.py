@@ -76,13 +76,11 @@ def _publish_hub(target: str, files: Mapping[str, Path], *, private: bool, messa
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     # One commit with exactly these files (what upload_folder does, without staging a folder of links).
-    commit = api.create_commit(
-        repo_id, operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                             for name, path in files.items()], commit_message=message)
-    published = {}
-    for name, path in files.items():
-        with open(path, "rb") as handle:
-            published[name] = {"size": path.stat().st_size, "sha256": sha256_stream(handle)}
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
+    commit = api.create_commit(repo_id, operations=operations, commit_message=message)
+    # The upload hashed every file already (the LFS/Xet protocol needs its sha256): no second read of the weights.
+    published = {op.path_in_repo: {"size": op.upload_info.size, "sha256": op.upload_info.sha256.hex()}
+                 for op in operations}
     return {"target": target, "kind": "hf", "revision": commit.oid, "url": commit.commit_url, "files": published}
 
 
