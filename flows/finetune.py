@@ -82,7 +82,7 @@ def finetune(
             for step in steps:
                 submitted[step.label] = submit_stage(
                     spec(step.stage), keys[step.label], resolved, artifacts_store,
-                    {slot: submitted[src].future for slot, src in step.inputs.items()}, step.label,
+                    {slot: submitted[src] for slot, src in step.inputs.items()}, step.label,
                     gpu_pool=targets[step.label], slot=slots[pools[step.label]],
                     wait_for=[gate] if step.after_gate and gate is not None else None)
                 if step.label == GATE_TUNED:

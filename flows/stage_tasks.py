@@ -35,7 +35,7 @@ from prefect.states import State
 
 from finetune.console import stage_event
 from finetune.profile import Profile
-from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables, stage_key
+from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables
 from finetune.stage_lock import identity
 from finetune.store import Artifact, Store
 from flows.dispatch import dispatch_to_gpu_pool
@@ -112,16 +112,19 @@ def _payload(artifact: Artifact, tables: dict[str, list[dict[str, Any]]]) -> Pay
 )
 def run_stage_task(
     spec: StageSpec, key: str, profile: Profile, store_url: str, inputs: dict[str, Payload | Artifact],
-    label: str, gpu_pool: str | None, slot: str | None,
+    input_keys: dict[str, str], label: str, gpu_pool: str | None, slot: str | None,
 ) -> Payload:
     """Run (or reuse) one stage. ``inputs`` are upstream payloads (resolved from their futures) or artifacts;
-    ``gpu_pool`` names the finetune-stage deployment to run it on instead of here; ``slot`` the concurrency limit
-    whose slot it holds while it works."""
+    ``input_keys`` the keys ``key`` was computed from; ``gpu_pool`` names the finetune-stage deployment to run it on
+    instead of here; ``slot`` the concurrency limit whose slot it holds while it works."""
     store = Store(store_url)
     artifacts = {name: value if isinstance(value, Artifact) else payload_artifact(value, store)
                  for name, value in inputs.items()}
-    if stage_key(spec, profile, artifacts) != key:
-        raise RuntimeError(f"{label}: inputs give another key than the flow computed ({key[:12]}): a bug")
+    # The inputs' keys, not the whole key again: that would fingerprint outside content (a local base model's
+    # files) once more per task.
+    if (found := {name: artifact.key for name, artifact in artifacts.items()}) != input_keys:
+        raise RuntimeError(f"{label}: inputs {found} are not the ones its key {key[:12]} was computed from "
+                           f"({input_keys}): a bug")
     logger = get_run_logger()
     with _holding(slot, logger.info):
         if gpu_pool is not None and store.verified_artifact(spec.name, key) is None:
@@ -159,16 +162,18 @@ def _holding(slot: str | None, log: Callable[[str], None]) -> Iterator[None]:
 @dataclass
 class Submitted:
     label: str
+    key: str
     future: PrefectFuture
     verified: bool
     """The store already held this stage's finished artifact when it was submitted."""
 
 
 def submit_stage(
-    spec: StageSpec, key: str, profile: Profile, store: Store, inputs: Mapping[str, PrefectFuture | Artifact],
+    spec: StageSpec, key: str, profile: Profile, store: Store, inputs: Mapping[str, Submitted | Artifact],
     label: str, *, gpu_pool: str | None = None, slot: str | None = None, wait_for: list[PrefectFuture] | None = None,
 ) -> Submitted:
-    """Submit one stage: it starts when its input futures (and ``wait_for``) have finished."""
+    """Submit one stage: it starts when its inputs (submitted stages' futures, or artifacts) and ``wait_for`` have
+    finished."""
     existing = store.verified_artifact(spec.name, key)
     if existing is not None and not spec.still_valid(existing):
         store.set_aside(spec.name, key)  # e.g. the published files changed: publish again
@@ -180,9 +185,11 @@ def submit_stage(
         retries=profile.retries.count,
         refresh_cache=not verified,
         result_storage=store.results_dir(),
-    ).submit(spec=spec, key=key, profile=profile, store_url=store.url, inputs=dict(inputs), label=label,
-             gpu_pool=gpu_pool, slot=slot, wait_for=wait_for or [])
-    return Submitted(label, future, verified)
+    ).submit(spec=spec, key=key, profile=profile, store_url=store.url,
+             inputs={name: value if isinstance(value, Artifact) else value.future for name, value in inputs.items()},
+             input_keys={name: value.key for name, value in inputs.items()}, label=label, gpu_pool=gpu_pool,
+             slot=slot, wait_for=wait_for or [])
+    return Submitted(label, key, future, verified)
 
 
 def stage_result(submitted: Submitted, store: Store) -> StageResult:
