@@ -26,7 +26,6 @@ SCALER_BLOCK_SIZE = 256  # scales per double-quantization block, lowered to a di
 # FSDP2 shards an NF4 weight by splitting each of its inner tensors (codes, scales, scale factors) evenly: small
 # tensors get smaller scaler blocks so that they still split over up to this many processes (any power of two).
 FSDP_SPLITS = 8
-COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def quantization_kwargs(numel: int) -> dict[str, int]:

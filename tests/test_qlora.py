@@ -13,6 +13,7 @@ from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
 from torchtune.modules.peft import get_adapter_params
 
+from finetune.plan.errors import PlanError
 from finetune.plan.planner import plan
 from finetune.profile import ProfileError, load_profile
 from llama4tune import llama4_from_hf_config, lora_llama4_from_hf_config
@@ -97,7 +98,6 @@ def test_qlora_model_quantizes_linears_and_experts_and_keeps_router_norms_embedd
 
 
 def test_a_model_nf4_cannot_hold_is_refused_before_any_stage_naming_the_size() -> None:
-    from finetune.plan.errors import PlanError
     from finetune.plan.model import ModelConfig, build_model
     from finetune.plan.recipe import recipe_settings
 
@@ -109,6 +109,16 @@ def test_a_model_nf4_cannot_hold_is_refused_before_any_stage_naming_the_size() -
     odd = random_text_config("scout", 1, hidden_size=36, num_key_value_heads=1, num_attention_heads=2, head_dim=8)
     with pytest.raises(PlanError, match="train.method qlora: QLoRA cannot quantize .* 288 elements"):
         build_model(profile, ModelConfig(odd, "test", 0.0), recipe_settings(profile))
+
+
+def test_qlora_under_fsdp_with_nf4_weights_that_cannot_split_is_refused_by_the_plan_naming_the_weight() -> None:
+    """torchao splits every inner tensor of an NF4 weight evenly over the FSDP processes: the tiny model's 128-row
+    q_proj cannot go to 3 processes. The plan refuses it before any stage (the trainer does the same check before
+    sharding); 2 processes fit."""
+    with pytest.raises(PlanError, match=r"QLoRA with FSDP over 3 processes: NF4 weight layers\.0\.attn\.q_proj\.weight: "
+                                        r"128 rows, .* do not split over 3 processes"):
+        plan(load_profile("tiny-cpu", ["train.method=qlora", "train.nproc_per_node=3"]))
+    assert plan(load_profile("tiny-cpu", ["train.method=qlora", "train.nproc_per_node=2"]))["fits"]
 
 
 def _hf_checkpoint(cfg: dict, seed: int, folder: Path) -> dict[str, torch.Tensor]:
