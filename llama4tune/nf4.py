@@ -26,7 +26,6 @@ SCALER_BLOCK_SIZE = 256  # scales per double-quantization block, lowered to a di
 # FSDP2 shards an NF4 weight by splitting each of its inner tensors (codes, scales, scale factors) evenly: small
 # tensors get smaller scaler blocks so that they still split over up to this many processes (any power of two).
 FSDP_SPLITS = 8
-COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def quantization_kwargs(numel: int) -> dict[str, int]:
@@ -108,16 +107,12 @@ class NF4GroupedExperts(GroupedExperts):
         return _NF4ExpertMatmul.apply(x, getattr(self, which), counts, self.num_experts, self.use_grouped_mm)
 
 
-class NF4LoRAGroupedExperts(LoRAGroupedExperts):
-    """Routed experts with an NF4 frozen base and bf16 (train-dtype) per-expert LoRA adapters."""
+class NF4LoRAGroupedExperts(LoRAGroupedExperts, NF4GroupedExperts):
+    """Routed experts with an NF4 frozen base and bf16 (train-dtype) per-expert LoRA adapters.
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _quantize_experts(self)
-
-    def reset_parameters(self) -> None:
-        if not isinstance(self.gate_up_proj, NF4Tensor):
-            super().reset_parameters()
+    The NF4 base is NF4GroupedExperts' (quantization after construction, reset_parameters, _base): in this class's
+    MRO it sits between LoRAGroupedExperts and GroupedExperts, so LoRAGroupedExperts' super().__init__ builds it.
+    """
 
     def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> NF4LoRAGroupedExperts:
         # Only the adapters are materialised here (as LoRALinear does); the NF4 base is assigned when loaded.
@@ -127,5 +122,3 @@ class NF4LoRAGroupedExperts(LoRAGroupedExperts):
             torch.utils.swap_tensors(param, nn.Parameter(torch.empty_like(param, device=device),
                                                          requires_grad=param.requires_grad))
         return self
-
-    _base = NF4GroupedExperts._base

@@ -13,12 +13,13 @@ from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import training
 from torchtune.modules.peft import get_adapter_params
 
+from finetune.plan.errors import PlanError
 from finetune.plan.planner import plan
 from finetune.profile import ProfileError, load_profile
 from llama4tune import llama4_from_hf_config, lora_llama4_from_hf_config
 from llama4tune.convert import hf_to_tune, tune_to_hf_key
 from llama4tune.lora import merge_lora_state_dict
-from llama4tune.moe import GroupedExperts
+from llama4tune.moe import GroupedExperts, LoRAGroupedExperts
 from llama4tune.nf4 import NF4GroupedExperts, NF4LoRAGroupedExperts, quantization_kwargs
 from llama4tune.reference import hf_reference_model, random_text_config
 from tasks.convert.overlay import AdaptersOnBase
@@ -31,21 +32,27 @@ LORA = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "app
         "lora_rank": RANK, "lora_alpha": ALPHA}
 
 
-def _experts_pair(dtype: torch.dtype) -> tuple[NF4GroupedExperts, GroupedExperts]:
-    """NF4 experts and plain experts holding exactly the NF4 experts' dequantized weights."""
+def _experts_pair(dtype: torch.dtype, lora: bool = False) -> tuple[GroupedExperts, GroupedExperts]:
+    """NF4 experts and plain experts holding exactly the NF4 experts' dequantized weights (and the same adapters)."""
     torch.manual_seed(0)
+    shape = {"dim": 128, "hidden_dim": 256, "num_experts": 4}
+    adapters = {"rank": RANK, "alpha": ALPHA} if lora else {}
     with training.set_default_dtype(dtype):
-        nf4 = NF4GroupedExperts(dim=128, hidden_dim=256, num_experts=4)
-        plain = GroupedExperts(dim=128, hidden_dim=256, num_experts=4)
+        nf4 = (NF4LoRAGroupedExperts if lora else NF4GroupedExperts)(**shape, **adapters)
+        plain = (LoRAGroupedExperts if lora else GroupedExperts)(**shape, **adapters)
     with torch.no_grad():
         plain.gate_up_proj.copy_(nf4.gate_up_proj.get_original_weight().view(4, 128, 512))
         plain.down_proj.copy_(nf4.down_proj.get_original_weight().view(4, 256, 128))
+        for name in adapters and nf4.adapter_params():
+            getattr(nf4, name).normal_(std=0.05)  # B starts at zero: make the adapters count
+            getattr(plain, name).copy_(getattr(nf4, name))
     return nf4, plain
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "adapters"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_nf4_experts_compute_exactly_what_their_dequantized_weights_do(dtype: torch.dtype) -> None:
-    nf4, plain = _experts_pair(dtype)
+def test_nf4_experts_compute_exactly_what_their_dequantized_weights_do(dtype: torch.dtype, lora: bool) -> None:
+    nf4, plain = _experts_pair(dtype, lora)
     assert isinstance(nf4.gate_up_proj, NF4Tensor) and nf4.gate_up_proj.shape == (4 * 128, 512)  # [E * in, out]
     assert isinstance(nf4.down_proj, NF4Tensor) and nf4.down_proj.shape == (4 * 256, 128)
     counts = torch.tensor([3, 0, 5, 2])  # an expert without tokens too
@@ -56,6 +63,10 @@ def test_nf4_experts_compute_exactly_what_their_dequantized_weights_do(dtype: to
     ref = plain(x, counts)
     (ref * ref).sum().backward()
     assert torch.equal(out, ref) and torch.allclose(grad, x.grad, atol=1e-6)
+    if lora:  # the adapters' gradients too; the NF4 base gets none
+        for name in nf4.adapter_params():
+            assert torch.allclose(getattr(nf4, name).grad, getattr(plain, name).grad, atol=1e-5), name
+        assert not nf4.gate_up_proj.requires_grad and nf4.gate_up_proj.grad is None
 
 
 def test_nf4_experts_keep_no_dequantized_weight_for_backward() -> None:
@@ -87,7 +98,6 @@ def test_qlora_model_quantizes_linears_and_experts_and_keeps_router_norms_embedd
 
 
 def test_a_model_nf4_cannot_hold_is_refused_before_any_stage_naming_the_size() -> None:
-    from finetune.plan.errors import PlanError
     from finetune.plan.model import ModelConfig, build_model
     from finetune.plan.recipe import recipe_settings
 
@@ -99,6 +109,16 @@ def test_a_model_nf4_cannot_hold_is_refused_before_any_stage_naming_the_size() -
     odd = random_text_config("scout", 1, hidden_size=36, num_key_value_heads=1, num_attention_heads=2, head_dim=8)
     with pytest.raises(PlanError, match="train.method qlora: QLoRA cannot quantize .* 288 elements"):
         build_model(profile, ModelConfig(odd, "test", 0.0), recipe_settings(profile))
+
+
+def test_qlora_under_fsdp_with_nf4_weights_that_cannot_split_is_refused_by_the_plan_naming_the_weight() -> None:
+    """torchao splits every inner tensor of an NF4 weight evenly over the FSDP processes: the tiny model's 128-row
+    q_proj cannot go to 3 processes. The plan refuses it before any stage (the trainer does the same check before
+    sharding); 2 processes fit."""
+    with pytest.raises(PlanError, match=r"QLoRA with FSDP over 3 processes: NF4 weight layers\.0\.attn\.q_proj\.weight: "
+                                        r"128 rows, .* do not split over 3 processes"):
+        plan(load_profile("tiny-cpu", ["train.method=qlora", "train.nproc_per_node=3"]))
+    assert plan(load_profile("tiny-cpu", ["train.method=qlora", "train.nproc_per_node=2"]))["fits"]
 
 
 def _hf_checkpoint(cfg: dict, seed: int, folder: Path) -> dict[str, torch.Tensor]:

@@ -142,7 +142,7 @@ def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings)
 
 def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, world_size: int) -> MeasuredModel:
     """Build, shard as the recipe does for ``world_size`` processes (none for one), and count rank 0's bytes."""
-    from tunerecipes import sharding
+    from tunerecipes import nf4_weights, sharding
 
     model = build_model(profile, config, settings)
     if profile.train.adapters_only:
@@ -151,6 +151,10 @@ def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, wor
         set_trainable_params(model, get_adapter_params(model))
     if world_size == 1:
         return _count(model, world_size, sharded=False, dtype=settings.master_dtype)
+    try:  # QLoRA: an NF4 weight FSDP cannot split is refused here, before any stage, as the trainer refuses it
+        nf4_weights.check_shardable(model, world_size)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from exc
     with fake_world(world_size) as mesh:
         sharding.shard(model, cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
                        mesh=mesh)
