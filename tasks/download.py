@@ -63,7 +63,13 @@ def embedded_model_dir(seed: int) -> Path:
         # Imported only to build: it pulls in torch and transformers, ~10 s a cached rerun need not pay.
         from embedded.tiny_model import build_tiny_model
 
-        build_tiny_model(target, seed=seed)
+        try:
+            build_tiny_model(target, seed=seed)
+        except OSError:
+            # Another run built it at the same moment and renamed first (two runs starting on an empty scratch
+            # dir): the build is deterministic in its key, so theirs is the one this run would have written.
+            if not (target / "config.json").is_file():
+                raise
     return target
 
 

@@ -88,3 +88,22 @@ def test_embedded_source_builds_a_transformers_loadable_llama4(tmp_path: Path, m
     config = AutoConfig.from_pretrained(artifact.path)
     assert config.architectures == ["Llama4ForCausalLM"]
     assert {"tokenizer.json", "generation_config.json", "model.safetensors"} <= set(artifact.files)
+
+
+@pytest.mark.slow  # two processes each build the tiny model (~10 s)
+def test_two_runs_building_the_embedded_model_at_once_both_get_it(tmp_path: Path) -> None:
+    """Two runs starting on an empty scratch dir both build the model; the one that renames second uses the
+    first's (the build is deterministic in its key) instead of failing with 'Directory not empty'."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tasks.download import embedded_model_dir; print(embedded_model_dir(0))"
+    env = {**os.environ, "FINETUNE_SCRATCH": str(tmp_path / "scratch")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    (first, _), (second, _) = outputs
+    assert first.strip() == second.strip() and (Path(first.strip()) / "model.safetensors").is_file()
+    assert not list((tmp_path / "scratch" / "embedded").glob(".*.tmp"))  # the loser's build is gone
