@@ -133,6 +133,18 @@ def test_full_two_processes_with_fsdp_match_one_process(inputs: dict[str, Artifa
         assert run.losses()[step] == pytest.approx(loss, rel=1e-4), step
 
 
+def test_full_expert_parallel_on_two_processes_matches_one_process(inputs: dict[str, Artifact], full_run: Run,
+                                                                   tmp_path: Path) -> None:
+    """The trainer end to end with train.expert_parallel 2: each process holds 2 of the 4 experts, tokens go to them;
+    the losses follow the single-process run as plain FSDP's do (tests/test_expert_parallel.py compares gradients)."""
+    run = Run(inputs, tmp_path / "work", *TWO_PROCS, "train.expert_parallel=2")
+    metrics = run()
+    assert metrics["world_size"] == 2 and metrics["steps"] == STEPS
+    assert any("experts parallel over groups of 2" in line for line in run.lines)
+    for step, loss in full_run.losses().items():
+        assert run.losses()[step] == pytest.approx(loss, rel=1e-4), step
+
+
 def test_lora_on_two_local_nodes_matches_two_processes_on_one_node(inputs: dict[str, Artifact],
                                                                    tmp_path: Path) -> None:
     one_node = Run(inputs, tmp_path / "one-node", *LORA, *TWO_PROCS)
