@@ -86,7 +86,7 @@ def test_expert_parallel_trains_as_plain_fsdp(tiny: Path, tmp_path: Path, world:
     # could switch expert; the run reports how many did.
     assert ep == pytest.approx(fsdp, rel=1e-2)
     flipped = sum(report["flips"])
-    print(f"world {world} {method}: {flipped} of {report['choices']} routing decisions flipped in 20 steps; "
+    print(f"world {world} {method}: {flipped} of rank 0's {report['choices']} routing decisions flipped in 20 steps; "
           f"max loss difference {max(abs(a - b) / b for a, b in zip(ep, fsdp)):.2e} relative")
     assert flipped <= report["choices"] // 100
     # DCP save before the last step, resumed into fresh model and optimizer: the same last-step loss.

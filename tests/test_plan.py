@@ -109,6 +109,12 @@ def test_tiny_plan_with_replicated_experts_counts_two_whole_experts_per_rank() -
     assert result["params_gib_per_gpu"] > plain["params_gib_per_gpu"]
 
 
+def test_plan_refuses_an_expert_parallel_degree_the_model_cannot_take() -> None:
+    # A recipe override passes the profile's check; the plan checks it against the built model, as the trainer does.
+    with pytest.raises(PlanError, match=r"expert_parallel 3 does not divide the model's routed-expert count 4"):
+        plan(load_profile("tiny-cpu", ["train.nproc_per_node=2", "train.recipe_overrides={expert_parallel: 3}"]))
+
+
 def test_plan_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["plan", "--profile", "tiny-cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

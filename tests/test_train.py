@@ -145,6 +145,15 @@ def test_full_expert_parallel_on_two_processes_matches_one_process(inputs: dict[
         assert run.losses()[step] == pytest.approx(loss, rel=1e-4), step
 
 
+def test_trainer_checks_the_expert_parallel_degree_against_the_real_model(inputs: dict[str, Artifact],
+                                                                         tmp_path: Path) -> None:
+    # Set in the recipe config directly, past the profile's check: the trainer refuses it from the built model.
+    run = Run(inputs, tmp_path / "work", *TWO_PROCS, "train.recipe_overrides={num_threads: 1, expert_parallel: 3}")
+    with pytest.raises(PermanentError, match=r"config.*expert_parallel 3 does not divide the model's routed-expert "
+                                             r"count 4 nor the world size \(nnodes x nproc_per_node\) 2"):
+        run()
+
+
 def test_lora_on_two_local_nodes_matches_two_processes_on_one_node(inputs: dict[str, Artifact],
                                                                    tmp_path: Path) -> None:
     one_node = Run(inputs, tmp_path / "one-node", *LORA, *TWO_PROCS)

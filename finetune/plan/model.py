@@ -149,12 +149,17 @@ def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings)
 def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, world_size: int) -> MeasuredModel:
     """Build, shard as the recipe does for ``world_size`` processes (none for one), and count rank 0's bytes."""
     from tunerecipes import expert_parallel, sharding
+    from tunerecipes.ep_degree import refusal
 
     model = build_model(profile, config, settings)
     if profile.train.adapters_only:
         from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
         set_trainable_params(model, get_adapter_params(model))
+    # The recipe's own check, against the real model config (a recipe override may set the degree too).
+    if reason := refusal(degree=settings.expert_parallel, experts=expert_parallel.expert_count(model),
+                         world_size=world_size, method=profile.train.method, cpu_offload=settings.cpu_offload):
+        raise PlanError(reason)
     if world_size == 1:
         return _count(model, world_size, sharded=False, dtype=settings.master_dtype)
     with fake_world(world_size) as mesh:
