@@ -457,6 +457,11 @@ class Profile(Section):
                                               world_size=self.train.world_size, method=self.train.method,
                                               cpu_offload=self.train.fsdp_cpu_offload):
             raise ValueError(f"train.{refusal} (model.family {self.model.family})")
+        master = self.train.recipe_overrides.get("master_dtype")
+        if self.train.expert_parallel > 1 and master not in (None, self.train.dtype):
+            raise ValueError(f"train.expert_parallel {self.train.expert_parallel} with "
+                             f"train.recipe_overrides.master_dtype {master}: the experts live outside FSDP, whose "
+                             "mixed-precision policy keeps the fp32 master weights; use expert_parallel 1 for it")
         if self.model.family == "tiny" and self.model.source == "hub":
             raise ValueError("model.family 'tiny' is the embedded model: use source 'embedded'")
         if (self.train.adapters_only and self.train.lora is not None and self.train.lora.apply_to_experts

@@ -41,6 +41,8 @@ def test_routed_expert_counts_match_the_model_configs() -> None:
      "train.expert_parallel 4 does not divide the world size (nnodes x nproc_per_node) 2"),
     (["train.expert_parallel=2"], "needs several processes (world size is 1)"),
     (["train.nproc_per_node=2", "train.expert_parallel=2", "train.method=qlora"], "with method 'qlora'"),
+    (["train.nproc_per_node=2", "train.expert_parallel=2", "train.dtype=bf16",
+      "train.recipe_overrides={master_dtype: fp32}"], "with train.recipe_overrides.master_dtype fp32"),
 ])
 def test_a_bad_expert_parallel_degree_is_refused_at_profile_load(overrides: list[str], complaint: str) -> None:
     with pytest.raises(ProfileError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
