@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from finetune.quantized_bases import quantized_repo_error
+from tunerecipes.ep_degree import ROUTED_EXPERTS
+from tunerecipes.ep_degree import refusal as expert_parallel_refusal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = REPO_ROOT / "profiles"
@@ -198,6 +200,14 @@ class TrainConfig(Section):
     async_checkpoint: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
+    expert_parallel: int = Field(
+        1, ge=1,
+        description="Expert parallelism degree N: each group of N consecutive processes (one node's GPUs when N <= "
+                    "nproc_per_node) holds the routed experts whole, E/N per process, and sends each token to its "
+                    "expert's owner and back (all_to_all) instead of all-gathering every MoE layer's experts per "
+                    "micro-batch (~30 GiB per Maverick layer); groups replicate the experts. 1: FSDP shards the "
+                    "experts like every other weight. Must divide the routed-expert count and the world size; not "
+                    "with method qlora.")
     lora: LoraConfig | None = None
     elastic: ElasticConfig | None = None
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="Raw torchtune config overrides.")
@@ -442,6 +452,16 @@ class Profile(Section):
     def _cross_section(self) -> Profile:
         if self.benchmark.engine == "vllm" and self.train.device == "cpu":
             raise ValueError("benchmark.engine 'vllm' needs a GPU; CPU profiles use engine 'transformers-serve'")
+        experts = ROUTED_EXPERTS[self.model.family]
+        if refusal := expert_parallel_refusal(degree=self.train.expert_parallel, experts=experts,
+                                              world_size=self.train.world_size, method=self.train.method,
+                                              cpu_offload=self.train.fsdp_cpu_offload):
+            raise ValueError(f"train.{refusal} (model.family {self.model.family})")
+        master = self.train.recipe_overrides.get("master_dtype")
+        if self.train.expert_parallel > 1 and master not in (None, self.train.dtype):
+            raise ValueError(f"train.expert_parallel {self.train.expert_parallel} with "
+                             f"train.recipe_overrides.master_dtype {master}: the experts live outside FSDP, whose "
+                             "mixed-precision policy keeps the fp32 master weights; use expert_parallel 1 for it")
         if self.model.family == "tiny" and self.model.source == "hub":
             raise ValueError("model.family 'tiny' is the embedded model: use source 'embedded'")
         if (self.train.adapters_only and self.train.lora is not None and self.train.lora.apply_to_experts

@@ -7,6 +7,10 @@ gate first, and `down_proj` [E, I, D]) so conversion is a rename, bit-exact in b
 
 Experts run as grouped matrix products (`torch._grouped_mm`) over tokens sorted by expert where
 the device/dtype/alignment supports it, and as a per-expert loop otherwise; both give the same maths.
+
+Expert parallelism (tunerecipes/expert_parallel.py places the experts): each rank of an EP group holds E/N experts
+whole (DTensor shards of the [E, ...] weights); routing stays local, and the routed tokens travel to their experts'
+owners and back with two autograd-capable ``all_to_all_single`` exchanges (uneven splits), not the weights.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.tensor import DTensor
 from torchtune.modules.peft import AdapterModule
 
 
@@ -47,7 +54,12 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_gr
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts in HF Llama 4 layout; forward takes tokens already grouped by expert."""
+    """E SwiGLU experts in HF Llama 4 layout; forward takes tokens already grouped by expert.
+
+    Under expert parallelism ``ep_group`` is set and each weight is a DTensor of which this rank holds E/N whole
+    experts: forward then takes the tokens of its own experts only (counts has E/N entries)."""
+
+    ep_group: dist.ProcessGroup | None = None
 
     def __init__(self, *, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool = True) -> None:
         super().__init__()
@@ -64,9 +76,14 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
+    def _weight(self, name: str) -> torch.Tensor:
+        """This rank's experts of weight ``name`` (all of them without expert parallelism)."""
+        weight = getattr(self, name)
+        return weight.to_local() if isinstance(weight, DTensor) else weight
+
     def _base(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
         """x times the frozen-or-trained base weight ``which``; the NF4 experts (llama4tune/nf4.py) override it."""
-        return expert_matmul(x, getattr(self, which), counts, self.use_grouped_mm)
+        return expert_matmul(x, self._weight(which), counts, self.use_grouped_mm)
 
     def _project(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
         return self._base(x, which, counts)
@@ -118,7 +135,7 @@ class LoRAGroupedExperts(GroupedExperts, AdapterModule):
     def _project(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
         base = self._base(x, which, counts)
         name = which.removesuffix("_proj")
-        a, b = getattr(self, f"lora_{name}_a"), getattr(self, f"lora_{name}_b")
+        a, b = self._weight(f"lora_{name}_a"), self._weight(f"lora_{name}_b")
         low = expert_matmul(self.dropout(x), a, counts, self.use_grouped_mm)
         return base + (self.alpha / self.rank) * expert_matmul(low, b, counts, self.use_grouped_mm)
 
@@ -155,6 +172,37 @@ class Llama4MoE(nn.Module):
         routed_in = x[token_idx] * scores.reshape(-1)[order, None]
         # bincount, not histc: histc has no CPU kernel for integer tensors.
         counts = torch.bincount(flat_experts, minlength=self.experts.num_experts)
-        routed_out = self.experts(routed_in, counts)
+        if self.experts.ep_group is None:
+            routed_out = self.experts(routed_in, counts)
+        else:
+            routed_out = run_on_owners(self.experts, routed_in, counts, self.experts.ep_group)
         out = self.shared_expert(x).index_add(0, token_idx, routed_out)
         return out.reshape(shape)
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows of x, in_splits[r] of them to rank r, swapped for out_splits[r] rows from each rank r (autograd: the
+    backward sends the gradients back the same way)."""
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    return all_to_all_single(out, x, out_splits, in_splits, group=group)
+
+
+def run_on_owners(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor,
+                  group: dist.ProcessGroup) -> torch.Tensor:
+    """Expert parallelism: x [T, D] sorted by global expert with counts [E] -> the experts' outputs, same order.
+
+    Rank r of the group owns experts [r*E/N, (r+1)*E/N): x's rows are already in destination order. The counts go
+    first (each owner learns how many rows of each of its experts every rank sends), then the rows; the owner runs
+    them grouped by expert (stable, so rows keep their source order) and sends the outputs back."""
+    n = dist.get_world_size(group)
+    local = experts.num_experts // n
+    received_counts = torch.empty_like(counts)  # [source, own expert], flattened
+    dist.all_to_all_single(received_counts, counts, group=group)
+    send = counts.view(n, local).sum(dim=1).tolist()
+    by_source = received_counts.view(n, local)
+    receive = by_source.sum(dim=1).tolist()
+    rows = _exchange(x, receive, send, group)
+    expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(n), received_counts)
+    order = torch.argsort(expert_of_row, stable=True)
+    out = experts(rows[order], by_source.sum(dim=0))
+    return _exchange(out[torch.argsort(order)], send, receive, group)

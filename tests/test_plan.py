@@ -27,8 +27,8 @@ def _plan_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 PRODUCTION = ["scout-lora", "scout-sft", "maverick-lora", "maverick-sft"]
-# maverick-lora as the issue-14 plan had it: 16 H100 without offload (no expert parallelism yet: it cannot fit).
-MAVERICK_ON_H100 = ["train.gpu_type=H100-80GB", "train.fsdp_cpu_offload=false"]
+# maverick-lora as the issue-14 plan had it: 16 H100 without offload or expert parallelism (it cannot fit).
+MAVERICK_ON_H100 = ["train.gpu_type=H100-80GB", "train.fsdp_cpu_offload=false", "train.expert_parallel=1"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,41 @@ def test_check_fits_names_figures_and_knobs(monkeypatch: pytest.MonkeyPatch, mav
     assert isinstance(error.value, PermanentError)
     message = str(error.value)
     assert "GiB per GPU" in message and "79.6 GiB" in message and "train.gpu_type=H200-141GB" in message
+    assert "train.expert_parallel=16: fits" in message
     check_fits(load_profile("maverick-lora", [*MAVERICK_ON_H100, "plan.enforce=false"]))  # a user who knows better goes on
+
+
+def test_expert_parallel_holds_experts_whole_and_moves_tokens() -> None:
+    """maverick-lora at EP 16 on 16 H100: 8 of 128 experts per MoE layer per GPU, never gathered (the largest FSDP
+    unit is an embedding-sized one, not a 30 GiB MoE layer), tokens over the inter-node links; 4% headroom."""
+    result = plan(load_profile("maverick-lora", ["train.gpu_type=H100-80GB"]))
+    assert result["expert_parallel"] == 16 and result["experts_per_gpu"] == 8
+    # 24 MoE layers x 8 experts x 3 x 5120 x 8192 bf16 weights
+    assert result["expert_gib_per_gpu"] == pytest.approx(24 * 8 * 3 * 5120 * 8192 * 2 / 2**30, rel=1e-3)
+    assert result["largest_gathered_unit_gib"] < 2.5
+    assert result["fits"] and result["headroom_pct"] == pytest.approx(4.0, abs=0.5)  # below the 5% bar
+    estimate = result["estimate"]
+    # tokens (1 x 8192 x 8 micro-batches) x 5120 x bf16 x top-1 x (dispatch + combine) x (forward, backward,
+    # recompute) x 24 MoE layers x 15/16 leaving the GPU, over the nodes' links (EP 16 > 8 GPUs per node)
+    a2a = 8192 * 8 * 5120 * 2 * 1 * 2 * 3 * 24 * 15 / 16
+    assert estimate["all_to_all_gib_per_step_per_gpu"] == pytest.approx(a2a / 2**30, abs=0.01)
+    assert estimate["all_to_all_interconnect"].startswith("inter-node")
+    assert estimate["expert_grad_all_reduce_s"] == 0  # one replica: EP spans the world
+    assert estimate["step_s"] > max(estimate["compute_s_per_step"], estimate["comm_s_per_step"])
+
+
+def test_tiny_plan_with_replicated_experts_counts_two_whole_experts_per_rank() -> None:
+    result = plan(load_profile("tiny-cpu", ["train.nproc_per_node=4", "train.expert_parallel=2"]))
+    assert result["fits"] and (result["expert_parallel"], result["experts_per_gpu"]) == (2, 2)
+    plain = plan(load_profile("tiny-cpu", ["train.nproc_per_node=4"]))
+    # 4 experts per layer FSDP-sharded over 4 ranks (1 each) vs 2 whole experts per rank
+    assert result["params_gib_per_gpu"] > plain["params_gib_per_gpu"]
+
+
+def test_plan_refuses_an_expert_parallel_degree_the_model_cannot_take() -> None:
+    # A recipe override passes the profile's check; the plan checks it against the built model, as the trainer does.
+    with pytest.raises(PlanError, match=r"expert_parallel 3 does not divide the model's routed-expert count 4"):
+        plan(load_profile("tiny-cpu", ["train.nproc_per_node=2", "train.recipe_overrides={expert_parallel: 3}"]))
 
 
 def test_plan_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,6 +44,7 @@ from torchtune.modules.peft import (
 from tunerecipes import base_weights
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
+from tunerecipes import ep_degree, expert_parallel
 from tunerecipes import nf4_weights
 from tunerecipes import sharding
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
@@ -104,7 +105,9 @@ class SFTRecipe:
             self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
         self.ignore_index = getattr(self.loss_fn, "ignore_index", IGNORE_INDEX)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = config.instantiate(self.cfg.optimizer, self.params)
+        self.expert_params = expert_parallel.expert_params(self.model)
+        # One parameter group per mesh (FSDP's, the experts'): the optimizer's foreach step cannot mix them.
+        self.optimizer = config.instantiate(self.cfg.optimizer, expert_parallel.param_groups(self.params))
         self._build_data()
         self.total_steps = self.steps_per_epoch * int(self.cfg.epochs)
         if self.cfg.get("max_steps"):
@@ -176,6 +179,7 @@ class SFTRecipe:
         if self.method == "qlora":
             # Frozen before FSDP shards it: torchao's NF4 split refuses a base weight that requires grad.
             set_trainable_params(model, adapters)
+        experts = self._place_experts(model, mixed)
         if cfg.enable_activation_checkpointing:
             sharding.checkpoint_activations(model)
         if cfg.compile:
@@ -187,7 +191,7 @@ class SFTRecipe:
                 raise RecipeError("config", str(exc)) from exc
             sharding.shard(model, cpu_offload=bool(cfg.fsdp_cpu_offload),
                            reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
-                           mp_policy=sharding.mixed_precision(self.dtype) if mixed else None)
+                           mp_policy=sharding.mixed_precision(self.dtype) if mixed else None, ignored=experts)
         # Every parameter where it will live (FSDP keeps offloaded shards on the CPU), then the adapters initialised
         # and the base weights read into each shard, tensor by tensor (tunerecipes/base_weights.py).
         model.to_empty(device=torch.device("cpu") if cfg.fsdp_cpu_offload else self.device)
@@ -210,8 +214,26 @@ class SFTRecipe:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         self.log(f"model {cfg.model._component_}: {total:,} parameters, {trainable:,} trainable, dtype {cfg.dtype}"
-                 f"{f', FSDP over {self.world_size} processes' if self.distributed else ''}")
+                 f"{f', FSDP over {self.world_size} processes' if self.distributed else ''}"
+                 f"{f', experts parallel over groups of {self.ep_degree}' if experts else ''}")
         return model
+
+    def _place_experts(self, model: torch.nn.Module, mixed: bool) -> set[torch.nn.Parameter] | None:
+        """expert_parallel N > 1: the routed experts spread whole over EP groups of N processes, outside FSDP
+        (tunerecipes/expert_parallel.py); checked against the real model's expert count."""
+        self.ep_degree = int(self.cfg.get("expert_parallel") or 1)
+        refusal = ep_degree.refusal(degree=self.ep_degree, experts=expert_parallel.expert_count(model),
+                                    world_size=self.world_size, method=self.method,
+                                    cpu_offload=bool(self.cfg.fsdp_cpu_offload))
+        if refusal is None and self.ep_degree > 1 and mixed:  # FSDP's mixed-precision policy does not reach them
+            refusal = (f"expert_parallel {self.ep_degree} with master_dtype {self.cfg.master_dtype}: the experts live "
+                       "outside FSDP, whose policy keeps the fp32 master weights; use expert_parallel 1 for it")
+        if refusal:
+            raise RecipeError("config", f"{refusal} ({self.cfg.model._component_})")
+        if self.ep_degree == 1:
+            return None
+        return expert_parallel.place_experts(model, expert_parallel.mesh(self.device.type, self.world_size,
+                                                                          self.ep_degree))
 
     def _load_base_weights(self, model: torch.nn.Module, adapters: set[str]) -> None:
         try:
@@ -373,13 +395,14 @@ class SFTRecipe:
                     f"the learning rate (now {training.get_lr(self.optimizer):.3g}), use fp32, or check the optimizer "
                     "settings (e.g. eps > 0)",
                 )
+            # Expert-parallel gradients summed over the experts' replicas / world size: what FSDP's average gives the rest.
+            expert_parallel.reduce_grads(self.expert_params, self.world_size)
             # FSDP averages gradients over ranks; undo that and divide by the global supervised token count.
             scale = (self.world_size if self.distributed else 1) / max(totals[1].item(), 1.0)
             training.scale_grads(self.model, torch.tensor(scale))
             grad_norm = None
             if self.cfg.get("clip_grad_norm"):
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=float(self.cfg.clip_grad_norm))
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                grad_norm = expert_parallel.clip_grad_norm_(self.params, float(self.cfg.clip_grad_norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             lr = training.get_lr(self.optimizer)

@@ -1,6 +1,8 @@
 """Step time, hours and cost: compute from the FLOPs of the active parameters and attention at an assumed MFU,
 communication from the bytes FSDP moves per step at the pool's bandwidth; the step takes the longer of the two
-(FSDP overlaps them) plus what cannot overlap (the CPU optimizer step under offload)."""
+(FSDP overlaps them) plus what cannot overlap: the CPU optimizer step under offload, and under expert parallelism
+the token exchanges (each MoE layer waits for its tokens) and the once-per-step all-reduce of the experts' gradients
+over their replicas."""
 
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         pcie = accum * (2 * model.local_param_bytes + model.local_trainable_bytes)
         comm_s += pcie / (gpu.host_to_device_gbps * GB)
         offload_s = 2 * (2 + states) * model.local_trainable_bytes / (constants.host_optimizer_gbps * GB)
-    step_s = max(compute_s, comm_s) + offload_s
+    experts = _expert_parallel_comm(args, model, train, gpu, constants, tokens_per_gpu=tokens_per_gpu,
+                                    checkpointing=checkpointing, token_bytes=model.dtype_bytes * compute_ratio)
+    step_s = max(compute_s, comm_s) + offload_s + experts["all_to_all_s_per_step"] + experts["expert_grad_all_reduce_s"]
     gpu_hours_per_mtok = step_s / tokens_per_step * 1e6 / 3600 * train.world_size
     price = profile.plan.price_per_gpu_hour
     save_s = checkpoint_bytes / train.nnodes / (constants.checkpoint_write_gbps_per_node * GB)
@@ -79,6 +83,7 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         "interconnect": f"{'inter' if train.nnodes > 1 else 'intra'}-node {link:g} GB/s per GPU",
         "comm_s_per_step": round(comm_s, 2),
         "cpu_optimizer_s_per_step": round(offload_s, 2),
+        **experts,
         "step_s": round(step_s, 2),
         "bound": "communication" if comm_s > compute_s else "compute",
         "hours_per_million_tokens": round(step_s / tokens_per_step * 1e6 / 3600, 3),
@@ -95,3 +100,29 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         out["gpu_hours_total"] = round(epoch_h * train.epochs * train.world_size, 1)
         out["cost_total"] = round(epoch_h * train.epochs * train.world_size * price, 2) if price else None
     return out
+
+
+def _expert_parallel_comm(args: Any, model: MeasuredModel, train: Any, gpu: Accelerator, constants: Constants, *,
+                          tokens_per_gpu: int, checkpointing: bool, token_bytes: float) -> dict[str, Any]:
+    """Expert parallelism's traffic per GPU and step (none at degree 1): every MoE layer sends each token's top_k
+    rows of ``hidden`` values to their experts and gets them back (dispatch + combine), in forward and again for
+    the gradients in backward (a third time when activation checkpointing recomputes the forward); (N-1)/N of the
+    rows leave the GPU, over NVLink when an EP group fits in a node. Then the experts' gradients are all-reduced
+    over the world/N replicas once per step (a ring: 2 (R-1)/R of the bytes)."""
+    degree = model.expert_parallel
+    if degree == 1:
+        return {"all_to_all_gib_per_step_per_gpu": 0.0, "all_to_all_s_per_step": 0.0, "expert_grad_all_reduce_s": 0.0}
+    moe_layers = sum(1 for layer in range(args.num_hidden_layers) if args.is_moe_layer(layer))
+    passes = 2 * (3 if checkpointing else 2)  # (dispatch + combine) x (forward, backward[, recompute])
+    a2a = tokens_per_gpu * args.hidden_size * token_bytes * args.num_experts_per_tok * passes * moe_layers
+    a2a *= (degree - 1) / degree
+    a2a_link = gpu.intra_node_gbps if degree <= train.nproc_per_node else gpu.inter_node_gbps
+    replicas = train.world_size // degree
+    reduce_bytes = 2 * (replicas - 1) / replicas * model.expert_trainable_local_bytes
+    reduce_link = gpu.inter_node_gbps if train.nnodes > 1 else gpu.intra_node_gbps
+    return {
+        "all_to_all_gib_per_step_per_gpu": round(a2a / GIB, 2),
+        "all_to_all_interconnect": f"{'intra' if a2a_link == gpu.intra_node_gbps else 'inter'}-node {a2a_link:g} GB/s",
+        "all_to_all_s_per_step": round(a2a / (a2a_link * GB * constants.collective_efficiency), 2),
+        "expert_grad_all_reduce_s": round(reduce_bytes / (reduce_link * GB * constants.collective_efficiency), 2),
+    }

@@ -63,6 +63,11 @@ class MeasuredModel:
     nf4_dequantized_bytes: int = 0
     """QLoRA: the largest NF4 weight dequantized to the compute dtype, the transient a layer adds
     (llama4tune/nf4.py dequantizes one layer's experts at a time, forward and again in backward)."""
+    expert_parallel: int = 1
+    expert_local_bytes: int = 0
+    """Expert parallelism: this rank's E/N experts (never gathered; outside every FSDP unit)."""
+    expert_trainable_local_bytes: int = 0
+    """Their trainable part, whose gradients are all-reduced over the experts' replicas once per step."""
 
 
 def model_config(profile: Profile) -> ModelConfig:
@@ -102,7 +107,8 @@ def _local_config_file(profile: Profile) -> Path | None:
 
 @contextlib.contextmanager
 def fake_world(world_size: int) -> Iterator[Any]:
-    """A DeviceMesh over ``world_size`` ranks of torch's fake process group, this process being rank 0."""
+    """A DeviceMesh over ``world_size`` ranks of torch's fake process group, this process being rank 0 (expert
+    parallel meshes are made over the same group)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -142,13 +148,18 @@ def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings)
 
 def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, world_size: int) -> MeasuredModel:
     """Build, shard as the recipe does for ``world_size`` processes (none for one), and count rank 0's bytes."""
-    from tunerecipes import nf4_weights, sharding
+    from tunerecipes import expert_parallel, nf4_weights, sharding
+    from tunerecipes.ep_degree import refusal
 
     model = build_model(profile, config, settings)
     if profile.train.adapters_only:
         from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
         set_trainable_params(model, get_adapter_params(model))
+    # The recipe's own check, against the real model config (a recipe override may set the degree too).
+    if reason := refusal(degree=settings.expert_parallel, experts=expert_parallel.expert_count(model),
+                         world_size=world_size, method=profile.train.method, cpu_offload=settings.cpu_offload):
+        raise PlanError(reason)
     if world_size == 1:
         return _count(model, world_size, sharded=False, dtype=settings.master_dtype)
     try:  # QLoRA: an NF4 weight FSDP cannot split is refused here, before any stage, as the trainer refuses it
@@ -156,9 +167,14 @@ def measure(profile: Profile, config: ModelConfig, settings: RecipeSettings, wor
     except ValueError as exc:
         raise PlanError(str(exc)) from exc
     with fake_world(world_size) as mesh:
+        ignored = None
+        if settings.expert_parallel > 1:  # the recipe's placement: E/N experts whole per rank, outside FSDP
+            ignored = expert_parallel.place_experts(
+                model, expert_parallel.mesh("cpu", world_size, settings.expert_parallel))
         sharding.shard(model, cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
-                       mesh=mesh)
-        return _count(model, world_size, sharded=True, dtype=settings.master_dtype)
+                       mesh=mesh, ignored=ignored)
+        return _count(model, world_size, sharded=True, dtype=settings.master_dtype, experts=ignored or set(),
+                      expert_parallel=settings.expert_parallel)
 
 
 def _local(param: Any) -> Any:
@@ -185,7 +201,8 @@ def _is_nf4(param: Any) -> bool:
     return isinstance(_local(param), NF4Tensor)
 
 
-def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> MeasuredModel:
+def _count(model: Any, world_size: int, *, sharded: bool, dtype: str, experts: set[Any] = frozenset(),
+           expert_parallel: int = 1) -> MeasuredModel:
     from torch.distributed.fsdp import FSDPModule
 
     params = list(model.parameters())
@@ -193,7 +210,7 @@ def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> Measure
                                      if isinstance(module, FSDPModule)] if sharded else [("model", model)]
     # A parameter belongs to the innermost unit holding it: the smallest subtree claims it first.
     owners.sort(key=lambda item: sum(1 for _ in item[1].parameters()))
-    claimed: set[int] = set()
+    claimed: set[int] = set(map(id, experts))  # expert-parallel experts: in no unit, never gathered
     units = []
     for name, module in owners:
         own = [p for p in module.parameters() if id(p) not in claimed]
@@ -214,5 +231,8 @@ def _count(model: Any, world_size: int, *, sharded: bool, dtype: str) -> Measure
         largest_local_tensor_bytes=max(_local(p).numel() * p.element_size() for p in params),
         units=units[:-1], root=units[-1],
         nf4_dequantized_bytes=max((p.numel() * p.element_size() for p in params if _is_nf4(p)), default=0),
+        expert_parallel=expert_parallel,
+        expert_local_bytes=sum(_nbytes(p) for p in experts),
+        expert_trainable_local_bytes=sum(_nbytes(p) for p in experts if p.requires_grad),
     )
 

@@ -82,7 +82,7 @@ class Planner:
 
     def measured(self, settings: RecipeSettings, world_size: int) -> MeasuredModel:
         key = (world_size, settings.master_dtype, settings.activation_checkpointing, settings.cpu_offload,
-               settings.reshard_after_forward)
+               settings.reshard_after_forward, settings.expert_parallel)
         if key not in self._measured:
             self._measured[key] = measure(self.profile, self.config, settings, world_size)
         return self._measured[key]
@@ -117,9 +117,15 @@ class Planner:
         if not settings.activation_checkpointing:
             candidates.append(("train.activation_checkpointing=true", dataclasses.replace(
                 setup, settings=dataclasses.replace(settings, activation_checkpointing=True)), train.nnodes))
-        if self.on_gpu and not settings.cpu_offload:
+        if self.on_gpu and not settings.cpu_offload and settings.expert_parallel == 1:
             candidates.append(("train.fsdp_cpu_offload=true", dataclasses.replace(
                 setup, settings=dataclasses.replace(settings, cpu_offload=True)), train.nnodes))
+        if (settings.expert_parallel == 1 and not settings.cpu_offload and train.method != "qlora"
+                and settings.master_dtype == settings.dtype):  # what the recipe accepts with expert parallelism
+            experts = self.args.num_local_experts
+            for degree in (d for d in (2, 4, 8, 16, 32, 64) if experts % d == 0 and train.world_size % d == 0):
+                candidates.append((f"train.expert_parallel={degree}", dataclasses.replace(
+                    setup, settings=dataclasses.replace(settings, expert_parallel=degree)), train.nnodes))
         if settings.batch_size > 1:
             candidates.append(("train.batch_size=1", dataclasses.replace(
                 setup, settings=dataclasses.replace(settings, batch_size=1)), train.nnodes))
@@ -194,6 +200,9 @@ def plan(profile: Profile) -> dict[str, Any]:
         "largest_gathered_unit_gib": round(max((u.full_bytes for u in model.units), default=0) / GIB, 3),
         "root_unit_gib": round(model.root.full_bytes / GIB, 3) if model.sharded else 0.0,
         "fsdp_units": len(model.units) + 1 if model.sharded else 0,
+        "expert_parallel": model.expert_parallel,
+        "experts_per_gpu": planner.args.num_local_experts // model.expert_parallel,
+        "expert_gib_per_gpu": round(model.expert_local_bytes / GIB, 2),
         "recipe": dataclasses.asdict(settings) | {"optimizer_states_per_param": states, "seq_len": setup.seq_len},
         "precision": precision(settings, train.adapters_only),
         "fits": fits,

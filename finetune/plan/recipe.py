@@ -54,6 +54,8 @@ class RecipeSettings:
     keep_last: int
     final_format: str
     model_overrides: Mapping[str, Any]
+    expert_parallel: int = 1
+    """Routed experts whole on groups of this many processes (tunerecipes/expert_parallel.py); 1: FSDP-sharded."""
 
 
 def recipe_settings(profile: Profile) -> RecipeSettings:
@@ -86,6 +88,7 @@ def recipe_settings(profile: Profile) -> RecipeSettings:
         final_format=str(value("final_format", "dcp" if train.enable_dcp else "hf")),
         model_overrides={key.removeprefix("model."): item for key, item in overrides.items()
                          if key.startswith("model.") and key not in ("model._component_", "model.config")},
+        expert_parallel=int(value("expert_parallel", train.expert_parallel)),
     )
 
 

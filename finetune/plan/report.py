@@ -18,6 +18,9 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ("precision", plan["precision"]),
         ("FSDP", f"{plan['fsdp_units']} units, largest layer unit {_gib(plan['largest_gathered_unit_gib'])}, root "
                  f"(final norm) {_gib(plan['root_unit_gib'])}, embeddings and output units of their own" if plan["fsdp_units"] else "not sharded"),
+        *([("experts", f"expert parallel {plan['expert_parallel']}: {plan['experts_per_gpu']} whole experts per MoE "
+                         f"layer per GPU ({_gib(plan['expert_gib_per_gpu'])} in params), never gathered; tokens "
+                         "travel to them (all_to_all)")] if plan["expert_parallel"] > 1 else []),
         ("per GPU: params / grads / optimizer",
          f"{_gib(b['params'])} / {_gib(b['grads'])} / {_gib(b['optimizer_states'])}"
          + (" (offloaded to host)" if plan["recipe"]["cpu_offload"] else "")),
@@ -66,7 +69,11 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         out += [
             ("step time", f"{estimate['step_s']:g} s ({estimate['bound']}-bound: compute {estimate['compute_s_per_step']:g}"
                           f" s at MFU {plan['constants']['mfu']:g}, communication {estimate['comm_s_per_step']:g} s "
-                          f"for {estimate['comm_gib_per_step_per_gpu']:g} GiB per GPU over {estimate['interconnect']})"),
+                          f"for {estimate['comm_gib_per_step_per_gpu']:g} GiB per GPU over {estimate['interconnect']})"
+                          + (f" + all_to_all {estimate['all_to_all_s_per_step']:g} s for "
+                             f"{estimate['all_to_all_gib_per_step_per_gpu']:g} GiB per GPU over "
+                             f"{estimate['all_to_all_interconnect']} + expert gradient all-reduce "
+                             f"{estimate['expert_grad_all_reduce_s']:g} s" if plan["expert_parallel"] > 1 else "")),
             ("per million tokens", f"{estimate['hours_per_million_tokens']:g} h, "
                                    f"{estimate['gpu_hours_per_million_tokens']:g} GPU-h"
                                    + (f", {cost:g} per the profile's price" if cost is not None else "")),

@@ -45,6 +45,7 @@ def render_config(train: TrainConfig, max_seq_len: int, workdir: Path, model_dir
         "enable_activation_checkpointing": train.activation_checkpointing,
         "compile": train.compile,
         "fsdp_cpu_offload": train.fsdp_cpu_offload,
+        "expert_parallel": train.expert_parallel,
         "checkpoint": {"every_n_steps": train.checkpoint_every_steps, "async_save": train.async_checkpoint,
                        "every_n_minutes": train.checkpoint_every_minutes, "estimated_save_s": estimated_save_s},
         "preemption_grace_s": train.preemption_grace_s,
