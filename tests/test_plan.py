@@ -154,3 +154,22 @@ def test_run_refuses_a_plan_that_does_not_fit_before_any_stage(tmp_path: Path) -
     assert done.returncode == 2, done.stderr
     assert "does not fit" in done.stderr and "GiB" in done.stderr
     assert not store.exists() or not any(store.iterdir())
+
+
+def test_the_plan_sizes_the_config_the_trainer_gets_recipe_overrides_included(tmp_path) -> None:
+    from finetune.plan.recipe import recipe_settings
+    from tasks.train.recipe_config import render_config
+
+    overrides = "train.recipe_overrides={checkpoint.async_save: true, batch_size: 2, fsdp_reshard_after_forward: false}"
+    profile = load_profile("scout-lora", [overrides])
+    settings = recipe_settings(profile)
+    rendered = render_config(profile.train, profile.data.max_seq_len, tmp_path, tmp_path, tmp_path)
+    assert (settings.async_save, settings.batch_size, settings.reshard_after_forward) == (
+        rendered["checkpoint"]["async_save"], rendered["batch_size"], rendered["fsdp_reshard_after_forward"]) == (
+        True, 2, False)
+    # The time estimate follows them too: an async save (scout-sft's 1.2 TiB) stalls training for the device-to-host
+    # copy only, not for the whole write.
+    blocking, overlapped = (plan(load_profile("scout-sft", [f"train.recipe_overrides={{checkpoint.async_save: {on}}}"]))
+                            ["estimate"] for on in ("false", "true"))
+    assert blocking["checkpoint_training_stall_s"] == blocking["checkpoint_save_s"] > 60
+    assert overlapped["checkpoint_training_stall_s"] < 0.1 * blocking["checkpoint_training_stall_s"]

@@ -37,12 +37,14 @@ def flops_per_token(args: Any, seq_len: int, *, lora: bool, checkpointing: bool)
 
 
 def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator, constants: Constants, *,
-             batch_size: int, accum: int, cpu_offload: bool, reshard_after_forward: bool, checkpointing: bool,
-             states: int, checkpoint_bytes: int, compute_ratio: float = 1.0) -> dict[str, Any]:
+             seq_len: int, batch_size: int, accum: int, cpu_offload: bool, reshard_after_forward: bool,
+             checkpointing: bool, async_save: bool, states: int, checkpoint_bytes: int,
+             compute_ratio: float = 1.0) -> dict[str, Any]:
+    """``seq_len`` .. ``async_save``: the rendered recipe's values (recipe_settings), not the profile's fields, so
+    a train.recipe_overrides of them is what the estimate sees."""
     train = profile.train
-    seq = profile.data.max_seq_len
-    flops = flops_per_token(args, seq, lora=train.adapters_only, checkpointing=checkpointing)
-    tokens_per_gpu = batch_size * seq * accum
+    flops = flops_per_token(args, seq_len, lora=train.adapters_only, checkpointing=checkpointing)
+    tokens_per_gpu = batch_size * seq_len * accum
     tokens_per_step = tokens_per_gpu * train.world_size
     compute_s = tokens_per_gpu * flops["train"] / (gpu.bf16_dense_tflops * 1e12 * constants.mfu)
 
@@ -74,7 +76,7 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
     save_s = checkpoint_bytes / train.nnodes / (constants.checkpoint_write_gbps_per_node * GB)
     stall_s = (model.local_trainable_bytes if train.adapters_only else model.local_param_bytes)
     stall_s = (stall_s + states * model.local_trainable_bytes) / (gpu.host_to_device_gbps * GB) \
-        if train.async_checkpoint else save_s
+        if async_save else save_s
     out: dict[str, Any] = {
         "flops_per_token": {name: round(value) for name, value in flops.items()},
         "tokens_per_step": tokens_per_step,

@@ -225,9 +225,10 @@ def plan(profile: Profile) -> dict[str, Any]:
     }
     if planner.on_gpu:
         result["estimate"] = estimate(
-            profile, planner.args, model, setup.gpu, planner.constants, batch_size=settings.batch_size,
-            accum=settings.gradient_accumulation_steps, cpu_offload=settings.cpu_offload,
-            reshard_after_forward=settings.reshard_after_forward, checkpointing=settings.activation_checkpointing,
+            profile, planner.args, model, setup.gpu, planner.constants, seq_len=setup.seq_len,
+            batch_size=settings.batch_size, accum=settings.gradient_accumulation_steps,
+            cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
+            checkpointing=settings.activation_checkpointing, async_save=settings.async_save,
             states=states, checkpoint_bytes=memory.checkpoint_bytes, compute_ratio=compute_ratio(settings),
         )
     return result

@@ -1,7 +1,8 @@
-"""What the recipe will be asked to do for a profile: the model section and the settings that size a run.
+"""What the recipe will be asked to do for a profile: the recipe config the train stage renders and the settings
+that size a run, read from that same config.
 
-The values follow the rendered torchtune config: ``profiles/recipes/sft.yaml``'s defaults, the profile's ``train:``
-fields on top, ``train.recipe_overrides`` last (the train stage's order).
+The config is ``profiles/recipes/sft.yaml``'s defaults, the profile's ``train:`` fields on top (``train_section``,
+``model_section``), ``train.recipe_overrides`` last; the train stage adds its paths (tasks/train/recipe_config.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,64 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune.profile import REPO_ROOT, Profile, TrainConfig
+from finetune.plan.errors import PlanError
+from finetune.profile import REPO_ROOT, Profile, TrainConfig, deep_merge
 
 TEMPLATE = REPO_ROOT / "profiles" / "recipes" / "sft.yaml"
+# Recipe config sections whose keys are a component's keyword arguments: overrides may add new ones.
+COMPONENT_SECTIONS = {"model", "checkpointer", "dataset", "optimizer", "lr_scheduler", "loss"}
+
+
+def train_section(train: TrainConfig) -> dict[str, Any]:
+    """The profile's ``train:`` fields under the recipe config's names (paths and the model section aside)."""
+    return {
+        "method": train.method,
+        "device": train.device,
+        "dtype": train.dtype,
+        "seed": train.seed,
+        "epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "optimizer": {"lr": train.lr, "weight_decay": train.weight_decay},
+        "lr_scheduler": {"num_warmup_steps": train.warmup_steps},
+        "enable_activation_checkpointing": train.activation_checkpointing,
+        "compile": train.compile,
+        "fsdp_cpu_offload": train.fsdp_cpu_offload,
+        "expert_parallel": train.expert_parallel,
+        "checkpoint": {"every_n_steps": train.checkpoint_every_steps, "async_save": train.async_checkpoint,
+                       "every_n_minutes": train.checkpoint_every_minutes},
+        "preemption_grace_s": train.preemption_grace_s,
+        "final_format": "dcp" if train.enable_dcp else "hf",
+    }
+
+
+def recipe_config(train: TrainConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe config for ``train``: template, train section, ``extra`` (the stage's paths and model section),
+    ``train.recipe_overrides`` last. A plain dict; interpolations such as ${output_dir} are kept."""
+    template = OmegaConf.to_container(OmegaConf.load(TEMPLATE), resolve=False)
+    assert isinstance(template, dict)
+    config = deep_merge(deep_merge(template, train_section(train)), dict(extra or {}))
+    return deep_merge(config, _nested_overrides(train.recipe_overrides, template))
+
+
+def _nested_overrides(overrides: Mapping[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """``{"optimizer.lr": 1e-4}`` and ``{"optimizer": {"lr": 1e-4}}`` alike; unknown keys are typos."""
+    nested: dict[str, Any] = {}
+    for dotted, value in _flatten(overrides).items():
+        parts = dotted.split(".")
+        if parts[0] not in template:
+            raise PlanError(f"train.recipe_overrides.{dotted}: '{parts[0]}' is not a key of {TEMPLATE.name} "
+                            f"(known: {', '.join(sorted(template))})")
+        if len(parts) > 1 and parts[0] not in COMPONENT_SECTIONS and isinstance(template[parts[0]], dict):
+            if parts[1] not in template[parts[0]]:
+                raise PlanError(f"train.recipe_overrides.{dotted}: '{parts[1]}' is not a key of '{parts[0]}' "
+                                f"(known: {', '.join(sorted(template[parts[0]]))})")
+        patch: Any = value
+        for part in reversed(parts[1:]):
+            patch = {part: patch}
+        nested = deep_merge(nested, {parts[0]: patch})
+    return nested
 
 
 def model_section(train: TrainConfig, config: Any, max_seq_len: int) -> dict[str, Any]:
@@ -59,36 +115,27 @@ class RecipeSettings:
 
 
 def recipe_settings(profile: Profile) -> RecipeSettings:
+    """Read from the config the train stage will render (recipe_config), so the plan sizes what the trainer runs."""
     train = profile.train
-    template = OmegaConf.to_container(OmegaConf.load(TEMPLATE), resolve=False)
-    assert isinstance(template, dict)
+    config = recipe_config(train)
+    checkpoint = config["checkpoint"]
     overrides = _flatten(train.recipe_overrides)
-
-    def value(key: str, profile_value: Any = None) -> Any:
-        if key in overrides:
-            return overrides[key]
-        if profile_value is not None:
-            return profile_value
-        node: Any = template
-        for part in key.split("."):
-            node = node[part]
-        return node
-
     return RecipeSettings(
-        dtype=value("dtype", train.dtype),
-        master_dtype=value("master_dtype") or value("dtype", train.dtype),
-        batch_size=int(value("batch_size", train.batch_size)),
-        gradient_accumulation_steps=int(value("gradient_accumulation_steps", train.gradient_accumulation_steps)),
-        activation_checkpointing=bool(value("enable_activation_checkpointing", train.activation_checkpointing)),
-        cpu_offload=bool(value("fsdp_cpu_offload", train.fsdp_cpu_offload)),
-        reshard_after_forward=bool(value("fsdp_reshard_after_forward")),
-        optimizer=str(value("optimizer._component_")),
-        async_save=bool(value("checkpoint.async_save", train.async_checkpoint)),
-        keep_last=int(value("checkpoint.keep_last")),
-        final_format=str(value("final_format", "dcp" if train.enable_dcp else "hf")),
+        dtype=config["dtype"],
+        master_dtype=config.get("master_dtype") or config["dtype"],
+        batch_size=int(config["batch_size"]),
+        gradient_accumulation_steps=int(config["gradient_accumulation_steps"]),
+        activation_checkpointing=bool(config["enable_activation_checkpointing"]),
+        cpu_offload=bool(config["fsdp_cpu_offload"]),
+        reshard_after_forward=bool(config["fsdp_reshard_after_forward"]),
+        optimizer=str(config["optimizer"]["_component_"]),
+        async_save=bool(checkpoint["async_save"]),
+        keep_last=int(checkpoint["keep_last"]),
+        final_format=str(config["final_format"]),
+        # What the profile's model section does not say: model_section builds the rest from the profile.
         model_overrides={key.removeprefix("model."): item for key, item in overrides.items()
                          if key.startswith("model.") and key not in ("model._component_", "model.config")},
-        expert_parallel=int(value("expert_parallel", train.expert_parallel)),
+        expert_parallel=int(config["expert_parallel"]),
     )
 
 
