@@ -91,7 +91,6 @@ def reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
     torch._foreach_div_(grads, float(world_size))
 
 
-
 def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     # torch's foreach kernels (AdamW, gradient clipping) refuse DTensors of different meshes in one list.
     groups: dict[object, list[torch.Tensor]] = {}
