@@ -375,6 +375,8 @@ class PlanConfig(Section):
     mfu: float = Field(0.35, gt=0, le=1, description="Assumed model FLOPs utilisation of the step time estimate.")
     host_ram_gib_per_node: float | None = Field(None, gt=0, description="Host RAM of a training node; the GPU "
                                                                         "catalog's usual node when unset.")
+    spot_reclaim_mtbf_h: float = Field(24.0, gt=0, description="Mean hours between spot reclaims of one node, "
+                                       "for the plan's checkpoint interval (see finetune/plan/catalog.py Constants).")
 
 
 class PublishConfig(Section):
