@@ -101,6 +101,9 @@ def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: Local
     endpoints = {log["message"].rsplit(" at ", 1)[1] for log in logs if "rendezvous" in log["message"]
                  and log["message"].startswith("node ")}
     assert len(endpoints) == 1 and next(iter(endpoints)).startswith("127.0.0.1:")
+    # Each node renewed the train stage's server lease while it trained (the key outlives a killed orchestrator).
+    renewing = [log for log in logs if "renewing the stage's lease on finetune-key-train-" in log["message"]]
+    assert len(renewing) == 2, [log["message"] for log in logs]
     summary = cluster.api("GET", f"/flow_runs/{run['id']}")
     workdir = Path(nodes[0]["parameters"]["workdir"])
     meta = json.loads((workdir / "final" / "train_meta.json").read_text())
