@@ -88,3 +88,20 @@ def test_embedded_source_builds_a_transformers_loadable_llama4(tmp_path: Path, m
     config = AutoConfig.from_pretrained(artifact.path)
     assert config.architectures == ["Llama4ForCausalLM"]
     assert {"tokenizer.json", "generation_config.json", "model.safetensors"} <= set(artifact.files)
+
+
+def test_two_runs_building_the_embedded_model_at_once_both_get_it(tmp_path: Path, monkeypatch) -> None:
+    """Two runs starting on a fresh machine both build the tiny model; the one whose rename lands second must take
+    the first's (deterministic) model instead of failing the run (seen with two deployment runs 3 s apart)."""
+    import embedded.tiny_model
+
+    monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "scratch"))
+
+    def built_by_the_other_run_first(out_dir: Path, seed: int) -> Path:
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        raise FileExistsError(f"tiny model output {out_dir} already exists; refusing to overwrite it")
+
+    monkeypatch.setattr(embedded.tiny_model, "build_tiny_model", built_by_the_other_run_first)
+    target = download.embedded_model_dir(seed=0)
+    assert (target / "config.json").is_file()
