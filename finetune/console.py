@@ -12,10 +12,11 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+from finetune.store import unique_name
 
 EVENTS = logging.getLogger("finetune.events")
 # Stage events: running, progress, done, cached, failed, skipped.
@@ -120,8 +121,8 @@ def output_to_log(log_path: Path) -> Iterator[tuple[TextIO, TextIO]]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)  # never another run's
     out, err = (os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8") for fd in (1, 2))
-    target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(target, 1)
     os.dup2(target, 2)
     os.close(target)
@@ -149,5 +150,6 @@ def log_tail(log_path: Path, lines: int = 40) -> str:
 
 
 def run_log_path(runs_dir: Path, profile_name: str) -> Path:
-    """``<runs_dir>/<profile>-<UTC time>.log``: one file per ``finetune run``, beside (not inside) the stages."""
-    return runs_dir / f"{profile_name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+    """``<runs_dir>/<profile>-<UTC time>-<random>.log``: one file per ``finetune run``, beside (not inside) the
+    stages (output_to_log creates it exclusively)."""
+    return runs_dir / unique_name(profile_name, ".log")

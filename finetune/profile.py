@@ -190,7 +190,8 @@ class TrainConfig(Section):
     preemption_grace_s: float = Field(
         120, ge=0,
         description="Seconds the machines give between SIGTERM (a spot notice) and SIGKILL: Kubernetes' default is "
-                    "30, AWS spot about 120. On SIGTERM the trainer finishes its step and saves a checkpoint when "
+                    "30, AWS spot about 120, GCP and Azure spot 30. The cloud's notice is fixed: a larger value buys "
+                    "no time it does not give (`finetune plan` says where a notice save fits). On SIGTERM the trainer finishes its step and saves a checkpoint when "
                     "the step and the plan's estimated save time fit in it (else it exits at once); the launcher "
                     "waits this long before killing the trainer, and the Kubernetes GPU pool's pods get it plus a "
                     "margin as terminationGracePeriodSeconds.")
@@ -385,6 +386,8 @@ class PlanConfig(Section):
     mfu: float = Field(0.35, gt=0, le=1, description="Assumed model FLOPs utilisation of the step time estimate.")
     host_ram_gib_per_node: float | None = Field(None, gt=0, description="Host RAM of a training node; the GPU "
                                                                         "catalog's usual node when unset.")
+    spot_reclaim_mtbf_h: float = Field(24.0, gt=0, description="Mean hours between spot reclaims of one node, "
+                                       "for the plan's checkpoint interval (see finetune/plan/catalog.py Constants).")
 
 
 class PublishConfig(Section):

@@ -19,7 +19,7 @@ from typing import Any
 
 from finetune.hashing import hash_json
 from finetune.profile import Profile
-from finetune.stage_lock import Lease, LeaseLost, LockTimeout, identity, stage_lock
+from finetune.stage_lock import Lease, LeaseLost, LockTimeout, ServerLease, identity, stage_lock
 from finetune.store import Artifact, Store, atomic_file, now_iso
 
 TABLES_FILE = "tables.json"
@@ -49,6 +49,8 @@ class StageContext:
     """Descriptors the stage's child processes inherit: they keep the stage key locked until the last one exits."""
     stop: threading.Event | None = None
     """Set when the stage lost its lock (a remote store's lease): its child processes must stop at once."""
+    server_lease: ServerLease | None = None
+    """The key's server lease, which work the stage hands to other machines renews (tasks/train/pool.py)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _compute(
     # Written below, after run(): one already here was left by an attempt killed before its manifest.
     (workdir / TABLES_FILE).unlink(missing_ok=True)
     ctx = StageContext(profile=profile, key=key, workdir=workdir, inputs=inputs, log=log_fn, progress=progress,
-                       lock_fds=lease.fds, stop=lease.lost)
+                       lock_fds=lease.fds, stop=lease.lost, server_lease=lease.server)
     started, clock = now_iso(), time.perf_counter()
     lost = LeaseLost(f"{spec.name} {key[:12]}: lost the lock of this stage key; stopped, retried later")
     try:

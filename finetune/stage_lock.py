@@ -30,7 +30,9 @@ The lock file holds who holds it (run, pid, host, since), which the waiting run 
   the store by different paths or through an object store without compare-and-swap; the store lock still guards
   against a run that does not use the server (``finetune run`` with the ephemeral API on the same store) and, on a
   local store, keeps the key locked while a killed run's trainer is still saving (the server's lease expires after
-  its duration whether or not that trainer is gone).
+  its duration whether or not that trainer is gone). Work a stage hands to other machines (``train.launcher:
+  prefect-pool`` node runs) gets the ``ServerLease`` and renews it while it runs (``renew_server_lease``), so the key
+  stays taken while any node trains even after the run that took it was killed; a node that cannot renew stops.
 """
 
 from __future__ import annotations
@@ -83,12 +85,25 @@ class LeaseLost(RuntimeError):
     """This run's lease on a stage key could not be renewed: its trainers were stopped before anyone else starts."""
 
 
+@dataclass(frozen=True)
+class ServerLease:
+    """A server lease on a stage key's limit, as a stage hands it to processes on other machines that compute for it
+    (pool node runs, tasks/train/pool.py): they renew it while they work (``renew_server_lease``), so the key stays
+    taken as long as any of them lives, even when the run that took it was killed."""
+
+    name: str
+    lease_id: str
+    lease_s: float
+
+
 @dataclass
 class Lease:
-    """A held stage lock: descriptors the stage's children must inherit, and the event set when it is lost."""
+    """A held stage lock: descriptors the stage's children must inherit, the event set when it is lost, and the
+    server lease when one is held."""
 
     fds: tuple[int, ...] = ()
     lost: threading.Event = field(default_factory=threading.Event)
+    server: ServerLease | None = None
 
 
 def identity(run: str = "") -> str:
@@ -124,12 +139,14 @@ def stage_lock(
     backend = f"flock on {path}" if store.is_local else f"lease file {path} (ttl {ttl_s:g} s)"
     with contextlib.ExitStack() as stack:
         api_url = get_current_settings().api.url
+        server = None
         if api_url:  # a real server: the ephemeral API (no URL) never revokes a dead holder's lease
             name = limit_name(stage, key)
-            stack.enter_context(_server_limit(name, where, log, wait, server_lease_s, lost, read_holder))
+            server = stack.enter_context(_server_limit(name, where, log, wait, server_lease_s, lost, read_holder))
             backend = (f"Prefect global concurrency limit {name} on {api_url} (lease {server_lease_s:g} s), "
                        f"and {backend}")
         lease = stack.enter_context(store_lock())
+        lease.server = server
         log(f"{where}: computing under {backend}")
         yield lease
 
@@ -142,15 +159,14 @@ def limit_name(stage: str, key: str) -> str:
 
 @contextlib.contextmanager
 def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waiter, lease_s: float,
-                  lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None]) -> Iterator[None]:
+                  lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None]) -> Iterator[ServerLease]:
     """Hold the one slot of the global concurrency limit ``name`` (created on demand, deleted after) with a lease.
 
     Built from the client calls ``prefect.concurrency.sync.concurrency(name, strict=True, lease_duration=...)`` makes,
     not from it: its acquisition waits without saying for whom and cannot be bounded while reporting; and it renews
     at 3/4 of the lease and, when renewal fails, cancels the calling thread after three attempts, possibly after the
     server already gave the slot away and without stopping the trainers (child processes). Here renewal runs every
-    quarter of the lease, and half a lease without one sets ``lost`` (the stage kills its trainers at once), well
-    before the server's lease-expiry service (``repossessor``) can free the slot for another run.
+    quarter of the lease (``_renewing``), and half a lease without one sets ``lost``.
     """
     lease_id: UUID | None = None
     last_holder: dict[str, Any] = {}
@@ -178,45 +194,77 @@ def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waite
 
         wait(attempt)
         assert lease_id is not None
-        done = threading.Event()
-        renewed = time.monotonic()
-
-        def renew() -> None:
-            nonlocal renewed
-            failing = False
-            with get_client(sync_client=True) as renewer:
-                while not done.wait(min(5.0, lease_s / 8) if failing else lease_s / 4):
-                    try:
-                        renewer.renew_concurrency_lease(lease_id, lease_duration=lease_s)
-                        renewed, failing = time.monotonic(), False
-                    except httpx.HTTPStatusError as exc:
-                        if exc.response.status_code in (404, 410):  # revoked: another run may hold it already
-                            log(f"{where}: the server revoked our lease on {name}; stopping")
-                            lost.set()
-                            return
-                        log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
-                        failing = True
-                    except httpx.HTTPError as exc:  # the server unreachable: retried until the watchdog gives up
-                        log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
-                        failing = True
-
-        def watchdog() -> None:  # apart from renew(): a request hanging in its own timeout must not delay this
-            while not done.wait(1.0) and not lost.is_set():
-                if time.monotonic() - renewed > lease_s / 2:
-                    log(f"{where}: could not renew the lease on {name} for {lease_s / 2:g} s; stopping")
-                    lost.set()
-
-        threads = [threading.Thread(target=target, daemon=True, name=f"{target.__name__}-{where}")
-                   for target in (renew, watchdog)]
-        for thread in threads:
-            thread.start()
+        server = ServerLease(name=name, lease_id=str(lease_id), lease_s=lease_s)
         try:
-            yield
+            with _renewing(server, where, log, lost):
+                yield server
         finally:
-            done.set()
-            for thread in threads:
-                thread.join(timeout=2)
             _release_limit(client, name, lease_id, lease_s, lost, where, log)
+
+
+@contextlib.contextmanager
+def renew_server_lease(server: ServerLease, where: str, log: Callable[[str], None]) -> Iterator[threading.Event]:
+    """Keep another process's server lease alive while the block runs (a pool node run's trainer) and yield the
+    event set when it is lost (revoked, or not renewed for half a lease): the block must stop its work then, as the
+    holder would. Renewed once up front, so work never starts on a lease that is already gone. Never released here:
+    the run that took it releases it, or, if that run is dead, it expires ``lease_s`` after the last renewal."""
+    lost = threading.Event()
+    with get_client(sync_client=True) as client:
+        try:
+            client.renew_concurrency_lease(UUID(server.lease_id), lease_duration=server.lease_s)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in (404, 410):
+                raise
+            raise LeaseLost(f"{where}: the lease on {server.name} is gone (the run that took it released it, or "
+                            "it expired): not starting") from exc
+    with _renewing(server, where, log, lost):
+        yield lost
+
+
+@contextlib.contextmanager
+def _renewing(server: ServerLease, where: str, log: Callable[[str], None], lost: threading.Event) -> Iterator[None]:
+    """Renew ``server`` every quarter of its lease while the block runs; set ``lost`` when the server revoked it or
+    half a lease passed without a renewal, well before the server's lease-expiry service (``repossessor``) can free
+    the slot for another run."""
+    name, lease_id, lease_s = server.name, UUID(server.lease_id), server.lease_s
+    done = threading.Event()
+    renewed = time.monotonic()
+
+    def renew() -> None:
+        nonlocal renewed
+        failing = False
+        with get_client(sync_client=True) as renewer:
+            while not done.wait(min(5.0, lease_s / 8) if failing else lease_s / 4):
+                try:
+                    renewer.renew_concurrency_lease(lease_id, lease_duration=lease_s)
+                    renewed, failing = time.monotonic(), False
+                except httpx.HTTPStatusError as exc:
+                    if exc.response.status_code in (404, 410):  # revoked: another run may hold it already
+                        log(f"{where}: the server revoked our lease on {name}; stopping")
+                        lost.set()
+                        return
+                    log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
+                    failing = True
+                except httpx.HTTPError as exc:  # the server unreachable: retried until the watchdog gives up
+                    log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
+                    failing = True
+
+    def watchdog() -> None:  # apart from renew(): a request hanging in its own timeout must not delay this
+        while not done.wait(1.0) and not lost.is_set():
+            if time.monotonic() - renewed > lease_s / 2:
+                log(f"{where}: could not renew the lease on {name} for {lease_s / 2:g} s; stopping")
+                lost.set()
+
+    threads = [threading.Thread(target=target, daemon=True, name=f"{target.__name__}-{where}")
+               for target in (renew, watchdog)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(timeout=2)
 
 
 def _release_limit(client: SyncPrefectClient, name: str, lease_id: UUID, lease_s: float, lost: threading.Event,

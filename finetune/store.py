@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -265,11 +266,15 @@ def scratch_root() -> Path:
 
 
 class atomic_file:
-    """Write to a temp file beside ``path`` and rename it into place on success; remove it on failure."""
+    """Write to a temp file beside ``path`` and rename it into place on success; remove it on failure.
 
-    def __init__(self, path: Path, mode: str = "wb"):
+    ``exclusive``: never replace an existing ``path`` (FileExistsError instead): the temp file is hard-linked into
+    place, which the kernel refuses atomically when the name is taken."""
+
+    def __init__(self, path: Path, mode: str = "wb", exclusive: bool = False):
         self.path = Path(path)
         self.mode = mode
+        self.exclusive = exclusive
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +289,7 @@ class atomic_file:
                 os.fsync(self.handle.fileno())
             self.handle.close()
             if exc_type is None:
-                os.replace(self.tmp, self.path)
+                (os.link if self.exclusive else os.replace)(self.tmp, self.path)
         except OSError as failure:
             exc = failure
         finally:
@@ -304,6 +309,12 @@ def _with_cause(exc: OSError, path: Path) -> OSError:
     if code is None:
         return OSError(f"{exc} while writing {path}")
     return OSError(code, f"{os.strerror(code)} while writing {path}" + ("" if code == exc.errno else f" ({exc})"))
+
+
+def unique_name(prefix: str, suffix: str) -> str:
+    """``<prefix>-<UTC time>-<random>``: one name per run even for runs started or finished in the same second
+    (run logs, run records); the time first keeps a listing in time order."""
+    return f"{prefix}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}{suffix}"
 
 
 def now_iso() -> str:

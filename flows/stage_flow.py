@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from finetune.profile import load_profile
 from finetune.stage import PermanentError, StageContext, stage_key
+from finetune.stage_lock import ServerLease
 from finetune.store import Artifact, Store
 from flows.dispatch import STAGE_FLOW
 from flows.pipeline import spec
@@ -65,10 +66,12 @@ def _node_run_name() -> str:
 
 
 @flow(name=NODE_FLOW, flow_run_name=_node_run_name, log_prints=True)
-def train_node(profile: str, overrides: list[str] | None, workdir: str, node_rank: int, rendezvous: str) -> None:
-    """One node of a multi-node training run; its trainer rendezvous with the other nodes' (tasks/train/pool.py)."""
+def train_node(profile: str, overrides: list[str] | None, workdir: str, node_rank: int, rendezvous: str,
+               lease: dict[str, Any] | None = None) -> None:
+    """One node of a multi-node training run; its trainer rendezvous with the other nodes' (tasks/train/pool.py).
+    ``lease``: the train stage's server lease on its key (a ServerLease's fields), renewed while this node trains."""
     progress = prefect_progress(f"train node {node_rank}")
     ctx = StageContext(profile=load_profile(profile, overrides or []), key=Path(workdir).name, workdir=Path(workdir),
                        inputs={}, log=ReadableMetrics(get_run_logger().info), progress=progress)
-    run_node(ctx, node_rank, rendezvous)
+    run_node(ctx, node_rank, rendezvous, ServerLease(**lease) if lease else None)
     progress(1.0, f"train node {node_rank} done")

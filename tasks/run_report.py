@@ -1,7 +1,7 @@
 """What a run achieved, read back from the store: did the loss fall, did the scores rise and pass the gate, what did
 4-bit keep, how fast does each model serve, how long each stage took and which were cached.
 
-Every run leaves a small record in ``<store>/runs/<flow run name>-<UTC time>.json`` (stage labels -> artifact keys,
+Every run leaves a small record in ``<store>/runs/<flow run name>-<UTC time>-<random>.json`` (stage labels -> artifact keys,
 timings, the gate it was judged by); ``finetune report`` finds the newest record of a profile (or a named run) and
 renders this report from the artifacts the record names, the flow posts the same report as a markdown artifact, and
 the publish stage's model card reuses its sections.
@@ -10,14 +10,13 @@ the publish stage's model card reuses its sections.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from finetune.profile import GateConfig
 from finetune.stage import PermanentError
-from finetune.store import Artifact, Store, atomic_file
+from finetune.store import Artifact, Store, atomic_file, unique_name
 from tasks.evaluate.report import RESULTS_FILE, GateFailed, check_gate, compare, markdown_table, recovery, scores
 
 RUNS_DIR = "runs"
@@ -33,13 +32,13 @@ def run_record(flow_run: str, profile: str, gate: GateConfig, stages: Mapping[st
 
 def write_run_record(store: Store, record: dict[str, Any]) -> str:
     """Write the record next to (never inside) the stage directories; returns its URL. Atomic: a whole file or
-    none (a local rename, or one PUT to an object store)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    name = f"{record['flow_run']}-{stamp}.json"
+    none (a local rename, or one PUT to an object store). Its name is unique (two runs of one name finishing in the
+    same second keep both records), and a local write never replaces an existing file."""
+    name = unique_name(record["flow_run"], ".json")
     payload = json.dumps(record, indent=2)  # stages stay in pipeline order
     if store.is_local:
         path = Path(store.root) / RUNS_DIR / name
-        with atomic_file(path, "w") as handle:
+        with atomic_file(path, "w", exclusive=True) as handle:
             handle.write(payload)
         return str(path)
     url = f"{store.root}/{RUNS_DIR}/{name}"

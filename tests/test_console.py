@@ -64,6 +64,9 @@ def test_run_log_holds_python_and_subprocess_output_while_the_console_stays_free
         assert line in text
     assert log_tail(log, 1) == "child stderr"
     assert log.parent == tmp_path and log.name.startswith("tiny-cpu-")
+    assert run_log_path(tmp_path, "tiny-cpu") != log  # a second run in the same second logs to a file of its own
+    with pytest.raises(FileExistsError), output_to_log(log):
+        pass  # and never into another run's
 
 
 def _metrics_line(step: int, total: int = 25) -> str:

@@ -11,6 +11,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,9 @@ def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: Local
     endpoints = {log["message"].rsplit(" at ", 1)[1] for log in logs if "rendezvous" in log["message"]
                  and log["message"].startswith("node ")}
     assert len(endpoints) == 1 and next(iter(endpoints)).startswith("127.0.0.1:")
+    # Each node renewed the train stage's server lease while it trained (the key outlives a killed orchestrator).
+    renewing = [log for log in logs if "renewing the stage's lease on finetune-key-train-" in log["message"]]
+    assert len(renewing) == 2, [log["message"] for log in logs]
     summary = cluster.api("GET", f"/flow_runs/{run['id']}")
     workdir = Path(nodes[0]["parameters"]["workdir"])
     meta = json.loads((workdir / "final" / "train_meta.json").read_text())
@@ -332,8 +336,9 @@ def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: 
     assert container["image"]
 
 
+LEASE_S = 60  # retries.lock_lease_s: the shortest lease the server accepts
 ONE_KEY = {"overrides": ["train.max_steps=40", f"train.checkpoint_every_steps={EVERY}", "data.max_seq_len=64",
-                         "train.batch_size=2", "retries.lock_lease_s=60"], "until": "train"}
+                         "train.batch_size=2", f"retries.lock_lease_s={LEASE_S}"], "until": "train"}
 
 
 def _start_run(cluster: LocalPrefect, params: dict[str, Any]) -> str:
@@ -386,7 +391,12 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
         return next((run_id for run_id in run_ids if any(re.search(r"\btrain [0-9a-f]{12}: .* waiting for it", m)
                                                          for m in _messages(cluster, run_id))), None)
 
-    taker = _wait(waiting_for_train, 600, "one run to wait for the other's train stage")
+    try:
+        taker = _wait(waiting_for_train, 600, "one run to wait for the other's train stage")
+    except AssertionError as exc:  # say what the runs did instead
+        runs = {run_id: cluster.api("GET", f"/flow_runs/{run_id}")["state"] for run_id in run_ids}
+        raise AssertionError(f"{exc}; states {runs}; last messages "
+                             f"{ {run_id: _messages(cluster, run_id)[-15:] for run_id in run_ids} }") from None
     holder = next(run_id for run_id in run_ids if run_id != taker)
     store = Path(cluster.env["FINETUNE_STORE"])
     workdir = _wait(lambda: next((m.parent for m in (store / "train").glob("*/metrics.jsonl")
@@ -399,7 +409,7 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
                 process.kill()
         except psutil.Error:
             continue
-    killed = time.monotonic()
+    killed, killed_at_wall = time.monotonic(), time.time()
     run = _final(cluster, taker)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     artifact = json.loads((workdir / "artifact.json").read_text())
@@ -407,6 +417,10 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
     assert resumed is not None and killed_at - EVERY <= resumed <= killed_at + 2, (killed_at, resumed)
     recorded = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert recorded == list(range(1, steps + 1))
-    took = next(m for m in _messages(cluster, taker) if "waited for is done" in m)
-    print(f"\nkill -9 at step {killed_at}: {took}; resumed from {resumed} ({max(0, killed_at - resumed)} steps lost), "
-          f"taker finished {time.monotonic() - killed:.1f} s after the kill")
+    took = next(log for log in cluster.run_logs([taker]) if "waited for is done" in log["message"])
+    # The taker's wait ends when the server's repossessor frees the killed run's slot: its lease after the last renewal.
+    takeover_s = datetime.fromisoformat(took["timestamp"]).timestamp() - killed_at_wall
+    assert takeover_s < LEASE_S + 15, takeover_s
+    print(f"\nkill -9 at step {killed_at}: taken over {takeover_s:.1f} s after the kill (lease {LEASE_S} s; "
+          f"{took['message']}); resumed from {resumed} ({max(0, killed_at - resumed)} steps lost), taker finished "
+          f"{time.monotonic() - killed:.1f} s after the kill")

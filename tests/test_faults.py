@@ -517,13 +517,9 @@ VOLATILE_SUFFIXES = (".metadata", ".log", ".jsonl.gz", ".distcp")
 def _same_meaning(stage: str, name: str, mine: Path, theirs: Path, roots: tuple[Path, Path]) -> None:
     """Compare a volatile file by what it means: losses, scores, settings; not timings, paths or ids."""
     if name.endswith(".distcp"):
-        # Compared by value: model, optimizer, trainer counters and scheduler state must be identical. The saved CPU
-        # RNG state is left out: after a kill whose trainer saved on notice, the resumed run's RNG stream differs
-        # from the uninterrupted one's (seen in CI at 56d0caa with every other value equal; open, see issue 16's
-        # note). Training here draws no random numbers, so the weights do not depend on it.
-        def values(path: Path) -> dict[str, Any]:
-            return {key: value for key, value in _dcp_values(path.parent).items() if not key.startswith("rng_rank")}
-        assert values(mine) == values(theirs), name
+        # Compared by value: model, optimizer, trainer counters, scheduler and RNG state must be identical (a resumed
+        # run's RNG stream is the uninterrupted one's: tunerecipes.sampler.epoch_batches).
+        assert _dcp_values(mine.parent) == _dcp_values(theirs.parent), name
     elif name.endswith(".jsonl.gz"):
         assert gzip.decompress(mine.read_bytes()) == gzip.decompress(theirs.read_bytes()), name
     elif name == "metrics.jsonl":

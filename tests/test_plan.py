@@ -13,7 +13,9 @@ import pytest
 
 from finetune import cli
 from finetune.plan import PlanDoesNotFit, PlanError, check_fits, markdown, table
+from finetune.plan.catalog import Constants
 from finetune.plan.planner import plan
+from finetune.plan.preemption import preemption
 from finetune.profile import REPO_ROOT, load_profile
 from finetune.stage import PermanentError
 
@@ -36,9 +38,14 @@ def maverick_lora() -> dict:
     return plan(load_profile("maverick-lora", MAVERICK_ON_H100))
 
 
+@pytest.fixture(scope="module")
+def production() -> dict[str, dict]:
+    return {name: plan(load_profile(name)) for name in PRODUCTION}
+
+
 @pytest.mark.parametrize("name", PRODUCTION)
-def test_every_production_profile_fits_with_five_percent_headroom(name: str) -> None:
-    result = plan(load_profile(name))
+def test_every_production_profile_fits_with_five_percent_headroom(name: str, production: dict[str, dict]) -> None:
+    result = production[name]
     assert result["fits"] and result["serving_fits"], result["knobs"]
     assert result["headroom_pct"] >= 5, result["per_gpu_peak_gib"]
     assert result["host_memory_gib_per_node"] <= 0.95 * result["host_ram_gib_per_node"]
@@ -46,6 +53,41 @@ def test_every_production_profile_fits_with_five_percent_headroom(name: str) -> 
     assert result["host_breakdown"]["base_weights_while_loading"] < 16
     serve = result["serving"]["evaluate_and_benchmark"]
     assert serve["bf16"]["gpu"] == result["gpu"]  # serving runs in the profile's own GPU pool
+
+
+@pytest.mark.parametrize("name", PRODUCTION)
+def test_production_profiles_checkpoint_at_the_plans_young_daly_interval(name: str,
+                                                                         production: dict[str, dict]) -> None:
+    reclaim = production[name]["preemption"]
+    assert reclaim["interval_min"] == reclaim["recommended_interval_min"], reclaim
+    # Only the LoRA profiles' step and save fit a cloud's notice; full SFT's do not, whatever the grace says.
+    assert reclaim["notice_save_fits"] is (name in ("scout-lora", "maverick-lora")), reclaim
+
+
+def _reclaim(*overrides: str, step_s: float, save_s: float, stall_s: float) -> dict:
+    estimate = {"step_s": step_s, "checkpoint_save_s": save_s, "checkpoint_training_stall_s": stall_s}
+    return preemption(load_profile("scout-sft", list(overrides)), estimate, Constants(spot_reclaim_mtbf_h=24),
+                      read_s=0.0)
+
+
+def test_a_blocking_save_that_exceeds_the_notice_is_balanced_against_the_loss_by_young_daly() -> None:
+    # scout-sft's figures with blocking saves: 221 s step + 323 s save, 2 nodes (job MTBF 12 h).
+    reclaim = _reclaim("train.async_checkpoint=false", "train.checkpoint_every_minutes=30", step_s=221, save_s=323,
+                       stall_s=323)
+    assert not reclaim["notice_save_fits"] and reclaim["clouds_where_it_fits"] == []
+    assert reclaim["save_cost_pct"] == pytest.approx(100 * 323 / (9 * 221 + 323), abs=0.1)  # 30 min: 9 steps
+    assert reclaim["lost_per_reclaim_min"] == pytest.approx((9 * 221 + 323) / 2 / 60, abs=0.1)
+    assert reclaim["young_daly_min"] == pytest.approx((2 * 323 * 12 * 3600) ** 0.5 / 60, abs=0.1)
+    assert reclaim["recommended_overhead_pct"] < reclaim["overhead_pct"]
+
+
+def test_an_async_interval_is_at_least_one_write_and_a_notice_that_fits_loses_nothing() -> None:
+    reclaim = _reclaim("train.checkpoint_every_minutes=1", step_s=221, save_s=323, stall_s=1.6)
+    assert reclaim["interval_min"] == pytest.approx(221 / 60, abs=0.1)  # the time trigger fires at a step's end
+    assert reclaim["recommended_interval_min"] == pytest.approx(2 * 221 / 60, abs=0.1)  # a write takes 1.5 steps
+    small = _reclaim(step_s=20, save_s=5, stall_s=5)
+    assert small["notice_save_fits"] and small["lost_per_reclaim_min"] == 0
+    assert small["clouds_where_it_fits"] == ["AWS spot", "GCP spot", "Azure spot", "Kubernetes default"]
 
 
 def test_tiny_cpu_fits_this_machine() -> None:

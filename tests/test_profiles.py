@@ -23,7 +23,8 @@ def test_production_profiles_have_the_documented_topologies() -> None:
     assert topology == {"scout-lora": (1, 8), "scout-qlora": (1, 1), "scout-sft": (2, 8), "maverick-lora": (2, 8),
                         "maverick-sft": (4, 8)}
     maverick_sft = load_profile("maverick-sft").train
-    assert maverick_sft.fsdp_cpu_offload and maverick_sft.enable_dcp and maverick_sft.async_checkpoint
+    assert maverick_sft.expert_parallel == 32 and not maverick_sft.fsdp_cpu_offload
+    assert maverick_sft.enable_dcp and maverick_sft.async_checkpoint
 
 
 def test_extends_merges_mappings_and_keeps_parent_values() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from finetune.cli import main
 from finetune.profile import GateConfig, RequireRise
 from finetune.stage import PermanentError
-from finetune.store import Artifact, Store
+from finetune.store import Artifact, Store, atomic_file
 from tasks.run_report import find_run_record, report_markdown, run_record, write_run_record
 from tests.test_publish import upstream  # noqa: F401  (the fixture: finished upstream artifacts in a store)
 
@@ -34,6 +35,25 @@ def test_the_newest_record_of_a_profile_or_a_named_run_is_found(upstream: tuple[
     with pytest.raises(PermanentError, match="no finished run of profile 'nope'"):
         find_run_record(store, "nope")
     assert not list(Path(store.root).glob("runs/.*"))  # atomic writes leave no temp files
+
+
+def test_two_runs_of_one_name_finishing_in_the_same_second_keep_both_records(
+        upstream: tuple[Store, dict[str, Artifact]], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    store, inputs = upstream
+    monkeypatch.setattr(time, "gmtime", lambda *_: time.struct_time((2026, 1, 1, 1, 0, 0, 3, 1, 0)))
+    first = write_run_record(store, _record(inputs, "tiny-cpu-data-1", "2026-01-01T01:00:00Z"))
+    second = write_run_record(store, _record(inputs, "tiny-cpu-data-1", "2026-01-01T01:00:00Z", profile="other"))
+    assert first != second and Path(first).name.startswith("tiny-cpu-data-1-20260101T010000Z-")
+    assert {json.loads(Path(p).read_text())["profile"] for p in (first, second)} == {"tiny-cpu", "other"}
+
+
+def test_a_record_write_never_replaces_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "runs" / "taken.json"
+    target.parent.mkdir()
+    target.write_text("first")
+    with pytest.raises(FileExistsError), atomic_file(target, "w", exclusive=True) as handle:
+        handle.write("second")
+    assert target.read_text() == "first" and [p.name for p in target.parent.iterdir()] == ["taken.json"]
 
 
 def test_the_report_tells_loss_scores_gate_recovery_serving_and_stage_times(

@@ -9,6 +9,7 @@ with SIGSTOP) kills its children before the lease could expire.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -29,19 +30,34 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LEASE_S = 60  # the shortest lease the server accepts
 
 _CONTENDER = textwrap.dedent("""
-    import sys, time
+    import dataclasses, json, sys, time
     from finetune.procs import run_streaming
     from finetune.stage_lock import stage_lock
     from finetune.store import Store
     store, owner, hold = Store(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     with stage_lock(store, "slow", "k" * 64, owner=owner, timeout_s=300, log=lambda line: print(line, flush=True),
                     progress=lambda f, m: None, poll_s=0.5, server_lease_s=float(sys.argv[4])) as lease:
-        print(f"ACQUIRED {time.time()}", flush=True)
+        print(f"ACQUIRED {time.time()} {json.dumps(dataclasses.asdict(lease.server))}", flush=True)
         try:  # the stage: a child process, stopped at once when the lease is lost
             run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost)
         except Exception as exc:
             print(f"STOPPED {time.time()} lost={lease.lost.is_set()} {exc}", flush=True)
         print(f"RELEASING {time.time()}", flush=True)
+""")
+
+
+# A pool node run's part (tasks/train/pool.run_node): renew the stage's lease (argv[1], JSON) while its trainer runs.
+_NODE = textwrap.dedent("""
+    import json, sys, time
+    from finetune.procs import run_streaming
+    from finetune.stage_lock import LeaseLost, ServerLease, renew_server_lease
+    try:
+        with renew_server_lease(ServerLease(**json.loads(sys.argv[1])), "node", print) as lost:
+            print(f"TRAINING {time.time()}", flush=True)
+            run_streaming([[sys.executable, "-c", f"import time; time.sleep({sys.argv[2]})"]], print, stop=lost)
+    except LeaseLost as exc:
+        print(f"REFUSED {time.time()} {exc}", flush=True)
+    print(f"ENDED {time.time()}", flush=True)
 """)
 
 
@@ -140,3 +156,33 @@ def test_a_holder_that_cannot_renew_its_lease_stops_its_stage_before_it_expires(
     assert holder.wait(120) == 0
     print(f"\nserver frozen: the holder stopped its stage {stopped - acquired:.1f} s after acquiring "
           f"(lease {LEASE_S} s)")
+
+
+def test_node_runs_keep_the_key_taken_after_the_run_that_took_it_is_killed(server: LocalPrefect, tmp_path: Path) -> None:
+    """train.launcher prefect-pool: the stage's node runs renew its lease, so kill -9 of the orchestrating run does
+    not free the key while they train; it is free one lease after the last node ended. A node handed a lease that is
+    gone refuses to start its trainer."""
+    holder = _contender(server, tmp_path / "a", "owner-a", 600)
+    seen: list[str] = []
+    _wait_line(holder, "ACQUIRED", seen)
+    lease = seen[-1].split(" ", 2)[2].strip()
+    train_s = LEASE_S + 20  # outlives the holder's lease by far: only the node's renewals keep the key taken
+    node = subprocess.Popen([sys.executable, "-c", _NODE, lease, str(train_s)], cwd=REPO_ROOT, env=server.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node_out: list[str] = []
+    _wait_line(node, "TRAINING", node_out)
+    holder.kill()
+    holder.wait()
+    taker = _contender(server, tmp_path / "b", "owner-b", 0.1)
+    ended = _wait_line(node, "ENDED", node_out)
+    assert not any(line.startswith("STOPPED") or "stopping" in line for line in node_out), node_out
+    out: list[str] = []
+    acquired = _wait_line(taker, "ACQUIRED", out)
+    # The node renewed every LEASE_S/4 until it ended; the lease ran out LEASE_S after its last renewal.
+    assert LEASE_S * 3 / 4 - 5 < acquired - ended < LEASE_S + 15, acquired - ended
+    assert taker.wait(60) == 0 and node.wait(10) == 0
+    stale = subprocess.run([sys.executable, "-c", _NODE, lease, "600"], cwd=REPO_ROOT, env=server.env, text=True,
+                           capture_output=True, timeout=60)
+    assert "REFUSED" in stale.stdout and "is gone" in stale.stdout and "TRAINING" not in stale.stdout, stale.stdout
+    print(f"\nkill -9 of the orchestrator: the key stayed taken while its node trained ({train_s} s); taken "
+          f"{acquired - ended:.1f} s after the node ended (lease {LEASE_S} s)")

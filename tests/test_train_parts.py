@@ -14,7 +14,7 @@ from tasks.train import launch, recipe_config
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
 from tunerecipes.report import ERROR_PREFIX, METRICS_PREFIX, parse_error, parse_metrics
-from tunerecipes.sampler import ResumableSampler
+from tunerecipes.sampler import ResumableSampler, epoch_batches
 
 
 def write_fake_complete(path: Path) -> None:
@@ -90,6 +90,30 @@ def test_resumable_sampler_skips_the_same_leading_samples_for_any_world_size(wor
         assert len(sampler) == (40 - 8) // world
         remaining += list(sampler)
     assert sorted(remaining) == sorted(epoch_order[8:])
+
+
+def test_a_resumed_epoch_leaves_the_global_rng_stream_as_the_uninterrupted_run_has_it() -> None:
+    """Issue 16: a run resumed mid-epoch creates that epoch's iterator once more than the uninterrupted run; a plain
+    DataLoader draws its workers' base seed from the global generator there, shifting every later random number."""
+    def loader(generator: torch.Generator | None) -> torch.utils.data.DataLoader:
+        sampler = ResumableSampler(list(range(8)), num_replicas=1, rank=0, shuffle=True, seed=3)
+        return torch.utils.data.DataLoader(list(range(8)), batch_size=2, sampler=sampler, generator=generator)
+
+    def draw_after(*starts: tuple[int, int], generator: torch.Generator | None = None) -> tuple[torch.Tensor, list]:
+        torch.manual_seed(0)
+        data = loader(generator)
+        for epoch, offset in starts:
+            if generator is None:
+                data.sampler.start_epoch(epoch, offset)
+                batches = iter(data)
+            else:
+                batches = epoch_batches(data, epoch, offset)
+        return torch.rand(4), [batch.tolist() for batch in batches]
+
+    uninterrupted, rest = draw_after((0, 0), generator=torch.Generator())
+    resumed, resumed_rest = draw_after((0, 0), (0, 4), generator=torch.Generator())  # resumed 4 samples in
+    assert torch.equal(resumed, uninterrupted) and resumed_rest == rest[2:]
+    assert not torch.equal(draw_after((0, 0), (0, 4))[0], draw_after((0, 0))[0])  # the cause, with iter(DataLoader)
 
 
 def test_resumable_sampler_refuses_an_offset_that_does_not_divide() -> None:

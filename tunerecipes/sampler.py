@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sized
+from typing import Any
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -35,3 +36,20 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self._skip)
+
+
+def epoch_batches(loader: DataLoader, epoch: int, global_offset: int = 0) -> Iterator[Any]:
+    """The batches of ``epoch`` from ``global_offset`` on, drawing nothing from the global RNG.
+
+    Every ``iter(DataLoader)`` draws a worker base seed from ``loader.generator``, the global CPU generator when the
+    loader has none. A resumed run creates its epoch's iterator once more than the uninterrupted run (at the resume
+    step), so its global RNG stream (dropout, ...) and every later checkpoint's RNG state would differ from there on.
+    The loader's own generator, seeded from the sampler's seed and the epoch, draws the same base seed however often
+    an epoch's iterator is created.
+    """
+    sampler = loader.sampler
+    if not isinstance(sampler, ResumableSampler) or loader.generator is None:
+        raise ValueError("epoch_batches needs a DataLoader with a ResumableSampler and a generator of its own")
+    sampler.start_epoch(epoch, global_offset)
+    loader.generator.manual_seed(sampler.seed + epoch)
+    return iter(loader)

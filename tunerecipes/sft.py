@@ -48,7 +48,7 @@ from tunerecipes import ep_degree, expert_parallel
 from tunerecipes import nf4_weights
 from tunerecipes import sharding
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
-from tunerecipes.sampler import ResumableSampler
+from tunerecipes.sampler import ResumableSampler, epoch_batches
 from tunerecipes.tracking import curves
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -285,7 +285,7 @@ class SFTRecipe:
         self.dataloader = DataLoader(
             dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
             collate_fn=_import_object(cfg.collate_fn), num_workers=int(cfg.get("num_workers", 0)),
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", generator=torch.Generator(),  # see epoch_batches
         )
         self.steps_per_epoch = self.sampler.num_samples // self.batch_size // self.accum
         self.samples_per_step = self.batch_size * self.accum * self.world_size
@@ -348,8 +348,7 @@ class SFTRecipe:
         self.last_save_clock = time.monotonic()
         signal.signal(signal.SIGTERM, self._on_notice)
         while self.step < self.total_steps:
-            self.sampler.start_epoch(self.epoch, self.samples_in_epoch)
-            batches = iter(self.dataloader)
+            batches = epoch_batches(self.dataloader, self.epoch, self.samples_in_epoch)
             while self.step < self.total_steps and self.samples_in_epoch < self.steps_per_epoch * self.samples_per_step:
                 clock = time.perf_counter()
                 self._train_step(batches)

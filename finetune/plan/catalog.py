@@ -85,6 +85,12 @@ class Constants:
     """GB/s one node writes a DCP checkpoint to the shared store (network filesystem or object store)."""
     checkpoint_read_gbps_per_node: float = 2.0
     """GB/s one node reads the base checkpoint from the store."""
+    spot_reclaim_mtbf_h: float = 24.0
+    """Mean hours between spot reclaims of one GPU node (plan.spot_reclaim_mtbf_h), for the checkpoint interval
+    (finetune/plan/preemption.py). An assumption, to be replaced by a pool's own history: AWS's Spot Instance Advisor
+    only says most GPU types lose more than 20% of instances a month (an MTBF of weeks if taken as a rate), but GPU
+    spot capacity is reclaimed in bursts when it runs short, so a day per node is the pessimistic planning figure.
+    The interval grows with its square root: 4x this doubles it."""
     vllm_activation_reserve_gib: float = 6.0
     """vLLM's profiling-run peak (max_num_batched_tokens 8192: activations, sampler logits) and CUDA graphs."""
     awq_cached_activation_copies: float = 3.0

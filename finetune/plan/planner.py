@@ -8,10 +8,11 @@ from typing import Any
 
 from finetune.plan import catalog
 from finetune.plan.activations import FORMULA, Shapes, activation_bytes
-from finetune.plan.catalog import GIB, Accelerator, Constants
+from finetune.plan.catalog import GB, GIB, Accelerator, Constants
 from finetune.plan.estimate import estimate
 from finetune.plan.memory import TrainingMemory, optimizer_states, training_memory
 from finetune.plan.model import DTYPE_BYTES, MeasuredModel, ModelConfig, measure, model_config
+from finetune.plan.preemption import preemption
 from finetune.plan.recipe import RecipeSettings, recipe_settings
 from finetune.plan.serving import quantization, serving
 from finetune.profile import Profile
@@ -66,7 +67,7 @@ class Planner:
         self.profile = profile
         self.config: ModelConfig = model_config(profile)
         self.args = load_text_args(self.config.text_config)
-        self.constants = Constants(mfu=profile.plan.mfu)
+        self.constants = Constants(mfu=profile.plan.mfu, spot_reclaim_mtbf_h=profile.plan.spot_reclaim_mtbf_h)
         self.on_gpu = profile.train.device == "cuda"
         self._measured: dict[tuple[Any, ...], MeasuredModel] = {}
 
@@ -231,4 +232,6 @@ def plan(profile: Profile) -> dict[str, Any]:
             checkpointing=settings.activation_checkpointing, async_save=settings.async_save,
             states=states, checkpoint_bytes=memory.checkpoint_bytes, compute_ratio=compute_ratio(settings),
         )
+        read_s = memory.checkpoint_bytes / train.nnodes / (planner.constants.checkpoint_read_gbps_per_node * GB)
+        result["preemption"] = preemption(profile, result["estimate"], planner.constants, read_s)
     return result

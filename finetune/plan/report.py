@@ -48,6 +48,24 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                  f"training stalls ~{estimate['checkpoint_training_stall_s']:g} s"
                  + (" (async)" if ckpt["async"] else ""))
     out.append(("checkpoint", save))
+    if reclaim := plan.get("preemption"):
+        out += [
+            ("spot notice save", f"step + save ~{reclaim['notice_save_needs_s']:g} s vs preemption_grace_s "
+                                 f"{reclaim['grace_s']:g} s: " + ("fits" if reclaim["notice_save_fits"] else
+                                                                  "does NOT fit (no cloud notice is longer)")
+                                 + (f" (fits {', '.join(reclaim['clouds_where_it_fits'])})"
+                                    if reclaim["clouds_where_it_fits"] else "")),
+            ("per spot reclaim", f"one every ~{reclaim['job_mtbf_h']:g} h for the job: "
+                                 f"~{reclaim['lost_per_reclaim_min']:g} min of training lost + "
+                                 f"~{reclaim['resume_read_s']:g} s to read the checkpoint back; checkpoints every "
+                                 f"~{reclaim['interval_min']:g} min cost {reclaim['save_cost_pct']:g}% in stalls, "
+                                 f"{reclaim['overhead_pct']:g}% of wall time with the losses"),
+            ("checkpoint interval (Young/Daly)", f"sqrt(2 x stall x MTBF) = {reclaim['young_daly_min']:g} min; "
+                                                 f"at step ends{' and after the previous write' if ckpt['async'] else ''}: "
+                                                 f"every {reclaim['recommended_interval_min']:g} min "
+                                                 f"({reclaim['recommended_overhead_pct']:g}% overhead, "
+                                                 f"~{reclaim['recommended_lost_per_reclaim_min']:g} min lost per reclaim)"),
+        ]
     serve = plan["serving"]["evaluate_and_benchmark"]
     if serve["engine"] == "vllm":
         for kind in ("bf16", "w4a16"):

@@ -13,7 +13,9 @@ the other nodes' torchrun agents restart their workers and wait in the rendezvou
 endpoint and joins, and the recipe resumes from the newest checkpoint in the shared store. Node 0 hosts the
 rendezvous store, so its loss fails the other nodes and the stage is retried as a whole.
 
-The node runs are the ``finetune-train-node`` flow (flows/stage_flow.py), which calls ``run_node`` here.
+The node runs are the ``finetune-train-node`` flow (flows/stage_flow.py), which calls ``run_node`` here. Each gets
+the stage's server lease on its key and renews it while it trains (finetune/stage_lock.py), so the key stays taken
+while any node trains, even after the orchestrating run was killed.
 
 The store must be a directory every node mounts at the same path (a shared volume): the trainers write their
 checkpoints into the train stage's directory.
@@ -21,17 +23,20 @@ checkpoints into the train stage's directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from finetune.procs import free_port
 from finetune.profile import Profile
 from finetune.stage import PermanentError, StageContext
+from finetune.stage_lock import LeaseLost, ServerLease, renew_server_lease
 from finetune.store import Store
 from tasks.train.launch import NODE_ADDR_ENV, check_devices, launch_trainers, node_command, report_step, tune_executable
 from tunerecipes.checkpoint_layout import CONFIG_FILE, METRICS_FILE
@@ -86,7 +91,8 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
             runs.append(run_deployment(
                 deployment,
                 parameters={"profile": params["profile"], "overrides": params.get("overrides") or [],
-                            "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id},
+                            "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id,
+                            "lease": asdict(ctx.server_lease) if ctx.server_lease else None},
                 flow_run_name=f"{profile.name}-train-{ctx.key[:8]}-node-{rank}",
                 job_variables=profile.gpu_job_variables,
                 tags=[NODE_FLOW, f"rdzv-{rdzv_id}"],
@@ -149,18 +155,34 @@ def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
 
 
 # -- one node -----------------------------------------------------------------------------------------------------
-def run_node(ctx: StageContext, node_rank: int, rdzv_id: str) -> None:
-    """This node's trainer for the training whose config is in ctx.workdir; node 0 publishes the endpoint."""
+def run_node(ctx: StageContext, node_rank: int, rdzv_id: str, lease: ServerLease | None = None) -> None:
+    """This node's trainer for the training whose config is in ctx.workdir; node 0 publishes the endpoint.
+
+    ``lease``: the train stage's server lease on its key, renewed here while the trainer runs, so the key stays taken
+    while any node trains even if the run that submitted the nodes was killed; a lease this node cannot renew (gone,
+    revoked, server unreachable for half a lease) stops its trainer at once and fails the node run (``LeaseLost``)."""
     check_devices(ctx.profile.train)
     config_path = Path(ctx.workdir) / CONFIG_FILE
     if not config_path.is_file():
         raise PermanentError(f"{config_path} not found: every node must mount the artifact store at the same path "
                              "(a shared volume) as the train stage that wrote it")
-    endpoint = publish_endpoint(rdzv_id) if node_rank == 0 else await_endpoint(rdzv_id)
-    ctx.log(f"node {node_rank}: rendezvous {rdzv_id} at {endpoint}")
-    # Node 0 hosts the rendezvous store, so a preempted node of another rank leaves it standing and rejoins it.
-    launch_trainers(ctx, [node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=tune_executable(),
-                                       is_host=node_rank == 0)])
+    with contextlib.ExitStack() as stack:
+        if lease is not None:
+            where = f"train {ctx.key[:12]} node {node_rank}"
+            lost = stack.enter_context(renew_server_lease(lease, where, ctx.log))
+            ctx = replace(ctx, stop=lost)
+            ctx.log(f"{where}: renewing the stage's lease on {lease.name} while this node trains")
+        endpoint = publish_endpoint(rdzv_id) if node_rank == 0 else await_endpoint(rdzv_id)
+        ctx.log(f"node {node_rank}: rendezvous {rdzv_id} at {endpoint}")
+        # Node 0 hosts the rendezvous store, so a preempted node of another rank leaves it standing and rejoins it.
+        command = node_command(ctx.profile.train, config_path, endpoint, rdzv_id, tune=tune_executable(),
+                               is_host=node_rank == 0)
+        try:
+            launch_trainers(ctx, [command])
+        finally:
+            if lease is not None and ctx.stop is not None and ctx.stop.is_set():
+                # Whatever the trainer's exit said, the lost lease is the cause (and a finished one is no success).
+                raise LeaseLost(f"node {node_rank}: lost the lease on {lease.name}; its trainer was stopped")
 
 
 def node_address() -> str:

@@ -1,0 +1,73 @@
+"""What a spot reclaim costs a profile: whether its trainer can save on the notice, the work lost when it cannot, and
+the checkpoint interval that balances the cost of saving against that loss (Young/Daly).
+
+Cloud notices are fixed, whatever ``train.preemption_grace_s`` says: AWS gives about 120 s (the spot interruption
+notice), GCP and Azure 30 s; Kubernetes' default termination grace is 30 s. A profile whose step plus save needs more
+cannot save on notice anywhere, and raising preemption_grace_s would only let the launcher wait for a save the cloud
+kills first: its protection is the periodic checkpoint, at the interval this module derives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from finetune.plan.catalog import Constants
+from finetune.profile import Profile
+
+CLOUD_NOTICE_S = {"AWS spot": 120, "GCP spot": 30, "Azure spot": 30, "Kubernetes default": 30}
+
+
+def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants, read_s: float) -> dict[str, Any]:
+    """``estimate``: the plan's time estimate (step, save and stall seconds); ``read_s``: reading a checkpoint back.
+
+    Work lost per reclaim without a notice save is the time since the newest complete checkpoint at a uniformly
+    random moment: half a cycle of training and saving for a blocking save ((I + save) / 2); with an async save the
+    newest checkpoint is complete only ``save`` after it was staged (I / 2 + save). Young/Daly: the interval that
+    minimises save cost per hour plus expected loss per hour is sqrt(2 x C x MTBF), C the training time one save costs
+    (the stall), MTBF the job's (any node reclaimed stops every node). Checkpoints come at step ends, and an async save
+    waits for the previous write, so the interval is at least one step and at least one write.
+    """
+    train = profile.train
+    step_s, save_s = estimate["step_s"], estimate["checkpoint_save_s"]
+    stall_s = estimate["checkpoint_training_stall_s"]
+    grace = train.preemption_grace_s
+    interval_s = _interval_s(train.checkpoint_every_steps, train.checkpoint_every_minutes, step_s)
+    mtbf_s = constants.spot_reclaim_mtbf_h * 3600 / train.nnodes
+    optimum_s = math.sqrt(2 * stall_s * mtbf_s)
+    floor_s = max(step_s, save_s if train.async_checkpoint else 0.0)
+    recommended_s = math.ceil(max(optimum_s, floor_s) / step_s) * step_s if step_s else optimum_s
+    notice_s = step_s + save_s  # the notice may come at a step's start: the step, then the save
+    fits = notice_s <= grace
+
+    def lost_s(every_s: float) -> float:
+        return 0.0 if fits else (every_s / 2 + save_s if train.async_checkpoint else (every_s + save_s) / 2)
+
+    def overhead(every_s: float) -> float:  # share of wall time spent on saves and on redoing lost work
+        return stall_s / (every_s + stall_s) + (lost_s(every_s) + read_s) / mtbf_s
+
+    return {
+        "grace_s": grace,
+        "notice_save_needs_s": round(notice_s, 1),
+        "notice_save_fits": fits,
+        "clouds_where_it_fits": [cloud for cloud, notice in CLOUD_NOTICE_S.items() if notice_s <= min(notice, grace)],
+        "job_mtbf_h": round(mtbf_s / 3600, 2),
+        "interval_min": round(interval_s / 60, 1),
+        "save_cost_pct": round(100 * stall_s / (interval_s + stall_s), 1),
+        "lost_per_reclaim_min": round(lost_s(interval_s) / 60, 1),
+        "resume_read_s": round(read_s, 1),
+        "overhead_pct": round(100 * overhead(interval_s), 1),
+        "young_daly_min": round(optimum_s / 60, 1),
+        "recommended_interval_min": round(recommended_s / 60, 1),
+        "recommended_overhead_pct": round(100 * overhead(recommended_s), 1),
+        "recommended_lost_per_reclaim_min": round(lost_s(recommended_s) / 60, 1),
+    }
+
+
+def _interval_s(every_steps: int, every_minutes: float | None, step_s: float) -> float:
+    """Training time between checkpoints: the step trigger or the time trigger, which the trainer checks at step
+    ends (so it fires at the first step end past the minutes)."""
+    by_steps = every_steps * step_s
+    if not every_minutes or not step_s:
+        return by_steps
+    return min(by_steps, max(1, math.ceil(every_minutes * 60 / step_s)) * step_s)
