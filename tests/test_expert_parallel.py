@@ -99,3 +99,21 @@ def test_expert_parallel_trains_as_plain_fsdp(tiny: Path, tmp_path: Path, world:
     assert set(plain) == set(parallel)
     assert parallel["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 128, 512)
     assert [key for key, value in plain.items() if not torch.equal(parallel[key], value)] == []
+
+
+def test_gradient_clipping_over_meshes_clips_like_torch() -> None:
+    """The recipe's clipping (one norm per mesh, combined) scales the parameters' gradients exactly as torch's
+    clip_grad_norm_ does on one mesh; it once scaled nothing (it handed torch the gradients, whose .grad is None)."""
+    from tunerecipes.expert_parallel import clip_grad_norm_
+
+    torch.manual_seed(0)
+    ours, theirs = ([torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.zeros(7))] for _ in range(2))
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a) * 3
+        b.grad = a.grad.clone()
+    total = clip_grad_norm_(ours, max_norm=1.0)
+    assert total == pytest.approx(torch.nn.utils.clip_grad_norm_(theirs, max_norm=1.0).item())
+    assert total > 1.0
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours])) == pytest.approx(1.0, rel=1e-5)

@@ -91,11 +91,11 @@ def reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
     torch._foreach_div_(grads, float(world_size))
 
 
-def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
     # torch's foreach kernels (AdamW, gradient clipping) refuse DTensors of different meshes in one list.
-    groups: dict[object, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault(getattr(tensor, "device_mesh", None), []).append(tensor)
+    groups: dict[object, list[nn.Parameter]] = {}
+    for param in params:
+        groups.setdefault(getattr(param, "device_mesh", None), []).append(param)
     return list(groups.values())
 
 
@@ -108,9 +108,9 @@ def param_groups(params: list[nn.Parameter]) -> list[dict[str, list[nn.Parameter
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ for parameters on several meshes (FSDP's and the experts'): each mesh's norm is made
     whole, the total taken over them, each mesh's gradients scaled on their own. Returns the total norm."""
-    grads = _by_mesh([p.grad for p in params if p.grad is not None])
-    norms = [torch.nn.utils.get_total_norm(group) for group in grads]
+    groups = _by_mesh([p for p in params if p.grad is not None])
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups]
     total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
-    for group in grads:
+    for group in groups:  # takes the parameters, whose .grad it scales
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
