@@ -16,6 +16,7 @@ from finetune.plan import PlanDoesNotFit, PlanError, check_fits, markdown, table
 from finetune.plan.catalog import Constants
 from finetune.plan.planner import plan
 from finetune.plan.preemption import preemption
+from finetune.plan.recipe import recipe_settings
 from finetune.profile import REPO_ROOT, load_profile
 from finetune.stage import PermanentError
 
@@ -66,8 +67,9 @@ def test_production_profiles_checkpoint_at_the_plans_young_daly_interval(name: s
 
 def _reclaim(*overrides: str, step_s: float, save_s: float, stall_s: float) -> dict:
     estimate = {"step_s": step_s, "checkpoint_save_s": save_s, "checkpoint_training_stall_s": stall_s}
-    return preemption(load_profile("scout-sft", list(overrides)), estimate, Constants(spot_reclaim_mtbf_h=24),
-                      read_s=0.0)
+    profile = load_profile("scout-sft", list(overrides))
+    return preemption(profile, estimate, Constants(spot_reclaim_mtbf_h=24), read_s=0.0,
+                      async_save=recipe_settings(profile).async_save)
 
 
 def test_a_blocking_save_that_exceeds_the_notice_is_balanced_against_the_loss_by_young_daly() -> None:
@@ -211,7 +213,12 @@ def test_the_plan_sizes_the_config_the_trainer_gets_recipe_overrides_included(tm
         True, 2, False)
     # The time estimate follows them too: an async save (scout-sft's 1.2 TiB) stalls training for the device-to-host
     # copy only, not for the whole write.
-    blocking, overlapped = (plan(load_profile("scout-sft", [f"train.recipe_overrides={{checkpoint.async_save: {on}}}"]))
-                            ["estimate"] for on in ("false", "true"))
+    plans = [plan(load_profile("scout-sft", [f"train.recipe_overrides={{checkpoint.async_save: {on}}}"]))
+             for on in ("false", "true")]
+    blocking, overlapped = (result["estimate"] for result in plans)
     assert blocking["checkpoint_training_stall_s"] == blocking["checkpoint_save_s"] > 60
     assert overlapped["checkpoint_training_stall_s"] < 0.1 * blocking["checkpoint_training_stall_s"]
+    # And what a reclaim loses: half a cycle of training and blocking save, not half an interval plus the write.
+    reclaim = plans[0]["preemption"]
+    assert reclaim["lost_per_reclaim_min"] == pytest.approx(
+        (reclaim["interval_min"] + blocking["checkpoint_save_s"] / 60) / 2, abs=0.1)

@@ -233,5 +233,6 @@ def plan(profile: Profile) -> dict[str, Any]:
             states=states, checkpoint_bytes=memory.checkpoint_bytes, compute_ratio=compute_ratio(settings),
         )
         read_s = memory.checkpoint_bytes / train.nnodes / (planner.constants.checkpoint_read_gbps_per_node * GB)
-        result["preemption"] = preemption(profile, result["estimate"], planner.constants, read_s)
+        result["preemption"] = preemption(profile, result["estimate"], planner.constants, read_s,
+                                          async_save=settings.async_save)
     return result

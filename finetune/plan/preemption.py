@@ -18,8 +18,10 @@ from finetune.profile import Profile
 CLOUD_NOTICE_S = {"AWS spot": 120, "GCP spot": 30, "Azure spot": 30, "Kubernetes default": 30}
 
 
-def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants, read_s: float) -> dict[str, Any]:
-    """``estimate``: the plan's time estimate (step, save and stall seconds); ``read_s``: reading a checkpoint back.
+def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants, read_s: float,
+               async_save: bool) -> dict[str, Any]:
+    """``estimate``: the plan's time estimate (step, save and stall seconds); ``read_s``: reading a checkpoint back;
+    ``async_save``: the rendered recipe's (recipe_settings), so a train.recipe_overrides of it counts.
 
     Work lost per reclaim without a notice save is the time since the newest complete checkpoint at a uniformly
     random moment: half a cycle of training and saving for a blocking save ((I + save) / 2); with an async save the
@@ -35,13 +37,13 @@ def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants,
     interval_s = _interval_s(train.checkpoint_every_steps, train.checkpoint_every_minutes, step_s)
     mtbf_s = constants.spot_reclaim_mtbf_h * 3600 / train.nnodes
     optimum_s = math.sqrt(2 * stall_s * mtbf_s)
-    floor_s = max(step_s, save_s if train.async_checkpoint else 0.0)
+    floor_s = max(step_s, save_s if async_save else 0.0)
     recommended_s = math.ceil(max(optimum_s, floor_s) / step_s) * step_s if step_s else optimum_s
     notice_s = step_s + save_s  # the notice may come at a step's start: the step, then the save
     fits = notice_s <= grace
 
     def lost_s(every_s: float) -> float:
-        return 0.0 if fits else (every_s / 2 + save_s if train.async_checkpoint else (every_s + save_s) / 2)
+        return 0.0 if fits else (every_s / 2 + save_s if async_save else (every_s + save_s) / 2)
 
     def overhead(every_s: float) -> float:  # share of wall time spent on saves and on redoing lost work
         return stall_s / (every_s + stall_s) + (lost_s(every_s) + read_s) / mtbf_s
