@@ -1,21 +1,25 @@
 """Records to chat messages: validate chat / ShareGPT / alpaca records and account for the bad ones.
 
 A bad record is reported with its place (``file:line``) and what is wrong. Per ``data.on_bad_record`` it either
-fails the stage at once (PermanentError) or is dropped and counted by reason, with the first few examples logged.
+fails the stage at once (PermanentError) or is dropped: counted by reason, the first few logged, and every one
+written to the pack artifact's drops file (``DROPS_FILE``, one JSON line per record: split, file, line, reason,
+problem, excerpt), so none is lost to a count.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+from finetune.data_sources import Record
 from finetune.profile import DataFormat
 from finetune.stage import PermanentError
 
 Messages = list[dict[str, str]]
-# Reasons a record is dropped (the keys of the 'dropped' metrics).
-INVALID_JSON = "invalid_json"
+# Reasons a record is dropped (the keys of the 'dropped' metrics; a line that does not parse is dropped as
+# finetune.data_sources says: invalid_json or not_utf8).
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 EMPTY_TEXT = "empty_text"
@@ -24,7 +28,11 @@ TEMPLATE_ERROR = "template_error"
 TOO_LONG = "too_long"
 UNKNOWN_ROLE = "unknown_role"
 NON_TEXT = "non_text_content"
+TOOL_CALL = "unrenderable_tool_call"
 EXAMPLES_KEPT = 5
+"""Drops logged and kept in the metrics; the drops file has them all."""
+EXCERPT_CHARS = 160
+DROPS_FILE = "dropped.jsonl"
 # Roles the Llama 4 chat template knows (`ipython` is its name for tool output); it would render any other string.
 CHAT_ROLES = {role: role for role in ("system", "user", "assistant", "tool", "ipython")}
 # ShareGPT speakers (`from`) to roles: torchtune's ShareGPTToMessages map, plus the tool-output speakers published
@@ -42,18 +50,24 @@ class BadRecord(ValueError):
 
 
 class BadRecords:
-    """Drops (counting per reason, keeping the first examples) or fails, as ``data.on_bad_record`` says."""
+    """Drops (counting per reason, writing each to ``sink``, keeping the first examples) or fails, as
+    ``data.on_bad_record`` says."""
 
-    def __init__(self, mode: Literal["drop", "fail"], log: Callable[[str], None]):
-        self.mode, self.log = mode, log
+    def __init__(self, mode: Literal["drop", "fail"], log: Callable[[str], None], sink: IO[str] | None = None,
+                 split: str = "train"):
+        self.mode, self.log, self.sink, self.split = mode, log, sink, split
         self.counts: Counter[str] = Counter()
         self.examples: list[str] = []
 
-    def report(self, location: str, bad: BadRecord) -> None:
-        message = f"{location}: {bad.problem}"
+    def report(self, record: Record, bad: BadRecord) -> None:
+        message = f"{record.location}: {bad.problem}"
         if self.mode == "fail":
             raise PermanentError(f"bad record at {message} (set data.on_bad_record: drop to skip such records)")
         self.counts[bad.reason] += 1
+        if self.sink is not None:
+            self.sink.write(json.dumps({"split": self.split, "file": record.file, "line": record.position,
+                                        "reason": bad.reason, "problem": bad.problem,
+                                        "excerpt": excerpt(record)}, ensure_ascii=False) + "\n")
         if len(self.examples) < EXAMPLES_KEPT:
             self.examples.append(message)
             self.log(f"dropped bad record {message}")
@@ -61,6 +75,27 @@ class BadRecords:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def drop_notice(splits: dict[str, dict[str, Any]], path: Any, shown: int = 3) -> str:
+    """One line for the console and the run report: how many records were dropped and why, where the first are, and
+    the file that lists them all."""
+    read = sum(stats["samples"] for stats in splits.values())
+    reasons: Counter[str] = Counter()
+    for stats in splits.values():
+        reasons.update(stats["dropped_by_reason"])
+    examples = [example for stats in splits.values() for example in stats["dropped_examples"]]
+    first = ", ".join(example.split(": ", 1)[0] for example in examples[:shown])
+    why = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common())
+    return f"{sum(reasons.values())} of {read} records dropped ({why}); first at {first}; all in {path}"
+
+
+def excerpt(record: Record) -> str:
+    """The record's start as text, to recognise it by in the drops file."""
+    text = record.raw if record.value is None and record.raw is not None else json.dumps(record.value,
+                                                                                         ensure_ascii=False)
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 3] + "..."
 
 
 def to_messages(value: Any, data_format: DataFormat) -> Messages:
