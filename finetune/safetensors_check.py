@@ -107,7 +107,8 @@ def expected_shape(name: str, args: Llama4TextArgs) -> list[int] | None:
     if match is None or int(match.group(1)) >= args.num_hidden_layers:
         return None
     layer, module = int(match.group(1)), match.group(2)
-    q, kv, e = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim, args.num_local_experts
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    e = args.num_local_experts
     i = args.intermediate_size if args.is_moe_layer(layer) else args.intermediate_size_mlp
     shapes = {
         "input_layernorm.weight": [d], "post_attention_layernorm.weight": [d],

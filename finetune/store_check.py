@@ -60,7 +60,7 @@ def _check_local(url: str, root: Path, need_bytes: int) -> list[str]:
 def _check_remote(url: str, fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     try:
         fs.exists(root)
-        fs.ls(root.split("/", 1)[0], detail=False)  # the bucket (or top level) answers: reachable with these credentials
+        fs.ls(root.split("/", 1)[0], detail=False)  # the bucket (or top level) answers with these credentials
     except Exception as exc:  # noqa: BLE001 - each backend raises its own errors (botocore, aiohttp, gcsfs)
         return [f"store {url}: not reachable: {_first_line(exc)}"]
     probe = f"{root}/{PROBE_PREFIX}{secrets.token_hex(4)}"

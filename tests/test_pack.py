@@ -309,7 +309,7 @@ BAD_LINES: dict[str, tuple[str, str]] = {
     "no_assistant_turn": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant message"),
     "too_long": (json.dumps(_chat("a " * 200, "b")), "exceed data.max_seq_len 64"),
     "unknown_role": (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}),
-                     "'messages[1].role' is 'robot'; allowed: system, user, assistant, tool, ipython"),
+                     "'messages[1].role' is 'robot'; allowed: system, user, assistant, tool, ipython, function"),
     "non_text_content": (json.dumps({"messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                      {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},

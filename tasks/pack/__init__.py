@@ -183,8 +183,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             packed = build_packs(merged.tokens, merged.labels, merged.lengths, data.max_seq_len, padding)
             write_split(ctx.workdir, name, packed)
             summary[name] = {"source_split": ", ".join(dict.fromkeys(split for _, split in parts)),
-                             "samples": sum(reads), "dropped": bad.total, "dropped_by_reason": dict(sorted(bad.counts.items())),
-                             "dropped_examples": bad.examples, **({"mix": mixed} if mixed else {}), **packed.stats()}
+                             "samples": sum(reads), "dropped": bad.total,
+                             "dropped_by_reason": dict(sorted(bad.counts.items())), "dropped_examples": bad.examples,
+                             **({"mix": mixed} if mixed else {}), **packed.stats()}
             ctx.log(f"{name}: {sum(reads)} records, {bad.total} dropped, {packed.stats()['packs']} packs, "
                     f"density {packed.stats()['density']:.4f}")
 
