@@ -11,8 +11,9 @@ tool_parsers/llama4_pythonic_tool_parser.py): a reply that *is* ``[name(arg=lite
 - an assistant turn with calls becomes exactly that list (values rendered as Python literals: JSON strings and
   numbers, True/False/None, dicts and lists of those);
 - tool results stay ``tool``/``ipython`` turns (masked: they are prompt, not reply);
-- tool definitions go into the system message after a fixed preamble (masked too), as vLLM's pythonic template does
-  with a user-given system prompt;
+- tool definitions go into the system message after a short fixed preamble (masked too), as vLLM's pythonic template
+  does with a user-given system prompt, as one compact JSON list of the function objects (vLLM's template indents
+  them by 4: twice the tokens);
 - a call this parser could not read back (a name or argument name that is no Python identifier, arguments that are
   no JSON object, text beside the calls) drops the record with reason ``unrenderable_tool_call``.
 
@@ -31,8 +32,8 @@ from typing import Any
 
 TOOL_CALL_PARSER = "llama4_pythonic"
 SERVE_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", TOOL_CALL_PARSER)
-TOOLS_PREAMBLE = ("Here is a list of functions in JSON format that you can invoke. Use exact format: "
-                  "[func_name1(param1=value1, param2=value2), func_name2(...)]\n")
+# Short on purpose: every training example with tools carries it, and a small model's context is small (tiny-cpu: 256).
+TOOLS_PREAMBLE = "Functions (call as [name(arg=value, ...)]):\n"
 _IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # the parser's [a-zA-Z]+\w*, ASCII only
 
 
@@ -107,7 +108,7 @@ def tool_definitions(tools: Any, where: str) -> list[dict[str, Any]]:
 
 def system_with_tools(system: str | None, tools: list[dict[str, Any]]) -> str:
     """The system message that carries the tool definitions (the embedded template builds the same)."""
-    listing = TOOLS_PREAMBLE + json.dumps(tools, indent=4, ensure_ascii=False)
+    listing = TOOLS_PREAMBLE + json.dumps([tool["function"] for tool in tools], ensure_ascii=False)
     return f"{system.strip()}\n{listing}" if system and system.strip() else listing
 
 

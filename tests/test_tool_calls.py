@@ -79,7 +79,7 @@ def test_openai_and_sharegpt_tool_calls_normalize_to_one_conversation() -> None:
     messages = to_messages(OPENAI, "chat")
     assert messages[2] == {"role": "assistant", "content": CALL}
     assert messages[3] == {"role": "tool", "content": "{\"temp\": 21}"}
-    assert messages[0]["content"].startswith("Be brief.\nHere is a list of functions in JSON format")
+    assert messages[0]["content"].startswith("Be brief.\nFunctions (call as [name(arg=value, ...)]):\n[{")
     assert to_messages(SHAREGPT, "sharegpt") == messages
 
 
