@@ -254,6 +254,31 @@ def normalize_config(workdir: Path) -> list[dict[str, Any]]:
             for c in changes]
 
 
+def ensure_chat_template(workdir: Path) -> list[dict[str, Any]]:
+    """A base repo ships no chat template (transformers' convert script writes one only for instruct repos), yet chat
+    data is packed and served with one: give it Llama 4's chat format (the embedded template: Llama 4's headers and
+    tokens, tool calls as finetune.tool_calls renders them). The published file moves to ``as-published/``."""
+    path = workdir / "tokenizer_config.json"
+    if not path.is_file():
+        return []  # check_readable names the missing tokenizer
+    published_path = workdir / PUBLISHED_DIR / path.name
+    if published_path.is_file():  # a resumed attempt added it already: start again from the published bytes
+        os.replace(published_path, path)
+    config = json_object(path.read_text(), str(path))
+    if config.get("chat_template"):
+        return []
+    from embedded.tokenizer import CHAT_TEMPLATE
+
+    published_path.parent.mkdir(exist_ok=True)
+    os.replace(path, published_path)
+    with atomic_file(path, "w") as handle:
+        json.dump({**config, "chat_template": CHAT_TEMPLATE}, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    return [{"field": "tokenizer_config.json: chat_template", "published": None,
+             "normalized": "Llama 4 chat format (embedded/tokenizer.py CHAT_TEMPLATE)",
+             "needed by": "pack (chat records) and vllm serve (chat requests)"}]
+
+
 def check_readable(workdir: Path) -> None:
     """The normalized checkpoint loads in transformers and in our model; its tokenizer is there and loads."""
     import transformers
@@ -288,7 +313,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for required in REQUIRED_FILES:
         if not (ctx.workdir / required).is_file():
             raise PermanentError(f"model source has no {required}: not a Hugging Face checkpoint directory")
-    changes = normalize_config(ctx.workdir)
+    changes = normalize_config(ctx.workdir) + ensure_chat_template(ctx.workdir)
     check_readable(ctx.workdir)
     files = sorted(p for p in ctx.workdir.rglob("*") if p.is_file())
     metrics.update(files=len(files), bytes=sum(p.stat().st_size for p in files), config_normalized=changes)
@@ -304,4 +329,4 @@ def config(profile: Profile) -> dict[str, Any]:
     return {"source": model.source, "allow": model.allow_patterns, "ignore": model.ignore_patterns}
 
 
-SPEC = StageSpec(name="download", version="2", run=run, config=config, fingerprint=fingerprint, resumable=True)
+SPEC = StageSpec(name="download", version="3", run=run, config=config, fingerprint=fingerprint, resumable=True)
