@@ -14,9 +14,10 @@ import json
 import math
 import re
 import struct
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from llama4tune.config import Llama4TextArgs
+if TYPE_CHECKING:  # llama4tune's package imports torch, which a cached rerun's key computation must not pay for
+    from llama4tune.config import Llama4TextArgs
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
