@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from embedded.dataset import read_split
+from finetune.tool_calls import TOOLS_PREAMBLE
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -46,14 +47,50 @@ O200K_PATTERN = "|".join(
     ]
 )
 
-# Llama 4's format (its tokenizer_config's template without tools/images): BOS once, then per
-# message a header, two newlines, the trimmed content and <|eot|>.
+# Llama 4's format (its tokenizer_config's template without images): BOS once, then per message a header, two
+# newlines, the trimmed content and <|eot|>; tool output under the `ipython` header. Tools and tool calls follow
+# vLLM's llama4_pythonic format exactly as finetune/tool_calls.py renders training data (definitions after a preamble in
+# the system message, an assistant call turn is `[name(arg=<Python literal>, ...)]`), so a served model is prompted
+# as it was trained. `pyval` writes a JSON value as tool_calls.python_literal does.
 CHAT_TEMPLATE = (
+    "{%- macro pyval(v) -%}"
+    "{%- if v is none -%}None{%- elif v is sameas true -%}True{%- elif v is sameas false -%}False"
+    "{%- elif v is string or v is number -%}{{ v | tojson }}"
+    "{%- elif v is mapping -%}{{ '{' }}{%- for k, item in v.items() -%}"
+    "{{ k | string | tojson }}: {{ pyval(item) }}{{ ', ' if not loop.last else '' }}{%- endfor -%}{{ '}' }}"
+    "{%- else -%}[{%- for item in v -%}{{ pyval(item) }}{{ ', ' if not loop.last else '' }}{%- endfor -%}]"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
     "{{- bos_token }}"
+    "{%- if tools %}"
+    "{%- set ns = namespace(listing=" + json.dumps(TOOLS_PREAMBLE) + " + '[') %}"
+    "{%- for tool in tools %}"
+    "{%- set ns.listing = ns.listing + ((tool.function if tool.function is defined else tool) | tojson)"
+    " + (', ' if not loop.last else ']') %}"
+    "{%- endfor %}"
+    "{%- set listing = ns.listing %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- if system %}{%- set listing = system + '\\n' + listing %}{%- endif %}"
+    "{%- endif %}"
+    "{{- '<|header_start|>system<|header_end|>\\n\\n' + listing | trim + '<|eot|>' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
+    "{%- if message['role'] == 'assistant' and message.tool_calls is defined and message.tool_calls %}"
+    "{{- '<|header_start|>assistant<|header_end|>\\n\\n[' }}"
+    "{%- for call in message.tool_calls %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{{- fn.name + '(' }}"
+    "{%- for k, v in fn.arguments.items() %}{{- k + '=' + pyval(v) + (', ' if not loop.last else '') }}{%- endfor %}"
+    "{{- ')' + (', ' if not loop.last else '') }}"
+    "{%- endfor %}"
+    "{{- ']<|eot|>' }}"
+    "{%- else %}"
+    "{{- '<|header_start|>' + ('ipython' if message['role'] == 'tool' else message['role']) + '<|header_end|>\\n\\n' }}"
     "{{- message['content'] | trim }}"
     "{{- '<|eot|>' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|header_start|>assistant<|header_end|>\\n\\n' }}"

@@ -31,6 +31,8 @@ def _prefect_defaults() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
+    if (code := _check_store(args.store)) is not None:
+        return code
     if args.no_plan_check:
         args.overrides = [*args.overrides, "plan.enforce=false"]  # the flow checks the plan again
     _prefect_defaults()
@@ -73,6 +75,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_store(url: str | None) -> int | None:
+    """Exit code 2 with one line per problem when the store cannot be used (before any stage, log or run record)."""
+    from finetune.store import default_store_url
+    from finetune.store_check import check_store
+
+    problems = check_store(url or default_store_url())
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if problems else None
 
 
 def _check_plan(args: argparse.Namespace, profile: Profile, err: TextIO) -> int | None:

@@ -27,6 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from finetune.hashing import sha256_stream
 from finetune.profile import COMMIT_SHA, resolve_repo_path
 from finetune.stage import PermanentError
+from finetune.text_encoding import guess_encoding, non_utf8_encoding
 
 HUB_PREFIX = "hf://datasets/"
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -39,10 +40,20 @@ _PARQUET_BATCH = 8192
 class Record:
     """One raw record. ``value`` is the parsed object, or None when the raw text could not be parsed (``error``)."""
 
-    location: str
-    """Where it came from, for messages: ``path:line`` (JSON lines), ``path:row N`` (parquet), ``path:record N``."""
+    file: str
+    position: int | str
+    """Its line (JSON lines), ``row N`` (parquet, hub) or ``record N`` (a JSON array) in ``file``."""
     value: Any
     error: str | None = None
+    raw: str | None = None
+    """The text that could not be parsed (for ``error``), as far as it decodes."""
+    error_reason: str = "invalid_json"
+    """The drop reason ``error`` counts under: ``invalid_json`` or ``not_utf8``."""
+
+    @property
+    def location(self) -> str:
+        """Where it came from, for messages: ``path:line``, ``path:row N``, ``path:record N``."""
+        return f"{self.file}:{self.position}"
 
 
 class DataSource(Protocol):
@@ -129,18 +140,27 @@ class FileSource:
     def _json_records(self, path: str) -> Iterator[Record]:
         shown = self.display(path)
         with self.fs.open(path, "rb") as handle:
-            head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()  # editors on Windows write a BOM
+            head = handle.read(4096).removeprefix(codecs.BOM_UTF8)  # editors on Windows write a UTF-8 BOM
+            if (encoding := non_utf8_encoding(head)) is not None:
+                # Read line by line it would be dropped a line at a time as 'unparsable JSON', naming nothing.
+                raise PermanentError(f"data file {shown} is not UTF-8 text: it looks like {encoding}; JSON must be "
+                                     "UTF-8 (re-encode it, e.g. iconv -f <encoding> -t UTF-8)")
             handle.seek(0)
-            if path.endswith(".json") and head.startswith(b"["):
+            if path.endswith(".json") and head.lstrip().startswith(b"["):
                 yield from _json_array_records(shown, handle.read())
                 return
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue  # blank lines (a trailing newline run) carry no record
                 try:
-                    yield Record(f"{shown}:{lineno}", json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    yield Record(f"{shown}:{lineno}", None, f"unparsable JSON ({_reason(exc)})")
+                    yield Record(shown, lineno, json.loads(line))
+                except UnicodeDecodeError as exc:
+                    yield Record(shown, lineno, None, f"not UTF-8 text (byte 0x{line[exc.start]:02x} at column "
+                                 f"{exc.start + 1}; this line looks like {guess_encoding(line)})",
+                                 line.decode("utf-8", "replace"), "not_utf8")
+                except json.JSONDecodeError as exc:
+                    yield Record(shown, lineno, None, f"unparsable JSON ({_reason(exc)})",
+                                 line.decode("utf-8", "replace"))
 
     def _parquet_records(self, path: str) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -151,7 +171,7 @@ class FileSource:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=_PARQUET_BATCH):
                 for value in batch.to_pylist():
                     row += 1
-                    yield Record(f"{shown}:row {row}", value)
+                    yield Record(shown, f"row {row}", value)
 
     def fingerprint(self) -> dict[str, Any]:
         files: dict[str, str] = {}
@@ -181,7 +201,7 @@ class HubSource:
         rows = datasets.load_dataset(self.name, revision=self.revision, split=split)
         where = f"{HUB_PREFIX}{self.name}@{self.revision}" if self.revision else f"{HUB_PREFIX}{self.name}"
         for row, value in enumerate(rows, start=1):
-            yield Record(f"{where}:{split}:row {row}", value)
+            yield Record(f"{where}:{split}", f"row {row}", value)
 
     def fingerprint(self) -> dict[str, Any]:
         # Only a commit pins content: a branch or tag can move under the same name and a stale pack would be reused.
@@ -212,7 +232,7 @@ def _json_array_records(shown: str, raw: bytes) -> Iterator[Record]:
         line = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise PermanentError(f"{shown}{line}: unparsable JSON array ({_reason(exc)})") from None
     for number, value in enumerate(rows, start=1):
-        yield Record(f"{shown}:record {number}", value)
+        yield Record(shown, f"record {number}", value)
 
 
 def _reason(exc: Exception) -> str:

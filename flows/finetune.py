@@ -125,8 +125,11 @@ def _collect(steps: list[Step], submitted: dict[str, Submitted], gate: PrefectFu
         else:
             results[label] = result = stage_result(submitted[label], store)
             seconds = None if result.cached else result.artifact.timings.get("seconds")
+            # A stage's notice (pack: records dropped) is something the person running it must read, not only the log.
+            notice = result.artifact.metrics.get("notice")
             stage_event(label, "cached" if result.cached else "done",
-                        result.artifact.key[:10] + ("" if seconds is None else f"  {seconds:.1f}s"))
+                        result.artifact.key[:10] + ("" if seconds is None else f"  {seconds:.1f}s")
+                        + (f"  {notice}" if notice else ""))
     order = [future for step in steps for future in (submitted[step.label].future,
                                                      *([gate] if step.label == GATE_TUNED and gate else []))]
     return next((f.state for f in order if f.state.is_failed() or f.state.is_crashed()), None)

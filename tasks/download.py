@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from finetune.hashing import hash_json, hash_tree, sha256_file
 from finetune.jsonfile import json_object
 from finetune.profile import COMMIT_SHA, ModelConfig, Profile, resolve_repo_path
 from finetune.quantized_bases import bf16_hint
+from finetune.safetensors_check import file_problems
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file, scratch_root
 
@@ -129,6 +131,28 @@ def refuse_quantized_config(config: dict[str, Any], where: str, repo_id: str | N
                                  f"checkpoint is quantized and training needs bf16 weights; {bf16_hint(repo_id)}")
 
 
+def verify_safetensors(fs: fsspec.AbstractFileSystem, root: str, sizes: dict[str, int | None],
+                       config: dict[str, Any] | None) -> int:
+    """Every ``*.safetensors`` among ``sizes`` (name -> bytes, under ``root``) parsed from its header and checked
+    against the config's dimensions; the number checked, or PermanentError naming the first bad file and its faults."""
+    from llama4tune.config import load_text_args
+
+    try:
+        args = load_text_args(config) if config is not None else None
+    except ValueError:
+        args = None  # normalize_config / check_readable name what is wrong with the config itself
+    names = sorted(name for name in sizes if name.endswith(".safetensors"))
+    for name in names:
+        url = f"{root.rstrip('/')}/{name}"
+        with fs.open(url, "rb") as handle:
+            problems = file_problems(handle, sizes[name] if sizes[name] is not None else fs.size(url), args)
+        if problems:
+            shown = url if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(url)
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise PermanentError(f"{shown}: not a usable safetensors file: {'; '.join(problems[:3])}{more}")
+    return len(names)
+
+
 def _download_hub(ctx: StageContext) -> dict[str, Any]:
     from huggingface_hub import HfApi, snapshot_download
 
@@ -161,7 +185,11 @@ def _download_hub(ctx: StageContext) -> dict[str, Any]:
         elif sibling.blob_id and _git_blob_sha1(path) != sibling.blob_id:
             raise RuntimeError(f"{name}: git blob hash differs from the hub's; the file was altered")
         ctx.progress(done / max(len(expected), 1), f"verified {name}")
-    return {"source": "hub", "repo_id": model.repo_id, "revision": revision}
+    # The hub's hashes prove the bytes are the published ones, not that the published file is whole.
+    checked = verify_safetensors(fsspec.filesystem("file"), str(ctx.workdir),
+                                 {name: (ctx.workdir / name).stat().st_size for name in expected},
+                                 json_object(Path(config_path).read_text(), config_path))
+    return {"source": "hub", "repo_id": model.repo_id, "revision": revision, "safetensors_checked": checked}
 
 
 def _copy_verified(fs: fsspec.AbstractFileSystem, src: str, dst: Path, size: int | None) -> None:
@@ -184,14 +212,18 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
         raise PermanentError(f"model.path: {source} is not a directory")
     found = fs.find(root, detail=True)
     names = {str(path)[len(root.rstrip('/')) + 1:]: info for path, info in found.items()}
+    config = None
     if "config.json" in names:  # read before copying anything: a quantized base is refused before its weights move
         config_url = f"{root.rstrip('/')}/config.json"
-        refuse_quantized_config(json_object(fs.cat_file(config_url).decode(), config_url), config_url, None)
+        config = json_object(fs.cat_file(config_url).decode(), config_url)
+        refuse_quantized_config(config, config_url, None)
     wanted = _filtered(sorted(names), model)
+    # Headers only, at the source: a truncated or mislabelled checkpoint is refused before its weights are copied.
+    checked = verify_safetensors(fs, root, {name: names[name].get("size") for name in wanted}, config)
     for done, name in enumerate(wanted, 1):
         _copy_verified(fs, f"{root.rstrip('/')}/{name}", ctx.workdir / name, names[name].get("size"))
         ctx.progress(done / len(wanted), f"copied {name}")
-    return {"source": model.source, "path": source}
+    return {"source": model.source, "path": source, "safetensors_checked": checked}
 
 
 def normalize_config(workdir: Path) -> list[dict[str, Any]]:
@@ -220,6 +252,31 @@ def normalize_config(workdir: Path) -> list[dict[str, Any]]:
             handle.write("\n")
     return [{"field": c.field, "published": c.published, "normalized": c.normalized, "needed by": c.needed_by}
             for c in changes]
+
+
+def ensure_chat_template(workdir: Path) -> list[dict[str, Any]]:
+    """A base repo ships no chat template (transformers' convert script writes one only for instruct repos), yet chat
+    data is packed and served with one: give it Llama 4's chat format (the embedded template: Llama 4's headers and
+    tokens, tool calls as finetune.tool_calls renders them). The published file moves to ``as-published/``."""
+    path = workdir / "tokenizer_config.json"
+    if not path.is_file():
+        return []  # check_readable names the missing tokenizer
+    published_path = workdir / PUBLISHED_DIR / path.name
+    if published_path.is_file():  # a resumed attempt added it already: start again from the published bytes
+        os.replace(published_path, path)
+    config = json_object(path.read_text(), str(path))
+    if config.get("chat_template"):
+        return []
+    from embedded.tokenizer import CHAT_TEMPLATE
+
+    published_path.parent.mkdir(exist_ok=True)
+    os.replace(path, published_path)
+    with atomic_file(path, "w") as handle:
+        json.dump({**config, "chat_template": CHAT_TEMPLATE}, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    return [{"field": "tokenizer_config.json: chat_template", "published": None,
+             "normalized": "Llama 4 chat format (embedded/tokenizer.py CHAT_TEMPLATE)",
+             "needed by": "pack (chat records) and vllm serve (chat requests)"}]
 
 
 def check_readable(workdir: Path) -> None:
@@ -256,7 +313,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for required in REQUIRED_FILES:
         if not (ctx.workdir / required).is_file():
             raise PermanentError(f"model source has no {required}: not a Hugging Face checkpoint directory")
-    changes = normalize_config(ctx.workdir)
+    changes = normalize_config(ctx.workdir) + ensure_chat_template(ctx.workdir)
     check_readable(ctx.workdir)
     files = sorted(p for p in ctx.workdir.rglob("*") if p.is_file())
     metrics.update(files=len(files), bytes=sum(p.stat().st_size for p in files), config_normalized=changes)
@@ -272,4 +329,4 @@ def config(profile: Profile) -> dict[str, Any]:
     return {"source": model.source, "allow": model.allow_patterns, "ignore": model.ignore_patterns}
 
 
-SPEC = StageSpec(name="download", version="2", run=run, config=config, fingerprint=fingerprint, resumable=True)
+SPEC = StageSpec(name="download", version="3", run=run, config=config, fingerprint=fingerprint, resumable=True)

@@ -77,6 +77,14 @@ def record_artifacts(store: Store, record: Mapping[str, Any]) -> dict[str, Artif
 
 
 # -- sections ------------------------------------------------------------------------------------------------------
+def data_section(pack: Artifact) -> str:
+    splits = pack.metrics.get("splits", {})
+    read = ", ".join(f"{stats['samples']} records in {name} ({stats.get('documents', '?')} kept)"
+                     for name, stats in splits.items())
+    notice = pack.metrics.get("notice")
+    return f"{read}. " + (f"{notice}." if notice else "No record was dropped.")
+
+
 def training_section(train: Artifact) -> str:
     m = train.metrics
     if m.get("first_loss") is None:
@@ -154,6 +162,8 @@ def result_sections(artifacts: Mapping[str, Artifact], gate: GateConfig | None) 
     """Title -> markdown of every section the given artifacts (by pipeline label, their files readable here)
     can fill."""
     out: dict[str, str] = {}
+    if "pack" in artifacts:
+        out["Data"] = data_section(artifacts["pack"])
     if "train" in artifacts:
         out["Training"] = training_section(artifacts["train"])
     if "evaluate-base" in artifacts and "evaluate-tuned" in artifacts:

@@ -88,7 +88,7 @@ def _same_structure(a: Any, b: Any, where: str = "") -> list[str]:
 
 def small_files(name: str, out: Path) -> Path:
     """The fixture's config (shrunk, as published), its generation config and the embedded tokenizer with the
-    fixture's chat template, written into ``out``."""
+    fixture's chat template (or none, where the repo has none), written into ``out``."""
     from embedded import tokenizer as tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,11 @@ def small_files(name: str, out: Path) -> Path:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tiny_tokenizer.save_tokenizer(out, _embedded_tokenizer())
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
-    tok_config["chat_template"] = read(name, "tokenizer_config.json")["chat_template"]
+    published = read(name, "tokenizer_config.json")
+    if "chat_template" in published:
+        tok_config["chat_template"] = published["chat_template"]
+    else:  # a base repo ships none
+        del tok_config["chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out
 

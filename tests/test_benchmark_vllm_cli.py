@@ -36,7 +36,7 @@ from tasks.serving.engines import VLLM
 # flag -> whether it takes a value (False: store_true)
 VLLM_SERVE_FLAGS = {
     "--host": True, "--port": True, "--seed": True, "--max-model-len": True, "--tensor-parallel-size": True,
-    "--gpu-memory-utilization": True,
+    "--gpu-memory-utilization": True, "--enable-auto-tool-choice": False, "--tool-call-parser": True,
 }
 VLLM_BENCH_SERVE_FLAGS = {
     "--backend": True, "--base-url": True, "--endpoint": True, "--model": True, "--max-concurrency": True,
@@ -80,7 +80,8 @@ def test_vllm_serve_command_uses_only_documented_flags() -> None:
     positionals, flags = parse_flags(args[1:], VLLM_SERVE_FLAGS)
     assert positionals == ["/models/bf16"]
     assert flags == {"--host": "127.0.0.1", "--port": "8123", "--tensor-parallel-size": "8",
-                     "--max-model-len": "4096", "--gpu-memory-utilization": "0.85", "--seed": "0"}
+                     "--max-model-len": "4096", "--gpu-memory-utilization": "0.85", "--seed": "0",
+                     "--enable-auto-tool-choice": None, "--tool-call-parser": "llama4_pythonic"}
 
 
 def test_vllm_engine_runs_the_vllm_cli_found_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -149,13 +149,19 @@ def test_download_normalizes_config_and_keeps_the_published_bytes(name, checkpoi
     published = (checkpoints[name] / "config.json").read_bytes()
     text = json.loads(published).get("text_config", json.loads(published))
     changes = artifact.metrics["config_normalized"]
+    if "chat_template" not in read(name, "tokenizer_config.json"):  # a base repo: Llama 4's chat format is added
+        assert changes[-1]["field"] == "tokenizer_config.json: chat_template"
+        assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+        assert (out / download.PUBLISHED_DIR / "tokenizer_config.json").read_bytes() == (
+            checkpoints[name] / "tokenizer_config.json").read_bytes()
+        changes = changes[:-1]
     if "attn_temperature_tuning" in text:  # the int 4 transformers rejects: normalized, published bytes kept aside
         assert [c["field"].split(".")[-1] for c in changes] == ["attn_temperature_tuning"]
         assert (out / download.PUBLISHED_DIR / "config.json").read_bytes() == published
         assert f"{download.PUBLISHED_DIR}/config.json" in artifact.files  # hashed in the manifest like every file
     else:  # nothing to normalize: config.json is the published file itself
         assert changes == [] and (out / "config.json").read_bytes() == published
-    assert tables["config_normalized"] == changes
+    assert tables["config_normalized"] == artifact.metrics["config_normalized"]
     AutoConfig.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)  # reads config.json too (transformers PR 44882's failure)
 
@@ -180,8 +186,8 @@ def test_chat_template_renders_the_shipped_data_with_llama4_headers(name, checkp
     tokenizer = AutoTokenizer.from_pretrained(_download(checkpoints[name], tmp_path / "store")[0].path)
     record = json.loads(Path("embedded/data/train.jsonl").read_text().splitlines()[0])
     messages = record["messages"]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
-                                         chat_template=read(name, "tokenizer_config.json")["chat_template"])
+    # The fixture's own template; a base repo's (none) is Llama 4's format added by download.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     expected = "<|begin_of_text|>" + "".join(
         f"<|header_start|>{m['role']}<|header_end|>\n\n{m['content'].strip() if m['role'] == 'system' else m['content']}"
         "<|eot|>" for m in messages)
@@ -211,7 +217,7 @@ def test_a_quantized_local_base_is_refused_before_any_file_is_copied(checkpoints
     config["quantization_config"] = read("Llama-4-Maverick-17B-128E-Instruct-FP8")["quantization_config"]
     (model / "config.json").write_text(json.dumps(config))
     profile = load_profile("tiny-cpu", ["model.source=local", f"model.path={model}"])
-    with pytest.raises(PermanentError, match=r"quantization_config.*fbgemm_fp8.*bf16"):
+    with pytest.raises(PermanentError, match=r"quantization_config.*compressed-tensors.*bf16"):
         download.run(_ctx(profile, tmp_path / "work"))
     assert not any((tmp_path / "work").iterdir())
 

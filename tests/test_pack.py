@@ -309,7 +309,7 @@ BAD_LINES: dict[str, tuple[str, str]] = {
     "no_assistant_turn": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant message"),
     "too_long": (json.dumps(_chat("a " * 200, "b")), "exceed data.max_seq_len 64"),
     "unknown_role": (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}),
-                     "'messages[1].role' is 'robot'; allowed: system, user, assistant, tool, ipython"),
+                     "'messages[1].role' is 'robot'; allowed: system, user, assistant, tool, ipython, function"),
     "non_text_content": (json.dumps({"messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                      {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
@@ -329,6 +329,41 @@ def test_bad_records_are_dropped_and_counted_by_reason_with_file_and_line(tmp_pa
     examples = metrics["splits"]["train"]["dropped_examples"]
     assert examples[0] == f"{source}:2: unparsable JSON (Expecting value)" and len(examples) == 5
     assert any(f"{source}:3: missing field 'messages'" in line for line in logs)
+    # Every drop, not only the first five, is located in the artifact's drops file.
+    drops = [json.loads(line) for line in (out / metrics["dropped_file"]).read_text().splitlines()]
+    assert sorted((d["file"], d["line"]) for d in drops) == [(str(source), n) for n in range(2, len(lines))]
+    assert drops[-1 - 1] == {"split": "train", "file": str(source), "line": len(lines) - 1, "reason": "wrong_type",
+                         "problem": "record is a list, expected a JSON object", "excerpt": "[1, 2]"}
+    assert drops[0]["excerpt"] == '{"messages": ['
+    assert metrics["notice"] == (f"{len(lines) - 2} of {len(lines)} records dropped (wrong_type 2, empty_text 1, "
+                                 f"invalid_json 1, missing_field 1, no_assistant_turn 1, non_text_content 1, "
+                                 f"too_long 1, unknown_role 1); first at {source}:2, {source}:3, {source}:4; "
+                                 f"all in {out / 'dropped.jsonl'}")
+    assert metrics["notice"] in logs
+
+
+def test_a_utf16_file_is_named_as_not_utf8_with_its_encoding(tmp_path: Path, tokenizer_dir: Path) -> None:
+    source = tmp_path / "data" / "train.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(json.dumps(_chat("Reverse a b", "b a")).encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(PermanentError, match=f"data file {re.escape(str(source))} is not UTF-8 text: it looks like "
+                                             "UTF-16-LE"):
+        _run(tmp_path, tokenizer_dir, source)
+    source.write_bytes(json.dumps(_chat("Reverse a b", "b a")).encode("utf-16-be"))  # no mark
+    with pytest.raises(PermanentError, match="looks like UTF-16-BE \\(no byte-order mark\\)"):
+        _run(tmp_path / "again", tokenizer_dir, source)
+
+
+def test_a_line_that_is_not_utf8_is_dropped_naming_its_encoding(tmp_path: Path, tokenizer_dir: Path) -> None:
+    good = json.dumps(_chat("Reverse a b", "b a")).encode()
+    latin = json.dumps(_chat("Caf\u00e9 au lait, s'il vous pla\u00eet", "ok"), ensure_ascii=False).encode("cp1252")
+    source = tmp_path / "data" / "train.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(b"\n".join([good, latin, good]) + b"\n")
+    metrics, out, _ = _run(tmp_path, tokenizer_dir, source)
+    assert metrics["dropped_by_reason"] == {"not_utf8": 1}
+    [drop] = [json.loads(line) for line in (out / "dropped.jsonl").read_text().splitlines()]
+    assert drop["line"] == 2 and drop["problem"].startswith("not UTF-8 text (byte 0xe9 at column ")
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_LINES))

@@ -78,3 +78,14 @@ def test_finetune_report_prints_it_and_fails_clearly_without_runs(
     assert "# Run `tiny-cpu-data-1` (completed)" in capsys.readouterr().out
     assert main(["report", "--store", str(tmp_path / "empty")]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_the_data_section_says_how_many_records_were_dropped_why_and_where() -> None:
+    from tasks.run_report import data_section
+
+    notice = "2 of 5 records dropped (invalid_json 2); first at d.jsonl:2, d.jsonl:4; all in /s/pack/k/dropped.jsonl"
+    pack = Artifact(stage="pack", key="k", path="/s/pack/k", metrics={
+        "notice": notice, "splits": {"train": {"samples": 5, "documents": 3}}})
+    assert data_section(pack) == f"5 records in train (3 kept). {notice}."
+    pack.metrics.pop("notice")
+    assert data_section(pack).endswith("No record was dropped.")

@@ -29,7 +29,7 @@ from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
 from tasks.pack import mix
 from tasks.pack.chat import ChatEncoder, Encoded, Segment, load_tokenizer, pad_id
-from tasks.pack.records import INVALID_JSON, TOO_LONG, BadRecord, BadRecords, Messages, to_messages
+from tasks.pack.records import DROPS_FILE, TOO_LONG, BadRecord, BadRecords, Messages, drop_notice, to_messages
 
 CHUNK = 4096  # records per tokenizer batch: large enough for the batch encoder, small enough to report progress
 PROMPTS_FILE = "prompts.jsonl"
@@ -121,24 +121,24 @@ def encode_split(
     read = 0
     for chunk in _chunks(records, CHUNK):
         read += len(chunk)
-        locations: list[str] = []
+        kept: list[Record] = []
         conversations: list[Messages] = []
         segments: list[list[Segment]] = []
         for record in chunk:
             try:
                 if record.error is not None:
-                    raise BadRecord(INVALID_JSON, record.error)
+                    raise BadRecord(record.error_reason, record.error)
                 messages = to_messages(record.value, data_format)
                 segments.append(encoder.segments(messages, record.location))
             except BadRecord as problem:
-                bad.report(record.location, problem)
+                bad.report(record, problem)
                 continue
-            locations.append(record.location)
+            kept.append(record)
             conversations.append(messages)
         encoded = encoder.encode(segments)
         fits = encoded.lengths <= data.max_seq_len
         for index in np.flatnonzero(~fits).tolist():
-            bad.report(locations[index], BadRecord(
+            bad.report(kept[index], BadRecord(
                 TOO_LONG, f"{encoded.lengths[index]} tokens exceed data.max_seq_len {data.max_seq_len}"))
         if not fits.all():
             encoded = encoded.take(np.flatnonzero(fits))
@@ -166,26 +166,28 @@ def run(ctx: StageContext) -> dict[str, Any]:
     samples = [PromptSample() for _ in inputs]
     weights = [item.entry.weight for item in inputs]
     summary: dict[str, dict[str, Any]] = {}
-    for number, (name, parts) in enumerate(splits.items()):
-        bad = BadRecords(data.on_bad_record, ctx.log)
-        documents, reads = _encode_parts(parts, data, encoder, bad, samples if name == "train" else None,
-                                         lambda message: ctx.progress(number / len(splits), message))
-        mixed: list[dict[str, Any]] = []
-        if name == "train" and data.sources is not None:
-            picks, shares = mix.plan([d.lengths.size for d in documents], weights, data.seed)
-            documents = [d.take(pick) for d, pick in zip(documents, picks)]
-            mixed = [{"source": item.entry.source, "format": item.entry.format, "read": read, **share}
-                     for item, read, share in zip(inputs, reads, shares)]
-            ctx.tables["mix"] = [_mix_row(row) for row in mixed]
-        ctx.progress((number + 0.7) / len(splits), f"packing {name}")
-        merged = Encoded.concat(documents)
-        packed = build_packs(merged.tokens, merged.labels, merged.lengths, data.max_seq_len, padding)
-        write_split(ctx.workdir, name, packed)
-        summary[name] = {"source_split": ", ".join(dict.fromkeys(split for _, split in parts)), "samples": sum(reads),
-                         "dropped": bad.total, "dropped_by_reason": dict(sorted(bad.counts.items())),
-                         "dropped_examples": bad.examples, **({"mix": mixed} if mixed else {}), **packed.stats()}
-        ctx.log(f"{name}: {sum(reads)} records, {bad.total} dropped, {packed.stats()['packs']} packs, "
-                f"density {packed.stats()['density']:.4f}")
+    with atomic_file(ctx.workdir / DROPS_FILE, "w") as drops:  # every dropped record, one JSON line each
+        for number, (name, parts) in enumerate(splits.items()):
+            bad = BadRecords(data.on_bad_record, ctx.log, drops, name)
+            documents, reads = _encode_parts(parts, data, encoder, bad, samples if name == "train" else None,
+                                             lambda message: ctx.progress(number / len(splits), message))
+            mixed: list[dict[str, Any]] = []
+            if name == "train" and data.sources is not None:
+                picks, shares = mix.plan([d.lengths.size for d in documents], weights, data.seed)
+                documents = [d.take(pick) for d, pick in zip(documents, picks)]
+                mixed = [{"source": item.entry.source, "format": item.entry.format, "read": read, **share}
+                         for item, read, share in zip(inputs, reads, shares)]
+                ctx.tables["mix"] = [_mix_row(row) for row in mixed]
+            ctx.progress((number + 0.7) / len(splits), f"packing {name}")
+            merged = Encoded.concat(documents)
+            packed = build_packs(merged.tokens, merged.labels, merged.lengths, data.max_seq_len, padding)
+            write_split(ctx.workdir, name, packed)
+            summary[name] = {"source_split": ", ".join(dict.fromkeys(split for _, split in parts)),
+                             "samples": sum(reads), "dropped": bad.total,
+                             "dropped_by_reason": dict(sorted(bad.counts.items())), "dropped_examples": bad.examples,
+                             **({"mix": mixed} if mixed else {}), **packed.stats()}
+            ctx.log(f"{name}: {sum(reads)} records, {bad.total} dropped, {packed.stats()['packs']} packs, "
+                    f"density {packed.stats()['density']:.4f}")
 
     prompts = mix.sample_rows([sample.rows() for sample in samples], weights,
                               min(PROMPT_SAMPLE, summary["train"]["documents"]), PROMPT_SEED)
@@ -198,12 +200,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tables["pack"] = [_table_row(name, stats) for name, stats in summary.items()]
     ctx.progress(1.0, "packed")
     train = summary["train"]
+    dropped = sum(stats["dropped"] for stats in summary.values())
+    notice = drop_notice(summary, ctx.workdir / DROPS_FILE) if dropped else ""
+    if notice:
+        ctx.log(notice)
     total_tokens = sum(stats["tokens"] for stats in summary.values())
     return {
         **{k: train[k] for k in ("samples", "dropped", "dropped_by_reason", "tokens", "trainable_tokens", "packs",
                                  "padding_fraction", "density")},
         **({"mix": train["mix"]} if "mix" in train else {}),
         "splits": summary,
+        "dropped_file": DROPS_FILE,
+        **({"notice": notice} if notice else {}),
         "prompts": len(prompts),
         "seconds": round(finished - started, 3),
         "tokenizer_load_seconds": round(loaded - started, 3),
@@ -226,8 +234,9 @@ def _encode_parts(
         offer = samples[number].offer if samples is not None else lambda conversations, encoded: None
         encoded, read = encode_split(item.reader.records(split), item.entry.format, data, encoder, bad, offer)
         if encoded.lengths.size == 0:
+            first = "".join(f"; {example}" for example in bad.examples[:3])
             raise PermanentError(f"split {split!r} of {item.name} has no usable records "
-                                 f"({read} read, {bad.total} dropped so far: {dict(bad.counts)})")
+                                 f"({read} read, {bad.total} dropped so far: {dict(bad.counts)}){first}")
         documents.append(encoded)
         reads.append(read)
     return documents, reads
@@ -247,4 +256,4 @@ def _table_row(name: str, stats: dict[str, Any]) -> dict[str, Any]:
             "density": f"{stats['density']:.2%}", "padding": f"{stats['padding_fraction']:.2%}"}
 
 
-SPEC = StageSpec(name="pack", version="2", run=run, config=config, upstream=("download",), fingerprint=fingerprint)
+SPEC = StageSpec(name="pack", version="3", run=run, config=config, upstream=("download",), fingerprint=fingerprint)

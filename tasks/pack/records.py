@@ -1,21 +1,30 @@
 """Records to chat messages: validate chat / ShareGPT / alpaca records and account for the bad ones.
 
 A bad record is reported with its place (``file:line``) and what is wrong. Per ``data.on_bad_record`` it either
-fails the stage at once (PermanentError) or is dropped and counted by reason, with the first few examples logged.
+fails the stage at once (PermanentError) or is dropped: counted by reason, the first few logged, and every one
+written to the pack artifact's drops file (``DROPS_FILE``, one JSON line per record: split, file, line, reason,
+problem, excerpt), so none is lost to a count.
+
+Tool calls (OpenAI ``tool_calls`` / legacy ``function_call`` on assistant messages, ``tool``/``function`` results,
+a record's ``tools``; ShareGPT ``function_call`` / ``observation`` turns) become plain messages in one format,
+vLLM's llama4_pythonic (finetune/tool_calls.py): a call the parser could not read back drops the record.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+from finetune.data_sources import Record
 from finetune.profile import DataFormat
 from finetune.stage import PermanentError
+from finetune.tool_calls import Unrenderable, render_calls, system_with_tools, tool_definitions, tool_result
 
 Messages = list[dict[str, str]]
-# Reasons a record is dropped (the keys of the 'dropped' metrics).
-INVALID_JSON = "invalid_json"
+# Reasons a record is dropped (the keys of the 'dropped' metrics; a line that does not parse is dropped as
+# finetune.data_sources says: invalid_json or not_utf8).
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 EMPTY_TEXT = "empty_text"
@@ -24,12 +33,17 @@ TEMPLATE_ERROR = "template_error"
 TOO_LONG = "too_long"
 UNKNOWN_ROLE = "unknown_role"
 NON_TEXT = "non_text_content"
+TOOL_CALL = "unrenderable_tool_call"
 EXAMPLES_KEPT = 5
+"""Drops logged and kept in the metrics; the drops file has them all."""
+EXCERPT_CHARS = 160
+DROPS_FILE = "dropped.jsonl"
 # Roles the Llama 4 chat template knows (`ipython` is its name for tool output); it would render any other string.
-CHAT_ROLES = {role: role for role in ("system", "user", "assistant", "tool", "ipython")}
+# OpenAI's legacy `function` role is a tool result.
+CHAT_ROLES = {role: role for role in ("system", "user", "assistant", "tool", "ipython")} | {"function": "tool"}
 # ShareGPT speakers (`from`) to roles: torchtune's ShareGPTToMessages map, plus the tool-output speakers published
-# ShareGPT sets use (`tool`, `function`, LLaMA-Factory's `observation`).
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant",
+# ShareGPT sets use (`tool`, `function`, LLaMA-Factory's `observation`) and its `function_call` (an assistant call).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "function_call": "assistant",
                   "tool": "tool", "function": "tool", "observation": "tool"}
 # A field only one record shape has, to name the data.format a misformatted record looks like.
 SHAPE_FIELDS = {"messages": "chat", "conversations": "sharegpt", "instruction": "alpaca"}
@@ -42,18 +56,24 @@ class BadRecord(ValueError):
 
 
 class BadRecords:
-    """Drops (counting per reason, keeping the first examples) or fails, as ``data.on_bad_record`` says."""
+    """Drops (counting per reason, writing each to ``sink``, keeping the first examples) or fails, as
+    ``data.on_bad_record`` says."""
 
-    def __init__(self, mode: Literal["drop", "fail"], log: Callable[[str], None]):
-        self.mode, self.log = mode, log
+    def __init__(self, mode: Literal["drop", "fail"], log: Callable[[str], None], sink: IO[str] | None = None,
+                 split: str = "train"):
+        self.mode, self.log, self.sink, self.split = mode, log, sink, split
         self.counts: Counter[str] = Counter()
         self.examples: list[str] = []
 
-    def report(self, location: str, bad: BadRecord) -> None:
-        message = f"{location}: {bad.problem}"
+    def report(self, record: Record, bad: BadRecord) -> None:
+        message = f"{record.location}: {bad.problem}"
         if self.mode == "fail":
             raise PermanentError(f"bad record at {message} (set data.on_bad_record: drop to skip such records)")
         self.counts[bad.reason] += 1
+        if self.sink is not None:
+            self.sink.write(json.dumps({"split": self.split, "file": record.file, "line": record.position,
+                                        "reason": bad.reason, "problem": bad.problem,
+                                        "excerpt": excerpt(record)}, ensure_ascii=False) + "\n")
         if len(self.examples) < EXAMPLES_KEPT:
             self.examples.append(message)
             self.log(f"dropped bad record {message}")
@@ -61,6 +81,27 @@ class BadRecords:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def drop_notice(splits: dict[str, dict[str, Any]], path: Any, shown: int = 3) -> str:
+    """One line for the console and the run report: how many records were dropped and why, where the first are, and
+    the file that lists them all."""
+    read = sum(stats["samples"] for stats in splits.values())
+    reasons: Counter[str] = Counter()
+    for stats in splits.values():
+        reasons.update(stats["dropped_by_reason"])
+    examples = [example for stats in splits.values() for example in stats["dropped_examples"]]
+    first = ", ".join(example.split(": ", 1)[0] for example in examples[:shown])
+    why = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common())
+    return f"{sum(reasons.values())} of {read} records dropped ({why}); first at {first}; all in {path}"
+
+
+def excerpt(record: Record) -> str:
+    """The record's start as text, to recognise it by in the drops file."""
+    text = record.raw if record.value is None and record.raw is not None else json.dumps(record.value,
+                                                                                         ensure_ascii=False)
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 3] + "..."
 
 
 def to_messages(value: Any, data_format: DataFormat) -> Messages:
@@ -79,15 +120,28 @@ def to_messages(value: Any, data_format: DataFormat) -> Messages:
 
 
 def _chat(record: dict[str, Any]) -> Messages:
-    return _conversation(record, "messages", "role", "content", CHAT_ROLES,
-                         "chat format: {\"messages\": [{role, content}]}")
+    return _with_tools(record, _conversation(record, "messages", "role", "content", CHAT_ROLES,
+                                             "chat format: {\"messages\": [{role, content}]}"))
 
 
 def _sharegpt(record: dict[str, Any]) -> Messages:
     # LLaMA-Factory's ShareGPT shape carries the system prompt beside the turns.
     system = [{"role": "system", "content": _text(record, "system", "system")}] if record.get("system") else []
-    return system + _conversation(record, "conversations", "from", "value", SHAREGPT_ROLES,
-                                  "sharegpt format: {\"conversations\": [{from, value}]}")
+    return _with_tools(record, system + _conversation(record, "conversations", "from", "value", SHAREGPT_ROLES,
+                                                      "sharegpt format: {\"conversations\": [{from, value}]}"))
+
+
+def _with_tools(record: dict[str, Any], messages: Messages) -> Messages:
+    """The record's tool definitions (``tools``) moved into the system message, where they are masked."""
+    if not record.get("tools"):
+        return messages
+    try:
+        tools = tool_definitions(record["tools"], "tools")
+    except Unrenderable as exc:
+        raise BadRecord(TOOL_CALL, f"tool definitions cannot be rendered: {exc}") from None
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": system_with_tools(messages[0]["content"], tools)}, *messages[1:]]
+    return [{"role": "system", "content": system_with_tools(None, tools)}, *messages]
 
 
 def _conversation(record: dict[str, Any], field: str, role_key: str, content_key: str, roles: dict[str, str],
@@ -108,8 +162,45 @@ def _conversation(record: dict[str, Any], field: str, role_key: str, content_key
         speaker = _text(turn, role_key, f"{where}.{role_key}")
         if speaker not in roles:
             raise BadRecord(UNKNOWN_ROLE, f"'{where}.{role_key}' is {speaker!r}; allowed: {', '.join(roles)}")
-        out.append({"role": roles[speaker], "content": _content(turn.get(content_key), f"{where}.{content_key}")})
+        out.append({"role": roles[speaker], "content": _turn_content(turn, speaker, roles[speaker], content_key,
+                                                                     where)})
     return out
+
+
+def _turn_content(turn: dict[str, Any], speaker: str, role: str, content_key: str, where: str) -> str:
+    """A turn's text: its content, a tool result as text, or its tool calls rendered for llama4_pythonic."""
+    calls = _tool_calls(turn, speaker, content_key, where)
+    if calls is not None:
+        text = turn.get(content_key) if speaker != "function_call" else None
+        if isinstance(text, str) and text.strip() or isinstance(text, list) and text:
+            raise BadRecord(TOOL_CALL, f"'{where}' has text beside its tool calls; llama4_pythonic reads a reply "
+                                       "only when it is the call list alone")
+        try:
+            return render_calls(*calls)
+        except Unrenderable as exc:
+            raise BadRecord(TOOL_CALL, f"tool call cannot be rendered for llama4_pythonic: {exc}") from None
+    value = turn.get(content_key)
+    if role in ("tool", "ipython") and value is not None and not isinstance(value, list):
+        return tool_result(value)  # a tool may return nothing, or JSON
+    return _content(value, f"{where}.{content_key}")
+
+
+def _tool_calls(turn: dict[str, Any], speaker: str, content_key: str, where: str) -> tuple[list[Any], str] | None:
+    """The turn's tool calls and where they are: OpenAI ``tool_calls`` (or the legacy ``function_call``) on an
+    assistant message, or a ShareGPT ``function_call`` turn whose value is the call(s) as JSON."""
+    if speaker == "function_call":
+        value = turn.get(content_key)
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError as exc:
+            raise BadRecord(TOOL_CALL, f"'{where}.{content_key}' is not a JSON tool call ({exc.msg})") from None
+        return (parsed if isinstance(parsed, list) else [parsed]), f"{where}.{content_key}"
+    if turn.get("tool_calls"):
+        calls = turn["tool_calls"]
+        return (calls if isinstance(calls, list) else [calls]), f"{where}.tool_calls"
+    if turn.get("function_call"):
+        return [turn["function_call"]], f"{where}.function_call"
+    return None
 
 
 def _shape_hint(record: dict[str, Any]) -> str:

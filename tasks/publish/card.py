@@ -14,6 +14,7 @@ import yaml
 from finetune.hashing import hash_json
 from finetune.profile import Profile
 from finetune.store import Artifact
+from finetune.tool_calls import SERVE_FLAGS, TOOL_CALL_PARSER
 from tasks.run_report import result_sections
 
 LICENSE_LINK = "https://github.com/meta-llama/llama-models/blob/main/models/llama4/LICENSE"
@@ -64,6 +65,11 @@ def model_card(profile: Profile, inputs: Mapping[str, Artifact]) -> str:
         f"Data fingerprint `{hash_json(pack.config.get('fingerprint', {}), 16)}` (pack artifact `{pack.key}`): "
         f"{pack.metrics.get('samples', '?')} training documents, {pack.metrics.get('tokens', '?')} tokens, format "
         f"`{profile.data.format}`.",
+        "## Tool calls",
+        f"Tool calls in the training data were rendered in vLLM's `{TOOL_CALL_PARSER}` format (`[name(arg=value, "
+        "...)]` as the whole assistant turn; tool results under the `ipython` header; definitions in the system "
+        "message), learned, with tool results and definitions masked. Serve with `vllm serve <model> "
+        f"{' '.join(SERVE_FLAGS)}`.",
         "## Training configuration",
         f"```yaml\n{yaml.safe_dump(training, sort_keys=False)}```",
         *(f"## {title}\n\n{text}" for title, text in sections.items()),

@@ -22,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 
 from finetune.profile import BenchmarkConfig
 from finetune.stage import PermanentError
+from finetune.tool_calls import SERVE_FLAGS
 
 MIN_VERSION = Version("0.33.0")
 VERSION_TIMEOUT_S = 300.0  # `vllm --version` imports torch and vllm: tens of seconds on a cold disk
@@ -88,7 +89,8 @@ def serve_args(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
 
     max_model_len is essential: Llama 4 configs declare up to 10M positions, whose KV cache vLLM would try to reserve;
     dtype 'auto' (vLLM's default) keeps bf16 weights bf16 and picks compressed-tensors W4A16 kernels from the
-    checkpoint's quantization_config."""
+    checkpoint's quantization_config. Tool calling is on, with the parser of the format pack trains calls in
+    (finetune.tool_calls)."""
     return [
         "serve", str(model_dir),
         "--host", "127.0.0.1",
@@ -97,6 +99,7 @@ def serve_args(model_dir: Path, port: int, cfg: BenchmarkConfig) -> list[str]:
         "--max-model-len", str(cfg.max_model_len),
         "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
         "--seed", "0",
+        *SERVE_FLAGS,  # tool calls come back as OpenAI tool_calls, read in the format they were trained in
     ]
 
 
