@@ -27,8 +27,9 @@ PEER_GRACE_S = 20.0
 
 def run_ranks(script: Path, args: list[str], world: int, logs: Path, timeout_s: float = 300.0,
               peer_grace_s: float = PEER_GRACE_S) -> None:
-    """``python script *args`` as ranks 0..world-1 (RANK, WORLD_SIZE, MASTER_ADDR/PORT set, one OpenMP thread each);
-    returns when all exited 0, else raises AssertionError naming each rank's exit and its log's last lines."""
+    """``python script *args`` as ranks 0..world-1 (RANK, WORLD_SIZE, MASTER_ADDR/PORT set, one OpenMP thread each),
+    in ``logs`` (where a core dump would land); returns when all exited 0, else raises AssertionError naming each
+    rank's exit and its log's last lines."""
     logs.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
                         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1",
@@ -37,7 +38,7 @@ def run_ranks(script: Path, args: list[str], world: int, logs: Path, timeout_s: 
     for rank in range(world):
         with open(logs / f"rank{rank}.log", "w") as log:
             procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env | {"RANK": str(rank)},
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=logs))
     deadline = time.monotonic() + timeout_s
     peers_deadline = None
     why = ""

@@ -9,9 +9,10 @@ import pytest
 
 from tests.gloo_ranks import run_ranks
 
-_RANK = """import ctypes, os, time
+_RANK = """import ctypes, os, resource, time
 if os.environ["RANK"] == "0":
     print("rank 0 about to fault")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file where core dumps are on
     ctypes.string_at(0)  # reads address 0: SIGSEGV
 time.sleep(60)  # a peer waiting in a collective for the dead rank
 """
@@ -26,4 +27,4 @@ def test_a_segfaulting_rank_is_reported_with_where_it_died_and_its_waiting_peer_
     assert "rank 0 (killed by SIGSEGV)" in report and "rank 1 (killed by SIGKILL)" in report
     assert "rank 0 about to fault" in report
     assert "Fatal Python error: Segmentation fault" in report
-    assert f'File "{script}", line 4 in <module>' in report
+    assert f'File "{script}", line 5 in <module>' in report
