@@ -20,6 +20,8 @@ from finetune.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TAIL_LINES = 40
+# A rank killed by a signal: room for the C++ stacks of all its threads that ep_rank.py asks torch to print.
+SIGNAL_TAIL_LINES = 400
 # After the first rank fails, how long its peers get to notice (a gloo error) before they are killed: a peer blocked
 # in a collective with the dead rank may otherwise wait for the process group's timeout (30 minutes).
 PEER_GRACE_S = 20.0
@@ -60,7 +62,8 @@ def run_ranks(script: Path, args: list[str], world: int, logs: Path, timeout_s: 
     codes = [proc.returncode for proc in procs]
     if why or any(codes):
         raise AssertionError(f"{why}ranks exited {codes}\n" + "\n".join(
-            f"--- rank {rank} ({_exit(code)}), last lines of {logs / f'rank{rank}.log'}:\n{_tail(logs / f'rank{rank}.log')}"
+            f"--- rank {rank} ({_exit(code)}), last lines of {logs / f'rank{rank}.log'}:\n"
+            f"{_tail(logs / f'rank{rank}.log', SIGNAL_TAIL_LINES if code < 0 else TAIL_LINES)}"
             for rank, code in enumerate(codes)))
 
 
@@ -68,6 +71,6 @@ def _exit(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
-def _tail(path: Path) -> str:
+def _tail(path: Path, count: int) -> str:
     lines = path.read_text(errors="replace").splitlines()
-    return "\n".join(lines[-TAIL_LINES:]) or "(no output)"
+    return "\n".join(lines[-count:]) or "(no output)"
