@@ -109,6 +109,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
+    # On a crash, every thread's C++ stack (gloo's included), then faulthandler's Python stacks (tests/gloo_ranks.py).
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
     checkpoint, out, method, degree = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     dist.init_process_group("gloo")
     rank = dist.get_rank()

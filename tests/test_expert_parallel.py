@@ -5,9 +5,6 @@ model, fp32) EP=2 trains exactly as plain FSDP does on the same processes: same 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from embedded.tiny_model import TINY_TEXT_CONFIG, build_tiny_model
-from finetune.procs import free_port
 from finetune.profile import ProfileError, load_profile
 from llama4tune.models import MAVERICK_TEXT_CONFIG, SCOUT_TEXT_CONFIG
 from tasks.convert.checkpoint import convert_checkpoint
 from tasks.convert.lora import LoraSpec
 from tasks.convert.sources import DcpSource
+from tests.gloo_ranks import REPO, run_ranks
 from tunerecipes.ep_degree import ROUTED_EXPERTS
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_routed_expert_counts_match_the_model_configs() -> None:
@@ -70,13 +65,7 @@ def _converted(dcp_dir: Path, out: Path, method: str) -> dict[str, torch.Tensor]
 def test_expert_parallel_trains_as_plain_fsdp(tiny: Path, tmp_path: Path, world: int, method: str) -> None:
     """EP=2 over 2 processes (each holds 2 of the 4 experts) and over 4 (each expert on 2 replicas, whose gradients
     are reduced across them); LoRA with expert adapters and a trainable router, or full SFT."""
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-                        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    ranks = [subprocess.Popen([sys.executable, str(REPO / "tests" / "ep_rank.py"), str(tiny), str(tmp_path), method,
-                               "2"], env=env | {"RANK": str(rank)}, stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]
-    errors = [rank.communicate(timeout=300)[1] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0] * world, [e[-3000:] for e in errors]
+    run_ranks(REPO / "tests" / "ep_rank.py", [str(tiny), str(tmp_path), method, "2"], world, tmp_path / "logs")
     report = json.loads((tmp_path / "rank0.json").read_text())
     fsdp, ep = report["losses"]["fsdp"], report["losses"]["ep"]
     # One step from identical weights: same loss, every gradient, the same expert for every token.
