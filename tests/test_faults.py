@@ -568,7 +568,8 @@ def assert_same_result(store: Path, reference: Reference, slot: str) -> None:
     stage, key = stage_of(slot), reference.keys[slot]
     mine = json.loads(_manifest(store, stage, key).read_text())["files"]
     theirs = json.loads(_manifest(reference.store, stage, key).read_text())["files"]
-    assert sorted(mine) == sorted(theirs), f"{slot}: different files"
+    assert set(mine) == set(theirs), (f"{slot}: different files: only in this run {sorted(set(mine) - set(theirs))}, "
+                                      f"only in the uninterrupted run {sorted(set(theirs) - set(mine))}")
     for name in mine:
         if name in VOLATILE.get(stage, ()) or name.endswith(VOLATILE_SUFFIXES):
             _same_meaning(stage, name, store / stage / key / name, reference.store / stage / key / name,

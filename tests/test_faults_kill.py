@@ -83,7 +83,8 @@ def _wait_for_lines(path: Path, count: int, watched: Watched, timeout: float = 3
 
 
 # The second campaign leaves the benchmarks out: their reruns (a server start each) cost as much as the rest of a
-# campaign. Seeds 0 and 3 kill training in step 3 and step 5 (resumed from the checkpoints of steps 2 and 4).
+# campaign. Seed 0 kills training just after step 4 (inside the save of step 4's checkpoint or the pruning of step
+# 2's), seed 3 in step 4 (resumed from step 2's).
 @pytest.mark.parametrize("seed,order", [(0, ORDER), (3, ORDER[:ORDER.index("quantize") + 1])],
                          ids=["seed0-all-stages", "seed3-to-quantize"])
 def test_sigkill_at_random_points_in_every_stage_then_rerun_matches_an_uninterrupted_run(

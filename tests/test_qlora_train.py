@@ -4,20 +4,22 @@ trainer, not in the steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.procs import ProcessFailed
 from finetune.profile import load_profile
 from finetune.stage import StageContext, execute_stage
 from finetune.store import Store
 from tasks import convert, download, pack, train
 from tasks.convert.sources import DcpSource
 from tests.conftest import isolated_env, parse_summary, run_cli
+from tests.test_train import kill_trainer_at_step
 
 pytestmark = pytest.mark.slow  # starts real trainers
 
@@ -42,21 +44,25 @@ def test_qlora_trains_adapters_on_an_nf4_base_resumes_and_converts_onto_the_bf16
     work = Path(trained.path)
     assert trained.metrics["method"] == "qlora" and trained.metrics["last_loss"] < trained.metrics["first_loss"]
 
-    # The final checkpoint and the mid-run ones hold the adapters (and their optimizer state) only.
+    # The final checkpoint holds the adapters only.
     final = DcpSource(work / "final")
     assert final.tensors() and all(".lora_" in key for key in final.tensors()), sorted(final.tensors())[:5]
     meta = json.loads((work / "final" / "train_meta.json").read_text())
     assert meta["method"] == "qlora" and meta["model"]["quantize_base"] is True
-    checkpoint = DcpSource(next((work / "checkpoints").iterdir()))
-    assert all(".lora_" in key for key in checkpoint.tensors() if key.startswith("model."))
 
-    # Resume from the newest checkpoint (step 4): adapters and their optimizer state come back exactly.
-    losses = _losses(work)
-    shutil.rmtree(work / "final")
-    resumed = train.run(StageContext(profile=profile, key=trained.key, workdir=work, log=lambda line: None,
-                                     inputs={"download": base, "pack": packed}, tables={}))
+    # A run killed in step 5 (the stage deletes a finished run's mid-run checkpoints): its newest checkpoint (step 4)
+    # holds the adapters (and their optimizer state) only, and resuming from it brings them back exactly.
+    again = tmp_path / "again"
+    again.mkdir()
+    ctx = StageContext(profile=profile, key=trained.key, workdir=again, inputs={"download": base, "pack": packed},
+                       tables={}, log=kill_trainer_at_step(STEPS - EVERY + 1))
+    with pytest.raises(ProcessFailed, match="signal 9"):
+        train.run(ctx)
+    checkpoint = DcpSource(again / "checkpoints" / f"step_{STEPS - EVERY}")
+    assert all(".lora_" in key for key in checkpoint.tensors() if key.startswith("model."))
+    resumed = train.run(dataclasses.replace(ctx, log=lambda line: None))
     assert resumed["resumed_from_step"] == STEPS - EVERY
-    assert _losses(work) == pytest.approx(losses, abs=1e-6)
+    assert _losses(again) == pytest.approx(_losses(work), abs=1e-6)
 
     converted, _ = execute_stage(convert.SPEC, profile, store, {"download": base, "train": trained})
     out = Path(converted.path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,6 +86,16 @@ class Run:
         return [record["step"] for record in filter(None, map(parse_metrics, self.lines))]
 
 
+def kill_trainer_at_step(step: int) -> Callable[[str], None]:
+    """A log callback that SIGKILLs the trainer (the process groups this process started) when it logs ``step``."""
+    def on_line(line: str) -> None:
+        record = parse_metrics(line)
+        if record and record["step"] == step:
+            for child in psutil.Process().children():
+                os.killpg(child.pid, signal.SIGKILL)
+    return on_line
+
+
 def no_trainer_left() -> bool:
     return not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
 
@@ -111,7 +122,8 @@ def test_full_single_process_learns_and_writes_the_train_artifact(full_run: Run)
     meta = json.loads((work / "final" / "train_meta.json").read_text())
     assert meta["format"] == "dcp" and meta["method"] == "full" and meta["lora"] is None and meta["step"] == STEPS
     assert (work / "final" / ".metadata").is_file()
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [f"step_{STEPS - EVERY}"]
+    # Mid-run checkpoints were saved every EVERY steps and deleted once final/ was complete (resume state only).
+    assert metrics["checkpoints_by_reason"] == {"steps": STEPS // EVERY - 1} and not (work / "checkpoints").exists()
     assert (work / "torchtune_config.yaml").is_file() and (work / "loss_curve.png").stat().st_size > 1000
     assert [row["step"] for row in full_run.tables["train_metrics"]] == list(range(1, STEPS + 1))
     assert sorted(full_run.losses()) == list(range(1, STEPS + 1))
@@ -179,14 +191,7 @@ def test_lora_on_two_local_nodes_matches_two_processes_on_one_node(inputs: dict[
 def test_killed_run_resumes_from_its_newest_complete_checkpoint(inputs: dict[str, Artifact], lora_run: Run,
                                                                 tmp_path: Path) -> None:
     work = tmp_path / "work"
-
-    def kill_at_step_5(line: str) -> None:
-        record = parse_metrics(line)
-        if record and record["step"] == 5:  # a checkpoint was written at step 4
-            for child in psutil.Process().children():
-                os.killpg(child.pid, signal.SIGKILL)
-
-    killed = Run(inputs, work, *LORA, on_line=kill_at_step_5)
+    killed = Run(inputs, work, *LORA, on_line=kill_trainer_at_step(5))  # a checkpoint was written at step 4
     with pytest.raises(ProcessFailed, match="signal 9"):
         killed()
     assert no_trainer_left()
@@ -253,6 +258,36 @@ def test_sigterm_before_any_checkpoint_saves_where_it_came_and_the_rerun_resumes
     assert metrics["resumed_from_step"] == saved[0] and metrics["steps"] == STEPS
     assert rerun.logged_steps() == list(range(saved[0] + 1, STEPS + 1))
     assert metrics["checkpoints_saved"] == 1 and metrics["checkpoints_by_reason"] == {"notice": 1}
+
+
+def test_a_run_interrupted_off_the_checkpoint_schedule_ends_with_the_uninterrupted_runs_files(
+        inputs: dict[str, Artifact], full_run: Run, tmp_path: Path) -> None:
+    """Issue 32 (the SIGKILL campaign's "train: different files"): which mid-run checkpoints a run leaves depends on
+    where it was interrupted. Here a notice after step 5 saves step_5 where the uninterrupted run has step_4, and the
+    older step_2 is left as a kill inside keep_last's pruning leaves it (the campaign saw step_2/.metadata alone:
+    rmtree had removed the shard). The finished run must hold the same files as the uninterrupted one all the same."""
+    work = tmp_path / "work"
+
+    def preempt_at_step_5(line: str) -> None:
+        if (record := parse_metrics(line)) and record["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        Run(inputs, work, on_line=preempt_at_step_5)()
+    saved = latest_checkpoint(work / "checkpoints")
+    assert saved is not None and saved[0] in (5, 6), saved  # off the schedule of every EVERY steps
+    half_pruned = work / "checkpoints" / f"step_{EVERY}"
+    half_pruned.mkdir()
+    shutil.copy(saved[1] / ".metadata", half_pruned / ".metadata")
+
+    rerun = Run(inputs, work)
+    metrics = rerun()
+    assert metrics["resumed_from_step"] == saved[0] and metrics["steps"] == STEPS
+    assert rerun.losses() == pytest.approx(full_run.losses(), rel=1e-6)
+
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files(work) == files(full_run.workdir)
 
 
 def test_sigterm_exits_at_once_when_a_save_does_not_fit_the_grace_period(inputs: dict[str, Artifact],

@@ -7,7 +7,7 @@ Output directory::
     torchtune_config.yaml   the rendered recipe config (written by the train stage)
     metrics.jsonl           one record per optimizer step (written by the recipe, rank 0)
     checkpoints.jsonl       one record per mid-run checkpoint saved: step, reason (steps|minutes|notice), seconds
-    checkpoints/step_<N>/   mid-run DCP checkpoints (below)
+    checkpoints/step_<N>/   mid-run DCP checkpoints (below); the train stage deletes them once final/ is complete
     final/                  the final checkpoint (DCP or HF) with train_meta.json, written last
 
 Layout under the checkpoint root::

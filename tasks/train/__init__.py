@@ -9,7 +9,8 @@ Multi-node runs are placed by an engine: Prefect GPU-pool node runs (tasks/train
 from its newest complete checkpoint.
 
 Output (names in tunerecipes/checkpoint_layout.py): ``final/`` (DCP or HF checkpoint + ``train_meta.json``),
-``checkpoints/step_N/``, ``metrics.jsonl``, ``torchtune_config.yaml``, ``loss_curve.png``.
+``metrics.jsonl``, ``checkpoints.jsonl``, ``torchtune_config.yaml``, ``loss_curve.png``. The mid-run
+``checkpoints/step_N/`` exist only while training is unfinished: the stage deletes them once ``final/`` is complete.
 """
 
 from __future__ import annotations

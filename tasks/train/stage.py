@@ -4,6 +4,7 @@ what the recipe wrote (metrics, final checkpoint metadata) into the stage's metr
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     records = _read_metrics(workdir / METRICS_FILE)
     meta = json.loads((workdir / FINAL_DIR / META_FILE).read_text())
+    _drop_resume_state(ctx, workdir / CHECKPOINTS_DIR)
     ctx.tables["train_metrics"] = _table(records)
     if records:
         _plot_loss(records, workdir / PLOT_FILE)
@@ -100,6 +102,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "resumed_from_step": resumed[0] if resumed else None,
         **_checkpoint_counts(workdir / CHECKPOINT_LOG),
     }
+
+
+def _drop_resume_state(ctx: StageContext, root: Path) -> None:
+    """Delete the mid-run checkpoints once final/ is complete: they only let an unfinished run resume, and which of
+    them survive depends on where the run was interrupted (a notice's save, a kill inside keep_last's pruning), so
+    kept they would make the artifact's files depend on its interruptions; and each is model plus optimizer state
+    (maverick-sft: 2,239 GiB per save, `finetune plan`) that a remote store would upload and nothing downstream reads
+    (convert reads final/). A kill in here is safe: the rerun finds final/ complete and deletes the rest."""
+    if root.is_dir():
+        ctx.log(f"final checkpoint complete: deleting the mid-run checkpoints under {root} (resume state only)")
+        shutil.rmtree(root)
 
 
 def estimated_save_s(profile: Profile) -> float | None:
