@@ -31,6 +31,7 @@ WAIT_MARGIN_S = 10.0
 class _Watcher:
     callback: Callable[[str], None]
     grace_s: float
+    running: Callable[[], bool]
     thread: int = field(default_factory=threading.get_ident)
 
 
@@ -65,12 +66,14 @@ def received() -> str | None:
 
 
 @contextlib.contextmanager
-def watch(callback: Callable[[str], None], grace_s: float) -> Iterator[None]:
+def watch(callback: Callable[[str], None], grace_s: float,
+          running: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Call ``callback(reason)`` (from a signal handler or a poller's thread: keep it short) when the notice comes
-    while the block runs, or at once if it came already. ``grace_s``: how long the block may take to end after it."""
+    while the block runs, or at once if it came already. ``grace_s``: how long the block may take to end after it;
+    ``running``: whether what the block started (the trainers) still runs."""
     token = object()
     with _state.changed:
-        _state.watchers[id(token)] = _Watcher(callback, grace_s)
+        _state.watchers[id(token)] = _Watcher(callback, grace_s, running)
         reason = _state.reason
     if reason is not None:
         callback(reason)
@@ -83,9 +86,11 @@ def watch(callback: Callable[[str], None], grace_s: float) -> Iterator[None]:
 
 
 def watching() -> bool:
-    """Whether any watched block (a trainer launch) is still running."""
+    """Whether what a watched block started (trainers) still runs. Its block may outlive them: the stage's thread
+    may be stuck reporting to a Prefect server that got SIGTERM too."""
     with _state.changed:
-        return bool(_state.watchers)
+        watchers = list(_state.watchers.values())
+    return any(watcher.running() for watcher in watchers)
 
 
 def wait_for_watchers() -> None:

@@ -24,7 +24,7 @@ POLL_S = 0.1
 EXIT_MARGIN_S = 1.0
 TERM_WAIT_S = 2.0
 # How long the flow may take to return once no trainer runs any more (it reports the stopped stage and ends); longer
-# means it cannot (its Prefect server got SIGTERM too, on a VM shutdown).
+# means it cannot (its Prefect server got SIGTERM too, on a VM shutdown, and the stage's thread retries its calls).
 SETTLE_S = 10.0
 _exiting = threading.Lock()  # the main thread and the deadline may both get here: one prints and exits
 _console: list[int] = []  # stderr as it was at start: the progress display redirects fd 2 to the run's log

@@ -99,7 +99,8 @@ def run_streaming(
         family.signal(signal.SIGTERM)
 
     try:
-        with handling_sigterm(forward_sigterm), notice.watch(forward_sigterm, term_grace_s):
+        with (handling_sigterm(forward_sigterm),
+              notice.watch(forward_sigterm, term_grace_s, lambda: any(proc.poll() is None for proc in procs))):
             for index, cmd in enumerate(commands):
                 proc = subprocess.Popen(
                     deathsig.command(os.getpid(), list(cmd)), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
