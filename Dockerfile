@@ -8,6 +8,11 @@
 # /opt/llama4-finetune, where the GPU deployments' pull step runs the flows. PyPI's Linux torch wheels carry CUDA.
 FROM python:3.11-slim AS base
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# An init as PID 1: it reaps orphans and passes the platform's SIGTERM to the one process it started (not -g: the
+# orchestrator stops its trainers itself, after they saved; README "Spot notices"). The Kubernetes pools set the
+# container's args, so this entrypoint stays.
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
+ENTRYPOINT ["/usr/bin/tini", "--"]
 WORKDIR /opt/llama4-finetune
 COPY deployments/locks/*.txt deployments/locks/
 

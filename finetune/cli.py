@@ -30,9 +30,23 @@ def _prefect_defaults() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from finetune import notice, orchestrator
+
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
     if (code := _check_store(args.store)) is not None:
         return code
+    family = orchestrator.start(profile.train.preemption_grace_s)
+    try:
+        code = _run(args, profile)
+    except BaseException:  # Prefect's TerminationSignal after a SIGTERM, or the stage's Preempted
+        if notice.received() is None:
+            raise
+    if notice.received() is not None:
+        orchestrator.preempted_exit(family)
+    return code
+
+
+def _run(args: argparse.Namespace, profile: Profile) -> int:
     if args.no_plan_check:
         args.overrides = [*args.overrides, "plan.enforce=false"]  # the flow checks the plan again
     _prefect_defaults()
@@ -105,6 +119,7 @@ def _check_plan(args: argparse.Namespace, profile: Profile, err: TextIO) -> int 
 def _run_with_progress(args: argparse.Namespace, profile: Profile) -> dict[str, Any] | int:
     """Run the flow with every log line and library output in the run's log file and a progress display per stage
     on stderr; on failure, the error and the log's last lines. Returns the flow's summary, or the exit code."""
+    from finetune import notice
     from finetune.console import StageDisplay, log_tail, output_to_log, run_log_path
     from finetune.store import Store, default_store_url
 
@@ -130,6 +145,8 @@ def _run_with_progress(args: argparse.Namespace, profile: Profile) -> dict[str, 
                 return finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
             except Exception as exc:
                 traceback.print_exc()  # into the log file
+                if notice.received() is not None:
+                    raise  # preempted: one line, not an error
                 failure = exc
         err.write(f"error: {type(failure).__name__}: {failure}\n--- last lines of {log_path} ---\n"
                   f"{log_tail(log_path)}\n")

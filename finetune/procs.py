@@ -1,10 +1,11 @@
 """Run long-lived child processes (trainers, one per node process) with their output streamed line by line.
 
-Each child starts in its own session so that it and everything it spawns can be signalled as a group. SIGTERM sent
-to us (how spot preemption arrives) is forwarded to every child's group. Once they have exited it surfaces as the
-exception of whoever handles SIGTERM above us: inside a Prefect flow run that is Prefect's own handler, left in
-place so that a `prefect flow-run execute` supervisor can still reschedule the run (it only asks an engine whose
-handler is Prefect's); with no handler above us it is ``Preempted``, and the stage is retried from its checkpoints.
+Each child starts in its own session so that it and everything it spawns can be signalled as a group. A spot notice
+(finetune/notice.py: SIGTERM to this process, from whatever thread we run in, or a cloud's metadata notice) is
+forwarded to every child as SIGTERM, and once they have exited it surfaces as ``Preempted``; a notice that came
+before we start anything starts nothing. Without the process-wide handler (a plain caller on the main thread),
+SIGTERM is handled here only while the children run; a Python handler found in place is left alone and whatever it
+raises stops the children first.
 A non-zero exit raises ``ProcessFailed`` with the last log lines. Whatever happens, no descendant outlives the call:
 every child carries a per-call cookie in its environment, which its descendants inherit, so even a worker that moved
 to a session of its own (torchrun starts workers that way) and was orphaned is found and killed; and if we are
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import psutil
 
-from finetune import deathsig
+from finetune import deathsig, notice
 from finetune.stage import Preempted
 
 TAIL_LINES = 40
@@ -87,16 +88,19 @@ def run_streaming(
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
     procs: list[subprocess.Popen[str]] = []
-    family = _Family(uuid.uuid4().hex)
+    family = Family(uuid.uuid4().hex)
     child_env = {**(os.environ if env is None else env), COOKIE_VAR: family.cookie}
     terminated = threading.Event()
+    if (reason := notice.received()) is not None:
+        raise Preempted(f"a spot notice came ({reason}) before the trainer started; it starts when retried")
 
-    def forward_sigterm(signum: int, frame: object) -> None:
+    def forward_sigterm(*_: object) -> None:
         terminated.set()
         family.signal(signal.SIGTERM)
 
     try:
-        with handling_sigterm(forward_sigterm):
+        with (handling_sigterm(forward_sigterm),
+              notice.watch(forward_sigterm, term_grace_s, lambda: any(proc.poll() is None for proc in procs))):
             for index, cmd in enumerate(commands):
                 proc = subprocess.Popen(
                     deathsig.command(os.getpid(), list(cmd)), cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
@@ -105,6 +109,8 @@ def run_streaming(
                 )
                 procs.append(proc)
                 threading.Thread(target=_pump, args=(index, proc, lines), daemon=True, name=f"pump-{proc.pid}").start()
+            if terminated.is_set():
+                family.signal(signal.SIGTERM)  # the notice came while children were starting: tell the late ones
             try:
                 first_failed = _stream(procs, lines, on_line, tail, family, terminated, term_grace_s, stop)
             except BaseException:
@@ -113,7 +119,8 @@ def run_streaming(
                 raise
         codes = [proc.wait() for proc in procs]
         if terminated.is_set():
-            raise Preempted(f"received SIGTERM; the trainer stopped (exit {codes}) and resumes when retried")
+            raise Preempted(f"received a spot notice ({notice.received() or 'SIGTERM'}); the trainer stopped (exit "
+                            f"{codes}) and resumes when retried")
         failed = [i for i, code in enumerate(codes) if code != 0]
         if failed:
             first = first_failed if first_failed is not None else failed[0]
@@ -132,7 +139,7 @@ def _stream(
     lines: queue.Queue[tuple[int, str | None]],
     on_line: Callable[[str], None],
     tail: collections.deque[str],
-    family: _Family,
+    family: Family,
     terminated: threading.Event,
     term_grace_s: float,
     stop: threading.Event | None = None,
@@ -168,7 +175,7 @@ def _stream(
     return first_failed
 
 
-def _terminate(family: _Family, procs: list[subprocess.Popen[str]], grace_s: float) -> None:
+def _terminate(family: Family, procs: list[subprocess.Popen[str]], grace_s: float) -> None:
     """SIGTERM every marked process, give the children ``grace_s`` to exit (a trainer finishes its step and saves a
     checkpoint; torchrun stops its workers), then the caller's cleanup kills what is left."""
     family.signal(signal.SIGTERM)
@@ -190,10 +197,10 @@ def _pump(index: int, proc: subprocess.Popen[str], lines: queue.Queue[tuple[int,
 @contextlib.contextmanager
 def handling_sigterm(handler: Callable[[int, object], None]) -> Iterator[None]:
     """Handle SIGTERM with ``handler`` inside the block, unless SIGTERM is already handled in Python or this is not
-    the main thread (only it may set handlers). An existing Python handler is Prefect's engine: it must stay in
-    place, because a `prefect flow-run execute` supervisor only hands a reschedule to an engine whose SIGTERM
-    handler is Prefect's own, and otherwise kills it outright. Callers then stop their children on the exception
-    that handler raises."""
+    the main thread (only it may set handlers). An existing Python handler is the process-wide notice handler
+    (finetune/notice.py), or Prefect's engine, which must stay in place: a `prefect flow-run execute` supervisor only
+    hands a reschedule to an engine whose SIGTERM handler is Prefect's own. Callers then stop their children on the
+    exception that handler raises."""
     if threading.current_thread() is not threading.main_thread() or callable(signal.getsignal(signal.SIGTERM)):
         yield
         return
@@ -204,11 +211,12 @@ def handling_sigterm(handler: Callable[[int, object], None]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class _Family:
-    """The processes carrying one call's cookie: the children and all their descendants, orphaned or not."""
+class Family:
+    """The processes carrying a cookie in environment variable ``var``: the children and all their descendants,
+    orphaned or not, since the environment is inherited."""
 
-    def __init__(self, cookie: str) -> None:
-        self.cookie = cookie
+    def __init__(self, cookie: str, var: str = COOKIE_VAR) -> None:
+        self.cookie, self.var = cookie, var
         self.seen: dict[int, psutil.Process] = {}
         """Every one ever found: an exiting process's environment can no longer be read, yet it must be waited for."""
 
@@ -230,7 +238,7 @@ class _Family:
         found = []
         for process in psutil.process_iter():
             try:
-                if process.pid != os.getpid() and process.environ().get(COOKIE_VAR) == self.cookie:
+                if process.pid != os.getpid() and process.environ().get(self.var) == self.cookie:
                     found.append(process)
             except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
                 continue

@@ -195,6 +195,14 @@ class TrainConfig(Section):
                     "the step and the plan's estimated save time fit in it (else it exits at once); the launcher "
                     "waits this long before killing the trainer, and the Kubernetes GPU pool's pods get it plus a "
                     "margin as terminationGracePeriodSeconds.")
+    spot_notice: Literal["none", "aws", "gcp", "azure"] = Field(
+        "none",
+        description="Poll this cloud's instance metadata for the spot notice while training (AWS IMDSv2 "
+                    "spot/instance-action, GCP instance/preempted, Azure Scheduled Events Preempt) and save and stop "
+                    "on it as on SIGTERM: for VMs (SkyPilot), where AWS gives no signal until the end. none: rely on "
+                    "the platform's SIGTERM (Kubernetes with a node termination handler).")
+    spot_notice_url: str | None = Field(
+        None, description="Base URL of the metadata service (default: the cloud's own, e.g. http://169.254.169.254).")
     seed: int = 0
     fsdp_cpu_offload: bool = False
     enable_dcp: bool = True

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
+from finetune import notice
 from finetune.console import stage_event
 from finetune.hashing import hash_json
 from finetune.plan import check_fits, markdown, plan
@@ -51,6 +52,7 @@ def finetune(
     until: str = STAGES[-1],
 ) -> dict[str, Any]:
     """Run the pipeline for one profile. Returns per stage: key, cached, seconds, path, metrics."""
+    notice.install()  # a SIGTERM reaches the trainers in their task threads, then Prefect's handler
     resolved = load_profile(profile, overrides or [])
     steps = steps_until(until, resolved)
     artifacts_store = Store(store or default_store_url())

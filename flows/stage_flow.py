@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from finetune import notice
 from finetune.profile import load_profile
 from finetune.stage import PermanentError, StageContext, stage_key
 from finetune.stage_lock import ServerLease
@@ -43,6 +44,7 @@ def finetune_stage(
     label: str,
 ) -> dict[str, Any]:
     """Run one pipeline stage here. ``inputs`` maps each input slot to [stage, key] of a finished artifact."""
+    notice.install()  # a SIGTERM reaches the trainer in its task thread, then Prefect's handler (a reschedule)
     resolved = load_profile(profile, overrides or [])
     stage_spec = spec(stage)
     artifacts_store = Store(store)

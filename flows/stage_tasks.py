@@ -33,6 +33,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import State
 
+from finetune import notice
 from finetune.console import stage_event
 from finetune.profile import Profile
 from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables
@@ -75,7 +76,10 @@ def prefect_progress(description: str, label: str | None = None) -> Callable[[fl
 
 
 def _retry_unless_permanent(task, task_run, state: State) -> bool:
-    """Retry transient failures and preemptions; bad input fails at once."""
+    """Retry transient failures and preemptions; bad input fails at once, and nothing is retried in a process that
+    got a spot notice (the machine is going: the run resumes when the run itself is retried)."""
+    if notice.received() is not None:
+        return False
     try:
         state.result()
     except PermanentError:

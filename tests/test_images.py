@@ -7,6 +7,7 @@ install are resolved in tests/test_locks.py.
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -94,3 +95,14 @@ def test_dispatch_asks_the_gpu_pool_for_the_stages_image(monkeypatch: pytest.Mon
                                       "finetune-stage/gpu-h100")
     assert asked["job_variables"]["image"] == profile.deploy.images["serve"]
     assert asked["job_variables"]["gpu_count"] == 8
+
+
+def test_every_image_starts_under_an_init_that_passes_sigterm_to_its_one_child() -> None:
+    """A process that is PID 1 ignores SIGTERM without a handler and reaps nobody's orphans: an init goes first. The
+    Kubernetes pool sets args (not command), so the image's entrypoint stays."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    base = dockerfile.split("FROM base AS", 1)[0]
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in base and "install -y --no-install-recommends tini" in base
+    template = json.loads((REPO_ROOT / "deployments" / "kubernetes-gpu-pool.json").read_text())
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in container and container["args"] == "{{ command }}"

@@ -222,3 +222,15 @@ def test_the_plan_sizes_the_config_the_trainer_gets_recipe_overrides_included(tm
     reclaim = plans[0]["preemption"]
     assert reclaim["lost_per_reclaim_min"] == pytest.approx(
         (reclaim["interval_min"] + blocking["checkpoint_save_s"] / 60) / 2, abs=0.1)
+
+
+def test_the_reclaim_table_names_each_platforms_delivery_and_whether_the_save_fits_it() -> None:
+    # 21 s step + 15 s save: fits AWS's 120 s, not the 30 s of GCP, Azure and Kubernetes.
+    rows = {row["platform"]: row for row in _reclaim("train.spot_notice=aws", step_s=21, save_s=15,
+                                                      stall_s=15)["deliveries"]}
+    assert {name: row["save_fits"] for name, row in rows.items()} == {
+        "AWS spot": True, "GCP spot": False, "Azure spot": False, "Kubernetes default": False}
+    assert rows["AWS spot"]["heard"] and "IMDSv2" in rows["AWS spot"]["delivery"]
+    assert not rows["Azure spot"]["heard"]  # metadata only, and this profile polls AWS's
+    assert rows["Kubernetes default"]["heard"] and "PID 1" in rows["Kubernetes default"]["delivery"]
+    assert rows["GCP spot"]["heard"]  # its ACPI shutdown sends SIGTERM to every process

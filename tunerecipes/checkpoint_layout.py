@@ -21,6 +21,7 @@ its marker, or a temp dir left by a killed run, is never resumed from.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,17 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> tuple[int, Path] | None:
     """The newest complete checkpoint, or None."""
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def saved_on_notice(output_dir: str | os.PathLike[str]) -> tuple[int | None, bool]:
+    """The newest complete checkpoint's step and whether a spot notice saved it (the checkpoint log says why each
+    was saved); (None, False) without one."""
+    latest = latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIR)
+    if latest is None:
+        return None, False
+    log = Path(output_dir) / CHECKPOINT_LOG
+    reasons = {r["step"]: r["reason"] for r in map(json.loads, log.read_text().splitlines())} if log.is_file() else {}
+    return latest[0], reasons.get(latest[0]) == "notice"
 
 
 def remove_partial(root: str | os.PathLike[str]) -> list[Path]:

@@ -16,6 +16,15 @@ from finetune.plan.catalog import Constants
 from finetune.profile import Profile
 
 CLOUD_NOTICE_S = {"AWS spot": 120, "GCP spot": 30, "Azure spot": 30, "Kubernetes default": 30}
+# How each platform delivers the notice; the train.spot_notice that polls it (finetune/spot_notice.py); whether a
+# SIGTERM reaches the orchestrator in time without the poller (README "Spot notices").
+DELIVERY = {
+    "AWS spot": ("instance metadata only (IMDSv2 spot/instance-action); SIGTERM only at the end", "aws", False),
+    "GCP spot": ("metadata instance/preempted and an ACPI shutdown: SIGTERM to every process", "gcp", True),
+    "Azure spot": ("Scheduled Events Preempt; no signal before the eviction", "azure", False),
+    "Kubernetes default": ("SIGTERM to each container's PID 1 (a node termination handler turns the cloud's notice "
+                           "into pod deletion)", None, True),
+}
 
 
 def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants, read_s: float,
@@ -53,6 +62,7 @@ def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants,
         "notice_save_needs_s": round(notice_s, 1),
         "notice_save_fits": fits,
         "clouds_where_it_fits": [cloud for cloud, notice in CLOUD_NOTICE_S.items() if notice_s <= min(notice, grace)],
+        "deliveries": deliveries(profile, notice_s),
         "job_mtbf_h": round(mtbf_s / 3600, 2),
         "interval_min": round(interval_s / 60, 1),
         "save_cost_pct": round(100 * stall_s / (interval_s + stall_s), 1),
@@ -73,3 +83,12 @@ def _interval_s(every_steps: int, every_minutes: float | None, step_s: float) ->
     if not every_minutes or not step_s:
         return by_steps
     return min(by_steps, max(1, math.ceil(every_minutes * 60 / step_s)) * step_s)
+
+
+def deliveries(profile: Profile, needs_s: float) -> list[dict[str, Any]]:
+    """Per platform: how the notice arrives, whether this profile hears it (a metadata-only notice needs the poller),
+    and whether a step plus a save fit it."""
+    return [{"platform": platform, "delivery": how, "notice_s": CLOUD_NOTICE_S[platform],
+             "heard": signal_too or profile.train.spot_notice == poller, "poller": poller,
+             "save_fits": needs_s <= min(CLOUD_NOTICE_S[platform], profile.train.preemption_grace_s)}
+            for platform, (how, poller, signal_too) in DELIVERY.items()]

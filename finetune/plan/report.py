@@ -55,6 +55,10 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                                                                   "does NOT fit (no cloud notice is longer)")
                                  + (f" (fits {', '.join(reclaim['clouds_where_it_fits'])})"
                                     if reclaim["clouds_where_it_fits"] else "")),
+            *((f"notice: {row['platform']}", f"{row['delivery']}; {row['notice_s']} s: save "
+               + ("fits" if row["save_fits"] else "does NOT fit")
+               + ("" if row["heard"] else f"; NOT heard without train.spot_notice={row['poller']}"))
+              for row in reclaim["deliveries"]),
             ("per spot reclaim", f"one every ~{reclaim['job_mtbf_h']:g} h for the job: "
                                  f"~{reclaim['lost_per_reclaim_min']:g} min of training lost + "
                                  f"~{reclaim['resume_read_s']:g} s to read the checkpoint back; checkpoints every "

@@ -15,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finetune import notice
 from finetune.procs import ProcessFailed, free_port, run_streaming
 from finetune.profile import REPO_ROOT, TrainConfig
-from finetune.stage import PermanentError, StageContext
+from finetune.spot_notice import polling
+from finetune.stage import PermanentError, Preempted, StageContext
+from tunerecipes.checkpoint_layout import saved_on_notice
 from tunerecipes.report import parse_error, parse_metrics
 
 # Relative to REPO_ROOT: `tune run` imports it as the module tunerecipes.sft. (Our recipe package is `tunerecipes`,
@@ -166,12 +169,21 @@ def launch_trainers(ctx: StageContext, commands: list[list[str]]) -> None:
             errors.append(error)
 
     ctx.log(f"launching {len(commands)} trainer process(es): {' '.join(commands[0])}")
+    train = ctx.profile.train
+    notice.training_in(Path(ctx.workdir))  # where the orchestrator's line after a notice reads the saved step
     try:
         # The stage lock's descriptor goes to the trainers: the stage stays locked until the last one is gone.
-        run_streaming(commands, on_line, cwd=REPO_ROOT, env=env, term_grace_s=ctx.profile.train.preemption_grace_s,
-                      pass_fds=ctx.lock_fds, stop=ctx.stop)
+        with polling(train.spot_notice, train.spot_notice_url, ctx.log):
+            run_streaming(commands, on_line, cwd=REPO_ROOT, env=env, term_grace_s=train.preemption_grace_s,
+                          pass_fds=ctx.lock_fds, stop=ctx.stop)
+    except Preempted:
+        step, on_notice = saved_on_notice(Path(ctx.workdir))
+        ctx.log(f"stopped on the spot notice; newest checkpoint: step {step} "
+                f"({'saved on the notice' if on_notice else 'not saved on the notice'})")
+        raise
     except ProcessFailed as exc:
         if errors:
             # The recipe named the cause (bad data, divergence, OOM, damaged checkpoint): retrying cannot help.
             raise PermanentError(f"training stopped ({errors[0]['kind']}): {errors[0]['message']}") from exc
         raise
+

@@ -35,7 +35,7 @@ TABLE_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "pea
 
 # When to checkpoint and how long a preemption notice lasts do not shape the trained model: changing them resumes
 # the same run instead of starting another.
-NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s"}
+NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s", "spot_notice", "spot_notice_url"}
 
 
 def config(profile: Profile) -> dict[str, Any]:
