@@ -42,6 +42,27 @@ def test_remove_partial_deletes_only_temporary_dirs(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
 
 
+def test_a_delete_cut_short_never_leaves_a_checkpoint_that_counts_as_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the kill campaign: rmtree removes the shards before .metadata, so a kill mid-delete left a step dir
+    that still counted as complete without its data."""
+    write_fake_complete(tmp_path / "step_2")
+    write_fake_complete(tmp_path / "step_4")
+
+    def killed_after_the_first_file(path: Path, ignore_errors: bool = False) -> None:
+        next(p for p in Path(path).iterdir() if p.name != layout.METADATA).unlink()
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(layout.shutil, "rmtree", killed_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        layout.discard(tmp_path / "step_2")
+    monkeypatch.undo()
+    assert layout.complete_checkpoints(tmp_path) == [(4, tmp_path / "step_4")]
+    assert layout.remove_partial(tmp_path) == [tmp_path / f"{layout.TMP_PREFIX}step_2"]
+    layout.discard(tmp_path / "step_4")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_writer_renames_complete_saves_keeps_newest_and_restores_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -72,6 +72,18 @@ def saved_on_notice(output_dir: str | os.PathLike[str]) -> tuple[int | None, boo
     return latest[0], reasons.get(latest[0]) == "notice"
 
 
+def discard(checkpoint: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint without ever leaving it half-deleted under its own name: ``rmtree`` removes the shards
+    before ``.metadata``, so a kill mid-delete would leave a ``step_<N>`` that still counts as complete. Renamed to a
+    temp name first (atomic), what a killed delete leaves is cleaned up by :func:`remove_partial` on the next start."""
+    checkpoint = Path(checkpoint)
+    doomed = checkpoint.with_name(TMP_PREFIX + checkpoint.name)
+    if doomed.exists():  # an earlier delete of the same step that was cut short
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_partial(root: str | os.PathLike[str]) -> list[Path]:
     """Delete temp dirs left by an interrupted save (call on one rank, before anyone saves)."""
     root = Path(root)

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from finetune.checkpoint_pickle import UnsafeCheckpointError, load_dcp, read_dcp_metadata
-from tunerecipes.checkpoint_layout import METADATA, TMP_PREFIX, complete_checkpoints, is_complete
+from tunerecipes.checkpoint_layout import METADATA, TMP_PREFIX, complete_checkpoints, discard, is_complete
 from tunerecipes.report import RecipeError
 
 
@@ -135,4 +135,4 @@ class CheckpointWriter:
             shutil.rmtree(final)
         os.replace(tmp, final)
         for _, old in complete_checkpoints(self.root)[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
