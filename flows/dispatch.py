@@ -15,6 +15,7 @@ from prefect import get_run_logger
 from prefect.runtime import deployment, flow_run
 
 from finetune.profile import Profile
+from finetune.run_params import run_overrides
 from finetune.stage import StageSpec
 from finetune.store import Artifact, Store
 
@@ -54,7 +55,7 @@ def dispatch_to_gpu_pool(
     get_run_logger().info(f"{label}: submitting to {target}")
     run = run_deployment(
         target,
-        parameters={"stage": spec.name, "profile": params["profile"], "overrides": params.get("overrides") or [],
+        parameters={"stage": spec.name, "profile": params["profile"], "overrides": run_overrides(params),
                     "store": store.url, "inputs": {slot: [a.stage, a.key] for slot, a in inputs.items()},
                     "key": key, "label": label},
         job_variables=profile.gpu_job_variables | profile.deploy.stage_image(spec.name),

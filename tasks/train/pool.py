@@ -35,6 +35,7 @@ from typing import Any
 
 from finetune.procs import free_port
 from finetune.profile import Profile
+from finetune.run_params import run_overrides
 from finetune.stage import PermanentError, StageContext
 from finetune.stage_lock import LeaseLost, ServerLease, renew_server_lease
 from finetune.store import Store
@@ -90,7 +91,7 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
         for rank in range(profile.train.nnodes):
             runs.append(run_deployment(
                 deployment,
-                parameters={"profile": params["profile"], "overrides": params.get("overrides") or [],
+                parameters={"profile": params["profile"], "overrides": run_overrides(params),
                             "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id,
                             "lease": asdict(ctx.server_lease) if ctx.server_lease else None},
                 flow_run_name=f"{profile.name}-train-{ctx.key[:8]}-node-{rank}",
