@@ -222,3 +222,12 @@ def test_the_plan_sizes_the_config_the_trainer_gets_recipe_overrides_included(tm
     reclaim = plans[0]["preemption"]
     assert reclaim["lost_per_reclaim_min"] == pytest.approx(
         (reclaim["interval_min"] + blocking["checkpoint_save_s"] / 60) / 2, abs=0.1)
+
+
+def test_the_plan_states_one_checkpoint_interval_the_step_or_time_trigger_whichever_first() -> None:
+    planned = plan(load_profile("maverick-lora"))  # 200 steps of ~24 s, or 1.5 min: the minutes fire first
+    interval = planned["estimate"]["checkpoint_interval_min"]
+    assert interval == planned["preemption"]["interval_min"] < 200 * planned["estimate"]["step_s"] / 60
+    text = markdown(planned)
+    assert f"every 200 steps or 1.5 min, whichever comes first (~{interval:g} min)" in text
+    assert f"checkpoints every ~{interval:g} min" in text

@@ -90,3 +90,22 @@ def test_store_too_small_for_the_download_is_refused_before_it(capsys, hub: Stub
 def test_a_runnable_profile_passes(capsys, hub: StubHub) -> None:
     assert main(["preflight", *SCOUT, DATA]) == 0
     assert capsys.readouterr().out == "preflight of scout-lora: ok\n"
+
+
+def test_a_run_no_worker_takes_fails_its_wait_naming_the_pool(monkeypatch) -> None:
+    from finetune import pickup
+
+    clock = [0.0]
+    monkeypatch.setattr(pickup.time, "monotonic", lambda: clock[0])
+    watch = pickup.PickupWatch("gpu-h200", bound_s=600)
+    watch.check("run", "SCHEDULED", "Late", "stage train (flow run x)")
+    clock[0] = 599.0
+    watch.check("run", "SCHEDULED", "Late", "stage train (flow run x)")
+    watch.check("run", "RUNNING", "Running", "stage train (flow run x)")  # taken: the count starts again
+    clock[0] = 1000.0
+    watch.check("run", "SCHEDULED", "AwaitingRetry", "stage train (flow run x)")
+    clock[0] = 1601.0
+    with pytest.raises(pickup.NotPickedUp, match=r"stage train \(flow run x\) waited 601 s in Late and no worker of "
+                                                 r"pool gpu-h200 took it: start a worker for it \(`prefect worker "
+                                                 r"start --pool gpu-h200`"):
+        watch.check("run", "SCHEDULED", "Late", "stage train (flow run x)")

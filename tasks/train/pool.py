@@ -33,6 +33,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from finetune.pickup import PickupWatch, pickup_bound_s
 from finetune.procs import free_port
 from finetune.profile import Profile
 from finetune.run_params import run_overrides
@@ -99,15 +100,19 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
                 tags=[NODE_FLOW, f"rdzv-{rdzv_id}"],
                 timeout=0,
             ))
+        ctx.log(f"waiting for the {len(runs)} node runs to finish (for workers of pool {profile.deploy.gpu_work_pool} "
+                f"to take them: at most {pickup_bound_s(profile):.0f} s each)")
         with get_client(sync_client=True) as client:
-            _wait_for_nodes(ctx, client, [run.id for run in runs], config_path.parent)
+            _wait_for_nodes(ctx, client, [run.id for run in runs], config_path.parent,
+                            PickupWatch(profile.deploy.gpu_work_pool, pickup_bound_s(profile)))
     finally:
         with get_client(sync_client=True) as client:
             _cancel_unfinished(client, [run.id for run in runs])
         Variable.unset(variable_name(rdzv_id))
 
 
-def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path) -> None:
+def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path,
+                    pickup: PickupWatch) -> None:
     seen: dict[uuid.UUID, str] = {}
     while True:
         states = {}
@@ -121,6 +126,8 @@ def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], wo
             if run.state is not None and run.state.type.value in FAILED_STATES:
                 raise NodeFailed(f"node {rank} of {len(run_ids)} ({run.name}, flow run {run_id}) ended "
                                  f"{name}: {run.state.message or 'no message'}; cancelling the other nodes")
+            if run.state is not None:
+                pickup.check(run_id, run.state.type.value, name, f"node {rank} (flow run {run.name})")
         if all(state is not None and state.is_completed() for state in states.values()):
             return
         _report_progress(ctx, workdir)
