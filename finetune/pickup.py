@@ -41,3 +41,24 @@ class PickupWatch:
         if waited > self.bound_s:
             raise NotPickedUp(f"{what} waited {waited:.0f} s in {state_name} and no worker of pool {self.pool} took "
                               f"it: {start_hint(self.pool)}, or raise deploy.wait_for_workers_s")
+
+
+RESCHEDULE_GRACE_S = 60.0
+"""How long a Crashed run is given to be rescheduled by the finetune-reschedule-crashed automation before the run
+waiting for it counts it as failed."""
+
+
+class CrashGrace:
+    """Whether a waited-for run has ended badly: Failed or Cancelled at once, Crashed only once it stayed so past
+    RESCHEDULE_GRACE_S (a lost worker's run comes back as Scheduled within seconds when deployments/automations.yaml
+    is installed)."""
+
+    def __init__(self, grace_s: float = RESCHEDULE_GRACE_S):
+        self.grace_s = grace_s
+        self.since: dict[object, float] = {}
+
+    def ended_badly(self, run_id: object, state_type: str) -> bool:
+        if state_type != "CRASHED":
+            self.since.pop(run_id, None)
+            return state_type in ("FAILED", "CANCELLED", "CANCELLING")
+        return time.monotonic() - self.since.setdefault(run_id, time.monotonic()) > self.grace_s

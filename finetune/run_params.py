@@ -13,3 +13,16 @@ def run_overrides(params: Mapping[str, Any]) -> list[str]:
     if params.get("data_source"):
         overrides.append(f"data.source={params['data_source']}")
     return overrides
+
+
+MAX_ATTEMPTS = 5
+"""Attempts of one flow run that crashed and was rescheduled (deployments/automations.yaml) before it gives up."""
+
+
+def check_attempts(run_count: int) -> None:
+    """Stop a flow run that keeps crashing (each crash a lost worker or machine) at MAX_ATTEMPTS."""
+    from finetune.stage import PermanentError
+
+    if run_count > MAX_ATTEMPTS:
+        raise PermanentError(f"this flow run crashed and was rescheduled {run_count - 1} times (its worker or machine "
+                             f"was lost each time; see its Crashed states); giving up after {MAX_ATTEMPTS} attempts")

@@ -15,7 +15,7 @@ import time
 from prefect import get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from finetune.pickup import NotPickedUp, PickupWatch, pickup_bound_s
+from finetune.pickup import CrashGrace, NotPickedUp, PickupWatch, pickup_bound_s
 from finetune.profile import Profile
 from finetune.run_params import run_overrides
 from finetune.stage import StageSpec
@@ -71,7 +71,7 @@ def dispatch_to_gpu_pool(
     )
     log(f"{label}: submitted as flow run {run.name} of {target}; waiting for it to finish (for a worker of pool "
         f"{pool} to take it: at most {bound:.0f} s)")
-    watch, seen = PickupWatch(pool, bound), None
+    watch, crashed, seen = PickupWatch(pool, bound), CrashGrace(), None
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run.id)
@@ -80,7 +80,7 @@ def dispatch_to_gpu_pool(
             if run.state.name != seen:
                 seen = run.state.name
                 log(f"{label}: flow run {run.name} on {target}: {seen}")
-            if run.state.is_final():
+            if run.state.is_completed() or crashed.ended_badly(run.id, run.state.type.value):
                 break
             try:
                 watch.check(run.id, run.state.type.value, run.state.name, f"stage {label} (flow run {run.name})")

@@ -23,7 +23,7 @@ from finetune.hashing import hash_json
 from finetune.plan import check_fits, markdown, plan
 from finetune.preflight import preflight
 from finetune.profile import Profile, load_profile, resolved_yaml
-from finetune.run_params import run_overrides
+from finetune.run_params import check_attempts, run_overrides
 from finetune.store import Artifact, Store, default_store_url, now_iso
 from flows.dispatch import gpu_pool_target
 from flows.pipeline import BENCHMARKS, GATE_BASE, GATE_TUNED, STAGES, Step, spec, stage_keys, steps_until
@@ -74,6 +74,7 @@ def finetune_production(
 
 
 def _pipeline(profile: str, overrides: list[str], store: str | None, until: str) -> dict[str, Any]:
+    check_attempts(flow_run.run_count)
     resolved = load_profile(profile, overrides)
     steps = steps_until(until, resolved)
     artifacts_store = Store(store or default_store_url())

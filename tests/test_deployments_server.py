@@ -8,6 +8,7 @@ stopped at the end.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -477,3 +478,56 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
     print(f"\nkill -9 at step {killed_at}: taken over {takeover_s:.1f} s after the kill (lease {LEASE_S} s; "
           f"{took['message']}); resumed from {resumed} ({max(0, killed_at - resumed)} steps lost), taker finished "
           f"{time.monotonic() - killed:.1f} s after the kill")
+
+
+def test_a_lost_worker_s_run_is_marked_crashed_rescheduled_and_resumes_on_a_new_worker(cluster: LocalPrefect) -> None:
+    """kill -9 of the worker and every process it started, mid-training, as when its machine vanishes: nobody reports
+    the run, its heartbeats stop, the finetune-lost-worker automation (deployments/automations.yaml, installed by
+    create-pools.sh) marks it Crashed, finetune-reschedule-crashed reschedules it, a new worker takes it and training
+    resumes from the checkpoint. No person acts."""
+    import psutil
+
+    steps = 60  # a key of its own
+    run_id = _start_run(cluster, {**ONE_KEY, "overrides": [*ONE_KEY["overrides"], f"train.max_steps={steps}"]})
+    store = Path(cluster.env["FINETUNE_STORE"])
+    workdir = _wait(lambda: next((m.parent for m in (store / "train").glob("*/metrics.jsonl")
+                                  if f"max_steps: {steps}" in (m.parent / "torchtune_config.yaml").read_text()
+                                  and _last_step(m.parent) >= EVERY + 3), None), 400, "training past a checkpoint")
+    engine = next(p for p in psutil.process_iter() if _env_of(p).get("PREFECT__FLOW_RUN_ID") == run_id)
+    workers = {proc.pid: name for name, proc in cluster.procs.items() if name.startswith("worker")}
+    (lost,) = [workers[p.pid] for p in engine.parents() if p.pid in workers]
+    killed_at = _last_step(workdir)
+    # The machine vanishes: the worker's session and every process of the run (its engine has a session of its own).
+    os.killpg(cluster.procs[lost].pid, signal.SIGKILL)
+    for process in psutil.process_iter():
+        if _env_of(process).get("PREFECT__FLOW_RUN_ID") == run_id:
+            process.kill()
+    killed = time.monotonic()
+    cluster.start("worker-3", "worker", "start", "--pool", "local-process", "--type", "process", "--name", "worker-3")
+    # Crashed is not the end here: the automation reschedules it.
+    run = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in ("COMPLETED", "FAILED")
+                and r, 600, "the lost run to come back and finish")
+    states = cluster.api("GET", f"/flow_run_states/?flow_run_id={run_id}")
+    assert run["state"]["type"] == "COMPLETED", (run["state"], [(s["name"], s["message"]) for s in states])
+    crashed = [s for s in states if s["type"] == "CRASHED"]
+    assert crashed and crashed[0]["message"].startswith("worker lost: no heartbeat"), crashed
+    resumed = json.loads((workdir / "artifact.json").read_text())["metrics"]["resumed_from_step"]
+    assert resumed is not None and killed_at - EVERY <= resumed <= killed_at + 2, (killed_at, resumed)
+    print(f"\nworker {lost} killed at step {killed_at}: Crashed {_since(crashed[0], killed):.1f} s after the kill, "
+          f"completed {time.monotonic() - killed:.1f} s after it, resumed from step {resumed}")
+
+
+def _env_of(process) -> dict[str, str]:
+    import psutil
+
+    try:
+        return process.environ()
+    except psutil.Error:
+        return {}
+
+
+def _since(state: dict[str, Any], monotonic_then: float) -> float:
+    """Seconds from a monotonic instant to a state's timestamp."""
+    wall_then = time.time() - (time.monotonic() - monotonic_then)
+    return datetime.fromisoformat(state["timestamp"]).timestamp() - wall_then
+

@@ -33,7 +33,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from finetune.pickup import PickupWatch, pickup_bound_s
+from finetune.pickup import CrashGrace, PickupWatch, pickup_bound_s
 from finetune.procs import free_port
 from finetune.profile import Profile
 from finetune.run_params import run_overrides
@@ -47,7 +47,6 @@ NODE_FLOW = "finetune-train-node"
 # How long a node waits for node 0's endpoint (GPU nodes may have to be provisioned first).
 ENDPOINT_TIMEOUT_S = float(os.environ.get("FINETUNE_RDZV_TIMEOUT_S", "1800"))
 POLL_S = 1.0
-FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
 
 
 class NodeFailed(RuntimeError):
@@ -114,6 +113,7 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
 def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path,
                     pickup: PickupWatch) -> None:
     seen: dict[uuid.UUID, str] = {}
+    crashed = CrashGrace()
     while True:
         states = {}
         for rank, run_id in enumerate(run_ids):
@@ -123,7 +123,7 @@ def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], wo
             if seen.get(run_id) != name:
                 ctx.log(f"node {rank} ({run.name}): {name}")
                 seen[run_id] = name
-            if run.state is not None and run.state.type.value in FAILED_STATES:
+            if run.state is not None and crashed.ended_badly(run_id, run.state.type.value):
                 raise NodeFailed(f"node {rank} of {len(run_ids)} ({run.name}, flow run {run_id}) ended "
                                  f"{name}: {run.state.message or 'no message'}; cancelling the other nodes")
             if run.state is not None:
