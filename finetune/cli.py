@@ -182,6 +182,29 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preflight(args: argparse.Namespace) -> int:
+    from finetune.plan import PlanError, plan
+    from finetune.preflight import PreflightFailed, pools_used, preflight
+    from finetune.store import Store, default_store_url
+    from flows.pipeline import spec, steps_until
+
+    profile = load_profile(args.profile, args.overrides)
+    stages = [step.stage for step in steps_until(args.until, profile) if not spec(step.stage).skipped(profile)]
+    pools = pools_used(profile, stages)
+    # Without a server the GPU pools' workers cannot be seen: said, not failed (a deployment run checks them).
+    check_workers = bool(os.environ.get("PREFECT_API_URL"))
+    try:
+        preflight(profile, Store(args.store or default_store_url()), stages, plan(profile), pools, check_workers,
+                  log=lambda line: print(line, file=sys.stderr))
+    except (PreflightFailed, PlanError) as exc:
+        for line in getattr(exc, "problems", [str(exc)]):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    unchecked = f"; workers of {', '.join(pools)} not checked (no PREFECT_API_URL)" if pools and not check_workers else ""
+    print(f"preflight of {profile.name}: ok{unchecked}")
+    return 0
+
+
 def _cmd_profiles(args: argparse.Namespace) -> int:
     profiles = list_profiles()
     width = max(map(len, profiles), default=0)
@@ -239,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
     plan.set_defaults(func=_cmd_plan)
+
+    preflight = sub.add_parser("preflight", help="what would stop a run (data, hub access, store room, GPU pool "
+                                                 "workers), found before anything is downloaded or rented")
+    preflight.add_argument("--profile", default="tiny-cpu", help="profile name or YAML path")
+    preflight.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
+    preflight.add_argument("--until", default=STAGES[-1], choices=STAGES, help="the stages the run would do")
+    preflight.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
+    preflight.set_defaults(func=_cmd_preflight)
 
     report = sub.add_parser("report", help="what a run achieved: loss, scores and gate, 4-bit, serving, stage times")
     report.add_argument("--profile", default=None, help="the newest run of this profile (default: of any)")

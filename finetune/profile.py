@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from finetune.quantized_bases import quantized_repo_error
 from tunerecipes.ep_degree import ROUTED_EXPERTS
@@ -348,6 +348,9 @@ class DeployConfig(Section):
         description="Stages of one run working at once, per work pool. Default: 1 in the pool the flow runs in (its "
                     "stages share one machine), unbounded in the GPU pool when stages are dispatched there (each "
                     "stage flow run gets its own pod).")
+    wait_for_workers_s: NonNegativeFloat = Field(
+        0.0, description="How long the preflight waits for a ready worker in each GPU pool the run submits to (e.g. "
+                         "one an autoscaler starts); 0 fails at once, naming the pool.")
 
     @model_validator(mode="after")
     def _images(self) -> DeployConfig:

@@ -16,13 +16,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from finetune import notice
 from finetune.console import stage_event
 from finetune.hashing import hash_json
 from finetune.plan import check_fits, markdown, plan
+from finetune.preflight import preflight
 from finetune.profile import Profile, load_profile, resolved_yaml
+from finetune.run_params import check_attempts, run_overrides
 from finetune.store import Artifact, Store, default_store_url, now_iso
 from flows.dispatch import gpu_pool_target
 from flows.pipeline import BENCHMARKS, GATE_BASE, GATE_TUNED, STAGES, Step, spec, stage_keys, steps_until
@@ -39,9 +41,12 @@ GATE = "quality-gate"
 
 
 def _run_name() -> str:
-    params = flow_run.parameters
-    profile = load_profile(params["profile"], params.get("overrides") or [])
-    return f"{profile.name}-data-{hash_json(spec('pack').fingerprint(profile), 8)}"
+    profile = load_profile(flow_run.parameters["profile"], run_overrides(flow_run.parameters))
+    try:
+        data = hash_json(spec("pack").fingerprint(profile), 8)
+    except Exception:  # data that cannot be read (no driver, unreachable): the preflight task says why in one line
+        data = "unread"
+    return f"{profile.name}-data-{data}"
 
 
 @flow(name="finetune", flow_run_name=_run_name, persist_result=True, result_serializer="json", log_prints=True)
@@ -52,8 +57,27 @@ def finetune(
     until: str = STAGES[-1],
 ) -> dict[str, Any]:
     """Run the pipeline for one profile. Returns per stage: key, cached, seconds, path, metrics."""
+    return _pipeline(profile, overrides or [], store, until)
+
+
+@flow(name="finetune", flow_run_name=_run_name, persist_result=True, result_serializer="json", log_prints=True)
+def finetune_production(
+    profile: str,
+    data_source: str,
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    until: str = STAGES[-1],
+) -> dict[str, Any]:
+    """The pipeline of a production profile, whose shipped data.source is a placeholder: ``data_source`` (the
+    training data: local path, hf://datasets/..., s3://...) has no default, so Prefect refuses a deployment run
+    without it."""
+    return _pipeline(profile, run_overrides({"overrides": overrides, "data_source": data_source}), store, until)
+
+
+def _pipeline(profile: str, overrides: list[str], store: str | None, until: str) -> dict[str, Any]:
     notice.install()  # a SIGTERM reaches the trainers in their task threads, then Prefect's handler
-    resolved = load_profile(profile, overrides or [])
+    check_attempts(flow_run.run_count)
+    resolved = load_profile(profile, overrides)
     steps = steps_until(until, resolved)
     artifacts_store = Store(store or default_store_url())
     check_shared_store(resolved, artifacts_store)
@@ -71,8 +95,13 @@ def finetune(
         get_run_logger().info(f"{label}: skipped ({reason})")
         stage_event(label, "skipped", reason)
     steps = [step for step in steps if step.label not in skipped]
-    keys = stage_keys(resolved, steps)
     targets = {step.label: gpu_pool_target(step.stage, resolved) for step in steps}
+    # Before any download: the keys read the data and the hub, the stages the store and the GPU pools.
+    stages = {step.stage for step in steps}
+    nodes = "train" in stages and resolved.train.launcher == "prefect-pool" and deployment.id is not None
+    gpu_pools = [resolved.deploy.gpu_work_pool] if nodes or any(targets.values()) else []
+    preflight_task(resolved, artifacts_store.url, sorted(stages), planned, gpu_pools)
+    keys = stage_keys(resolved, steps)
     pools = {step.label: resolved.deploy.gpu_work_pool if targets[step.label] else resolved.deploy.work_pool
              for step in steps}
     results: dict[str, StageResult] = {}
@@ -139,6 +168,13 @@ def _collect(steps: list[Step], submitted: dict[str, Submitted], gate: PrefectFu
 
 def _first_line(message: str | None, width: int = 160) -> str:
     return (message or "").strip().split("\n", 1)[0][:width]
+
+
+@task(name="preflight")
+def preflight_task(profile: Profile, store_url: str, stages: list[str], planned: dict[str, Any],
+                   gpu_pools: list[str]) -> None:
+    """What would stop this run, before anything is downloaded or rented (finetune.preflight)."""
+    preflight(profile, Store(store_url), stages, planned, gpu_pools, log=get_run_logger().info)
 
 
 @task(name=GATE)

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from finetune import notice
 from finetune.profile import load_profile
+from finetune.run_params import check_attempts
 from finetune.stage import PermanentError, StageContext, stage_key
 from finetune.stage_lock import ServerLease
 from finetune.store import Artifact, Store
@@ -45,6 +46,7 @@ def finetune_stage(
 ) -> dict[str, Any]:
     """Run one pipeline stage here. ``inputs`` maps each input slot to [stage, key] of a finished artifact."""
     notice.install()  # a SIGTERM reaches the trainer in its task thread, then Prefect's handler (a reschedule)
+    check_attempts(flow_run.run_count)
     resolved = load_profile(profile, overrides or [])
     stage_spec = spec(stage)
     artifacts_store = Store(store)
@@ -72,6 +74,7 @@ def train_node(profile: str, overrides: list[str] | None, workdir: str, node_ran
                lease: dict[str, Any] | None = None) -> None:
     """One node of a multi-node training run; its trainer rendezvous with the other nodes' (tasks/train/pool.py).
     ``lease``: the train stage's server lease on its key (a ServerLease's fields), renewed while this node trains."""
+    check_attempts(flow_run.run_count)
     progress = prefect_progress(f"train node {node_rank}")
     ctx = StageContext(profile=load_profile(profile, overrides or []), key=Path(workdir).name, workdir=Path(workdir),
                        inputs={}, log=ReadableMetrics(get_run_logger().info), progress=progress)

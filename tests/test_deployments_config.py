@@ -23,7 +23,8 @@ def _deployments() -> dict[str, dict[str, Any]]:
     config = yaml.safe_load(PREFECT_YAML.read_text())
     out = {}
     for deployment in config["deployments"]:
-        flow = {"flows.finetune:finetune": "finetune", "flows.stage_flow:finetune_stage": "finetune-stage",
+        flow = {"flows.finetune:finetune": "finetune", "flows.finetune:finetune_production": "finetune",
+                "flows.stage_flow:finetune_stage": "finetune-stage",
                 "flows.stage_flow:train_node": "finetune-train-node"}[deployment["entrypoint"]]
         out[f"{flow}/{deployment['name']}"] = deployment
     return out
@@ -46,6 +47,31 @@ def test_every_shipped_profile_has_its_deployment_in_its_work_pool() -> None:
         for flow in ("finetune-stage", "finetune-train-node"):
             assert deployments[f"{flow}/{profile.deploy.gpu_work_pool}"]["work_pool"]["name"] == \
                 profile.deploy.gpu_work_pool
+
+
+def test_deployment_descriptions_are_the_profiles_and_name_their_parallelism() -> None:
+    deployments = _deployments()
+    for name in list_profiles():
+        profile = load_profile(name)
+        assert deployments[f"finetune/{name}"]["description"] == profile.description, name
+        text = profile.description.lower()
+        # What the UI's deployment list says is how the profile trains (Maverick: expert parallel, not offload).
+        assert ("expert parallel" in text) == (profile.train.expert_parallel > 1), name
+        assert ("offload" in text) == profile.train.fsdp_cpu_offload, name
+
+
+def test_production_deployments_require_their_data_as_a_parameter() -> None:
+    from flows.finetune import finetune, finetune_production
+
+    deployments = _deployments()
+    for name in PRODUCTION:
+        assert "your-bucket" in (load_profile(name).data.source or "")  # what the required parameter replaces
+        assert deployments[f"finetune/{name}"]["entrypoint"] == "flows.finetune:finetune_production"
+        for schedule in deployments[f"finetune/{name}"].get("schedules", []):
+            assert not schedule["active"] or "data_source" in schedule.get("parameters", {}), name
+    assert deployments["finetune/tiny-cpu"]["entrypoint"] == "flows.finetune:finetune"
+    assert finetune_production.name == finetune.name == "finetune"
+    assert "data_source" in finetune_production.parameters.required
 
 
 def test_weekly_retraining_is_shipped_inactive_on_the_production_profiles_only() -> None:

@@ -8,6 +8,7 @@ stopped at the end.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -27,8 +28,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
     # Expired stage-key leases are revoked within a second (15 s by default): takeover times are the lease's.
+    # The scheduler looks for due schedules every 2 s (60 s by default) and plans only the next run of each.
     started = start_cluster(tmp_path_factory.mktemp("prefect-cluster"),
-                            {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"})
+                            {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+                             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+                             "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
+                             "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "1"})
     yield started
     started.stop()
     leftovers = [n for n, p in started.procs.items() if p.returncode is None]
@@ -87,6 +92,55 @@ def test_tiny_cpu_runs_through_server_and_worker_with_train_in_the_gpu_pool(clus
     stages = [t for t in tasks if t["name"].split("-")[0] in ("download", "pack", "train")]
     assert len(stages) == 3 and all(t["state"]["name"] == "Cached" for t in stages)
     print(f"\ntiny-cpu until=train via deployment: {seconds:.1f}s, cached rerun {cached_seconds:.1f}s")
+
+
+def test_an_interval_schedule_fires_and_a_worker_completes_the_auto_scheduled_run(cluster: LocalPrefect) -> None:
+    """The server's own scheduler (no `deployment run`) creates the run of finetune/tiny-cpu, as a schedule from
+    prefect.yaml would; with SQLAlchemy 2.1 it failed on every loop and no run ever appeared."""
+    (deployment,) = [d for d in cluster.api("POST", "/deployments/filter", {"deployments": {"name": {"any_": [
+        "tiny-cpu"]}}})]
+    (schedule,) = cluster.api("POST", f"/deployments/{deployment['id']}/schedules", [
+        {"schedule": {"interval": 60}, "active": True, "parameters": TINY}])
+    started = time.monotonic()
+    try:
+        def scheduled() -> list[dict[str, Any]]:
+            return cluster.api("POST", "/flow_runs/filter", {"flow_runs": {
+                "deployment_id": {"any_": [deployment["id"]]}, "tags": {"all_": ["auto-scheduled"]}}})
+
+        first = _wait(scheduled, 90, "the scheduler to create a run")[0]
+        created = time.monotonic() - started
+        run = _final(cluster, first["id"], 240 - created)
+    finally:
+        cluster.api("DELETE", f"/deployments/{deployment['id']}/schedules/{schedule['id']}")
+    assert run["state"]["type"] == "COMPLETED", (run["state"], cluster.logs("server")[-3000:])
+    assert run["parameters"]["until"] == "train" and "auto-scheduled" in run["tags"]
+    print(f"\nschedule: run created {created:.1f} s after the schedule, completed {time.monotonic() - started:.1f} s "
+          "after it")
+
+
+def test_a_production_deployment_run_without_its_data_is_refused(cluster: LocalPrefect) -> None:
+    proc = cluster.prefect("deployment", "run", "finetune/maverick-lora", check=False)
+    said = " ".join((proc.stdout + proc.stderr).split())  # the CLI wraps lines at the terminal's width
+    assert proc.returncode != 0 and "Validation failed. Failure reason: 'data_source' is a required property" in said, said
+
+
+def test_a_gpu_pool_without_a_ready_worker_fails_the_run_in_seconds_before_any_download(cluster: LocalPrefect) -> None:
+    params = {"overrides": [*TINY["overrides"], "deploy.gpu_work_pool=gpu-h200"], "until": "train"}
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="finetune/tiny-cpu ended Failed") as failed:
+        cluster.run_deployment("finetune/tiny-cpu", params, env={"FINETUNE_GPU_DISPATCH": "always"})
+    seconds = time.monotonic() - started
+    assert ("work pool gpu-h200 has no ready worker: start a worker for it (`prefect worker start --pool gpu-h200`"
+            in str(failed.value)), str(failed.value)[:3000]
+    (run,) = cluster.api("POST", "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+    # From the run's start (the worker's process, Prefect's and the plan's imports) to its failure; the CLI's wall
+    # time adds the worker's pickup and the process start, ~70 s on a loaded 2-core machine.
+    ran = (datetime.fromisoformat(run["end_time"]) - datetime.fromisoformat(run["start_time"])).total_seconds()
+    assert ran < 60, ran
+    tasks = cluster.api("POST", "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run["id"]]}}})
+    assert [t["name"].split("-")[0] for t in tasks] == ["preflight"], [t["name"] for t in tasks]  # no download
+    print(f"\nno worker in the GPU pool: the run failed {ran:.1f} s after it started, {seconds:.1f} s after "
+          "`deployment run`")
 
 
 def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: LocalPrefect) -> None:
@@ -424,3 +478,56 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
     print(f"\nkill -9 at step {killed_at}: taken over {takeover_s:.1f} s after the kill (lease {LEASE_S} s; "
           f"{took['message']}); resumed from {resumed} ({max(0, killed_at - resumed)} steps lost), taker finished "
           f"{time.monotonic() - killed:.1f} s after the kill")
+
+
+def test_a_lost_worker_s_run_is_marked_crashed_rescheduled_and_resumes_on_a_new_worker(cluster: LocalPrefect) -> None:
+    """kill -9 of the worker and every process it started, mid-training, as when its machine vanishes: nobody reports
+    the run, its heartbeats stop, the finetune-lost-worker automation (deployments/automations.yaml, installed by
+    create-pools.sh) marks it Crashed, finetune-reschedule-crashed reschedules it, a new worker takes it and training
+    resumes from the checkpoint. No person acts."""
+    import psutil
+
+    steps = 60  # a key of its own
+    run_id = _start_run(cluster, {**ONE_KEY, "overrides": [*ONE_KEY["overrides"], f"train.max_steps={steps}"]})
+    store = Path(cluster.env["FINETUNE_STORE"])
+    workdir = _wait(lambda: next((m.parent for m in (store / "train").glob("*/metrics.jsonl")
+                                  if f"max_steps: {steps}" in (m.parent / "torchtune_config.yaml").read_text()
+                                  and _last_step(m.parent) >= EVERY + 3), None), 400, "training past a checkpoint")
+    engine = next(p for p in psutil.process_iter() if _env_of(p).get("PREFECT__FLOW_RUN_ID") == run_id)
+    workers = {proc.pid: name for name, proc in cluster.procs.items() if name.startswith("worker")}
+    (lost,) = [workers[p.pid] for p in engine.parents() if p.pid in workers]
+    killed_at = _last_step(workdir)
+    # The machine vanishes: the worker's session and every process of the run (its engine has a session of its own).
+    os.killpg(cluster.procs[lost].pid, signal.SIGKILL)
+    for process in psutil.process_iter():
+        if _env_of(process).get("PREFECT__FLOW_RUN_ID") == run_id:
+            process.kill()
+    killed = time.monotonic()
+    cluster.start("worker-3", "worker", "start", "--pool", "local-process", "--type", "process", "--name", "worker-3")
+    # Crashed is not the end here: the automation reschedules it.
+    run = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in ("COMPLETED", "FAILED")
+                and r, 600, "the lost run to come back and finish")
+    states = cluster.api("GET", f"/flow_run_states/?flow_run_id={run_id}")
+    assert run["state"]["type"] == "COMPLETED", (run["state"], [(s["name"], s["message"]) for s in states])
+    crashed = [s for s in states if s["type"] == "CRASHED"]
+    assert crashed and crashed[0]["message"].startswith("worker lost: no heartbeat"), crashed
+    resumed = json.loads((workdir / "artifact.json").read_text())["metrics"]["resumed_from_step"]
+    assert resumed is not None and killed_at - EVERY <= resumed <= killed_at + 2, (killed_at, resumed)
+    print(f"\nworker {lost} killed at step {killed_at}: Crashed {_since(crashed[0], killed):.1f} s after the kill, "
+          f"completed {time.monotonic() - killed:.1f} s after it, resumed from step {resumed}")
+
+
+def _env_of(process) -> dict[str, str]:
+    import psutil
+
+    try:
+        return process.environ()
+    except psutil.Error:
+        return {}
+
+
+def _since(state: dict[str, Any], monotonic_then: float) -> float:
+    """Seconds from a monotonic instant to a state's timestamp."""
+    wall_then = time.time() - (time.monotonic() - monotonic_then)
+    return datetime.fromisoformat(state["timestamp"]).timestamp() - wall_then
+

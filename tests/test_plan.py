@@ -234,3 +234,12 @@ def test_the_reclaim_table_names_each_platforms_delivery_and_whether_the_save_fi
     assert not rows["Azure spot"]["heard"]  # metadata only, and this profile polls AWS's
     assert rows["Kubernetes default"]["heard"] and "PID 1" in rows["Kubernetes default"]["delivery"]
     assert rows["GCP spot"]["heard"]  # its ACPI shutdown sends SIGTERM to every process
+
+
+def test_the_plan_states_one_checkpoint_interval_the_step_or_time_trigger_whichever_first() -> None:
+    planned = plan(load_profile("maverick-lora"))  # 200 steps of ~24 s, or 1.5 min: the minutes fire first
+    interval = planned["estimate"]["checkpoint_interval_min"]
+    assert interval == planned["preemption"]["interval_min"] < 200 * planned["estimate"]["step_s"] / 60
+    text = markdown(planned)
+    assert f"every 200 steps or 1.5 min, whichever comes first (~{interval:g} min)" in text
+    assert f"checkpoints every ~{interval:g} min" in text

@@ -6,6 +6,7 @@ over their replicas."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from finetune.plan.catalog import GB, GIB, Accelerator, Constants
@@ -93,7 +94,9 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         "cost_per_million_tokens": round(gpu_hours_per_mtok * price, 2) if price else None,
         "checkpoint_save_s": round(save_s, 1),
         "checkpoint_training_stall_s": round(stall_s, 1),
-        "checkpoint_interval_min": round(train.checkpoint_every_steps * step_s / 60, 1),
+        # The trainer's interval: the step trigger or the time trigger, whichever fires first.
+        "checkpoint_interval_min": round(
+            checkpoint_interval_s(train.checkpoint_every_steps, train.checkpoint_every_minutes, step_s) / 60, 1),
     }
     if profile.plan.dataset_tokens:
         epoch_h = profile.plan.dataset_tokens / tokens_per_step * step_s / 3600
@@ -128,3 +131,12 @@ def _expert_parallel_comm(args: Any, model: MeasuredModel, train: Any, gpu: Acce
         "all_to_all_s_per_step": round(a2a / (a2a_link * GB * constants.collective_efficiency), 2),
         "expert_grad_all_reduce_s": round(reduce_bytes / (reduce_link * GB * constants.collective_efficiency), 2),
     }
+
+
+def checkpoint_interval_s(every_steps: int, every_minutes: float | None, step_s: float) -> float:
+    """Training time between checkpoints: the step trigger or the time trigger, which the trainer checks at step
+    ends (so it fires at the first step end past the minutes)."""
+    by_steps = every_steps * step_s
+    if not every_minutes or not step_s:
+        return by_steps
+    return min(by_steps, max(1, math.ceil(every_minutes * 60 / step_s)) * step_s)

@@ -214,6 +214,7 @@ def plan(profile: Profile) -> dict[str, Any]:
             "gib_per_save": round(memory.checkpoint_bytes / GIB, 2),
             "gib_per_rank": round(memory.checkpoint_bytes_per_rank / GIB, 3),
             "every_steps": train.checkpoint_every_steps,
+            "every_minutes": train.checkpoint_every_minutes,
             "async": settings.async_save,
             "keep_last": settings.keep_last,
         },

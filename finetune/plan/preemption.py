@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from finetune.plan.catalog import Constants
+from finetune.plan.estimate import checkpoint_interval_s
 from finetune.profile import Profile
 
 CLOUD_NOTICE_S = {"AWS spot": 120, "GCP spot": 30, "Azure spot": 30, "Kubernetes default": 30}
@@ -43,7 +44,7 @@ def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants,
     step_s, save_s = estimate["step_s"], estimate["checkpoint_save_s"]
     stall_s = estimate["checkpoint_training_stall_s"]
     grace = train.preemption_grace_s
-    interval_s = _interval_s(train.checkpoint_every_steps, train.checkpoint_every_minutes, step_s)
+    interval_s = checkpoint_interval_s(train.checkpoint_every_steps, train.checkpoint_every_minutes, step_s)
     mtbf_s = constants.spot_reclaim_mtbf_h * 3600 / train.nnodes
     optimum_s = math.sqrt(2 * stall_s * mtbf_s)
     floor_s = max(step_s, save_s if async_save else 0.0)
@@ -74,15 +75,6 @@ def preemption(profile: Profile, estimate: dict[str, Any], constants: Constants,
         "recommended_overhead_pct": round(100 * overhead(recommended_s), 1),
         "recommended_lost_per_reclaim_min": round(lost_s(recommended_s) / 60, 1),
     }
-
-
-def _interval_s(every_steps: int, every_minutes: float | None, step_s: float) -> float:
-    """Training time between checkpoints: the step trigger or the time trigger, which the trainer checks at step
-    ends (so it fires at the first step end past the minutes)."""
-    by_steps = every_steps * step_s
-    if not every_minutes or not step_s:
-        return by_steps
-    return min(by_steps, max(1, math.ceil(every_minutes * 60 / step_s)) * step_s)
 
 
 def deliveries(profile: Profile, needs_s: float) -> list[dict[str, Any]]:

@@ -42,7 +42,8 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     ckpt = plan["checkpoint"]
     estimate = plan["estimate"]
-    save = f"{_gib(ckpt['gib_per_save'])} per save every {ckpt['every_steps']} steps"
+    save = f"{_gib(ckpt['gib_per_save'])} per save every {ckpt['every_steps']} steps" + (
+        f" or {ckpt['every_minutes']:g} min, whichever comes first" if ckpt.get("every_minutes") else "")
     if estimate:
         save += (f" (~{estimate['checkpoint_interval_min']:g} min), written in ~{estimate['checkpoint_save_s']:g} s, "
                  f"training stalls ~{estimate['checkpoint_training_stall_s']:g} s"

@@ -33,8 +33,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from finetune.pickup import CrashGrace, PickupWatch, pickup_bound_s
 from finetune.procs import free_port
 from finetune.profile import Profile
+from finetune.run_params import run_overrides
 from finetune.stage import PermanentError, StageContext
 from finetune.stage_lock import LeaseLost, ServerLease, renew_server_lease
 from finetune.store import Store
@@ -45,7 +47,6 @@ NODE_FLOW = "finetune-train-node"
 # How long a node waits for node 0's endpoint (GPU nodes may have to be provisioned first).
 ENDPOINT_TIMEOUT_S = float(os.environ.get("FINETUNE_RDZV_TIMEOUT_S", "1800"))
 POLL_S = 1.0
-FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED", "CANCELLING"}
 
 
 class NodeFailed(RuntimeError):
@@ -90,7 +91,7 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
         for rank in range(profile.train.nnodes):
             runs.append(run_deployment(
                 deployment,
-                parameters={"profile": params["profile"], "overrides": params.get("overrides") or [],
+                parameters={"profile": params["profile"], "overrides": run_overrides(params),
                             "workdir": str(ctx.workdir), "node_rank": rank, "rendezvous": rdzv_id,
                             "lease": asdict(ctx.server_lease) if ctx.server_lease else None},
                 flow_run_name=f"{profile.name}-train-{ctx.key[:8]}-node-{rank}",
@@ -98,16 +99,21 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
                 tags=[NODE_FLOW, f"rdzv-{rdzv_id}"],
                 timeout=0,
             ))
+        ctx.log(f"waiting for the {len(runs)} node runs to finish (for workers of pool {profile.deploy.gpu_work_pool} "
+                f"to take them: at most {pickup_bound_s(profile):.0f} s each)")
         with get_client(sync_client=True) as client:
-            _wait_for_nodes(ctx, client, [run.id for run in runs], config_path.parent)
+            _wait_for_nodes(ctx, client, [run.id for run in runs], config_path.parent,
+                            PickupWatch(profile.deploy.gpu_work_pool, pickup_bound_s(profile)))
     finally:
         with get_client(sync_client=True) as client:
             _cancel_unfinished(client, [run.id for run in runs])
         Variable.unset(variable_name(rdzv_id))
 
 
-def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path) -> None:
+def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path,
+                    pickup: PickupWatch) -> None:
     seen: dict[uuid.UUID, str] = {}
+    crashed = CrashGrace()
     while True:
         states = {}
         for rank, run_id in enumerate(run_ids):
@@ -117,9 +123,11 @@ def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], wo
             if seen.get(run_id) != name:
                 ctx.log(f"node {rank} ({run.name}): {name}")
                 seen[run_id] = name
-            if run.state is not None and run.state.type.value in FAILED_STATES:
+            if run.state is not None and crashed.ended_badly(run_id, run.state.type.value):
                 raise NodeFailed(f"node {rank} of {len(run_ids)} ({run.name}, flow run {run_id}) ended "
                                  f"{name}: {run.state.message or 'no message'}; cancelling the other nodes")
+            if run.state is not None:
+                pickup.check(run_id, run.state.type.value, name, f"node {rank} (flow run {run.name})")
         if all(state is not None and state.is_completed() for state in states.values()):
             return
         _report_progress(ctx, workdir)
