@@ -168,7 +168,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if why:
         ctx.log(f"benchmark {name}: served by {engine.label}: {why}")
     platform = vllm.serving_platform(ctx.profile)
-    # The engine's version is read first: vLLM is found or installed (and checked against its floor) before any work.
+    # vLLM is found or installed (progress in this stage's log) and checked against its floor before any work.
+    if engine is VLLM:
+        vllm_env.resolve(platform, ctx.log)
     version = engine.version(platform)
     model_dir = _checkpoint(ctx.inputs["model"], quantized=name == "w4a16")
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
