@@ -85,7 +85,7 @@ def finetune(
                     {slot: submitted[src] for slot, src in step.inputs.items()}, step.label,
                     gpu_pool=targets[step.label], slot=slots[pools[step.label]],
                     wait_for=[gate] if step.after_gate and gate is not None else None)
-                if step.label == GATE_TUNED:
+                if step.label == GATE_TUNED and GATE_BASE in submitted:  # `--until evaluate-tuned` has no gate
                     gate = quality_gate.submit(resolved, artifacts_store.url, submitted[GATE_BASE].future,
                                                submitted[GATE_TUNED].future)
             failure = _collect(steps, submitted, gate, artifacts_store, results)
