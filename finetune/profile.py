@@ -287,12 +287,6 @@ class EvaluateConfig(Section):
                             "base's 4-bit artifact cached once) for a model too large to serve in bf16.")
     gate: GateConfig = GateConfig()
 
-    @model_validator(mode="after")
-    def _backend_device(self) -> EvaluateConfig:
-        if self.backend == "vllm" and self.device != "cuda":
-            raise ValueError("backend 'vllm' needs device 'cuda'; use backend 'hf' on CPU")
-        return self
-
 
 class QuantizeConfig(Section):
     scheme: Literal["W4A16"] = "W4A16"
@@ -464,8 +458,6 @@ class Profile(Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> Profile:
-        if self.benchmark.engine == "vllm" and self.train.device == "cpu":
-            raise ValueError("benchmark.engine 'vllm' needs a GPU; CPU profiles use engine 'transformers-serve'")
         experts = ROUTED_EXPERTS[self.model.family]
         if refusal := expert_parallel_refusal(degree=self.train.expert_parallel, experts=experts,
                                               world_size=self.train.world_size, method=self.train.method,

@@ -116,7 +116,7 @@ def _pipeline(profile: str, overrides: list[str], store: str | None, until: str)
                     {slot: submitted[src] for slot, src in step.inputs.items()}, step.label,
                     gpu_pool=targets[step.label], slot=slots[pools[step.label]],
                     wait_for=[gate] if step.after_gate and gate is not None else None)
-                if step.label == GATE_TUNED:
+                if step.label == GATE_TUNED and GATE_BASE in submitted:  # `--until evaluate-tuned` has no gate
                     gate = quality_gate.submit(resolved, artifacts_store.url, submitted[GATE_BASE].future,
                                                submitted[GATE_TUNED].future)
             failure = _collect(steps, submitted, gate, artifacts_store, results)
@@ -221,10 +221,12 @@ def _post_lineage(profile_name: str, store: Store, results: dict[str, StageResul
 
 def post_serving_comparison(store: Store, benchmarks: list[Artifact]) -> None:
     """Each benchmark step served one model; the UI shows them side by side: one table (4-bit throughput relative to
-    bf16 per concurrency) and one latency-vs-throughput plot."""
-    levels = serving.levels_of(store.materialize(artifact, [serving.RESULTS_FILE]) for artifact in benchmarks)
-    create_table_artifact(serving.comparison_rows(levels), key="serving-comparison",
-                          description="Serving throughput and latency, bf16 against W4A16")
-    encoded = base64.b64encode(serving.latency_vs_throughput_png(levels, "bf16 vs W4A16")).decode()
+    bf16 per concurrency, or "different engines") and one latency-vs-throughput plot, each model named with its
+    engine."""
+    levels, engines = serving.levels_of(store.materialize(artifact, [serving.RESULTS_FILE]) for artifact in benchmarks)
+    create_table_artifact(serving.comparison_rows(levels, engines), key="serving-comparison",
+                          description="Serving throughput and latency, bf16 against W4A16, with the engine of each")
+    title = "bf16 vs W4A16: " + "; ".join(f"{name} {engine}" for name, engine in engines.items())
+    encoded = base64.b64encode(serving.latency_vs_throughput_png(levels, engines, title)).decode()
     create_markdown_artifact(f"![latency vs throughput](data:image/png;base64,{encoded})",
                              key="serving-latency-vs-throughput", description="bf16 and W4A16 on one plot")

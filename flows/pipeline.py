@@ -101,11 +101,21 @@ def spec(stage: str) -> StageSpec:
     return importlib.import_module(f"tasks.{stage}").SPEC
 
 
+# What `until` may name besides a stage: one step (that step and the steps it reads, e.g. evaluate-tuned).
+STEP_LABELS = tuple(dict.fromkeys(step.label for steps in (PIPELINE, FOUR_BIT_PIPELINE) for step in steps
+                                  if step.label not in STAGES))
+
+
 def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
-    """The steps a run of ``profile`` that stops after stage ``until`` takes: those whose stage and upstream stages
-    all come no later than ``until``."""
+    """The steps a run of ``profile`` that stops after ``until`` takes. A stage: the steps whose stage and upstream
+    stages all come no later than it. A step label: that step and the steps it reads, transitively."""
+    if until in STEP_LABELS:
+        chosen = needed([until], pipeline(profile))
+        if any(step.after_gate for step in chosen):  # what waits for the gate's verdict runs only with the gate
+            chosen = needed([until, GATE_BASE, GATE_TUNED], pipeline(profile))
+        return chosen
     if until not in STAGES:
-        raise ValueError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
+        raise ValueError(f"until must be one of {', '.join(STAGES + STEP_LABELS)}, got {until!r}")
     last = STAGES.index(until)
     chosen: list[Step] = []
     for step in pipeline(profile):
@@ -115,20 +125,21 @@ def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
     return chosen
 
 
-def needed(targets: Iterable[str]) -> list[Step]:
-    """The steps ``targets`` (labels) depend on, in pipeline order, ending with the targets."""
+def needed(targets: Iterable[str], steps: tuple[Step, ...] = PIPELINE) -> list[Step]:
+    """The steps of ``steps`` that ``targets`` (labels) depend on, in pipeline order, ending with the targets."""
+    by_label = {step.label: step for step in steps}
     wanted: set[str] = set()
 
     def visit(label: str) -> None:
-        if label not in STEPS:
-            raise ValueError(f"unknown step {label!r} (known: {', '.join(STEPS)})")
+        if label not in by_label:
+            raise ValueError(f"unknown step {label!r} (known: {', '.join(by_label)})")
         wanted.add(label)
-        for src in STEPS[label].inputs.values():
+        for src in by_label[label].inputs.values():
             visit(src)
 
     for target in targets:
         visit(target)
-    return [step for step in PIPELINE if step.label in wanted]
+    return [step for step in steps if step.label in wanted]
 
 
 def step_inputs(step: Step, done: Mapping[str, Artifact]) -> dict[str, Artifact]:

@@ -18,6 +18,7 @@ from finetune.profile import GateConfig
 from finetune.stage import PermanentError
 from finetune.store import Artifact, Store, atomic_file, unique_name
 from tasks.evaluate.report import RESULTS_FILE, GateFailed, check_gate, compare, markdown_table, recovery, scores
+from tasks.benchmark.report import engine_label, relative
 
 RUNS_DIR = "runs"
 
@@ -124,9 +125,13 @@ def quantization_section(quantize: Artifact, bf16_eval: Artifact | None, w4_eval
 
 def benchmark_section(benchmarks: list[Artifact]) -> str:
     """Output throughput and median TTFT per concurrency, one column per model (bf16, W4A16) from each benchmark
-    step's metrics, and the 4-bit model's throughput relative to bf16 where both ran."""
+    step's metrics, each model's engine, and the 4-bit model's throughput relative to bf16 where the same engine served
+    both ("different engines" otherwise)."""
     models = {name: levels for artifact in benchmarks for name, levels in artifact.metrics.items()
               if isinstance(levels, dict)}
+    engines = {artifact.metrics.get("weights", ""): f"{engine_label(artifact.metrics)}, "
+                                                    f"{artifact.metrics.get('load_generator', '')}"
+               for artifact in benchmarks}
     levels = sorted({c for per_model in models.values() for c in per_model}, key=lambda c: int(c.lstrip("c")))
     rows = []
     for level in levels:
@@ -136,10 +141,11 @@ def benchmark_section(benchmarks: list[Artifact]) -> str:
         row |= {f"{name} TTFT p50 ms": per_model.get(level, {}).get("median_ttft_ms")
                 for name, per_model in models.items()}
         if throughput.get("bf16") and throughput.get("w4a16") is not None:
-            row["w4a16 tok/s vs bf16"] = round(throughput["w4a16"] / throughput["bf16"], 3)
+            row["w4a16 tok/s vs bf16"] = relative(throughput["w4a16"], throughput["bf16"],
+                                                  engines.get("bf16") == engines.get("w4a16"))
         rows.append(row)
-    first = benchmarks[0].metrics
-    return f"{first.get('engine', '')}, {first.get('load_generator', '')}\n\n{markdown_table(rows)}"
+    served_by = "; ".join(f"{name}: {engine}" for name, engine in engines.items())
+    return f"{served_by}\n\n{markdown_table(rows)}"
 
 
 def stages_section(record: Mapping[str, Any]) -> str:

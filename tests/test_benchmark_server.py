@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -28,7 +29,7 @@ from finetune.store import Artifact, Store
 from tasks.benchmark import SPEC, loadgen, report, run
 from tasks.benchmark.runner import BenchmarkError, _check_level, _raise_preempted
 from tasks.benchmark.workload import build_workload
-from tasks.serving.engines import TRANSFORMERS_SERVE
+from tasks.serving.engines import TRANSFORMERS_SERVE, ServeRequest
 from tasks.serving.server import Server, ServerError, serving
 
 pytestmark = pytest.mark.slow  # starts real HTTP servers (transformers serve)
@@ -112,7 +113,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tiny_server(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
-    cmd = TRANSFORMERS_SERVE.serve_command(checkpoints["bf16"], port, BenchmarkConfig())
+    cmd = TRANSFORMERS_SERVE.serve_command(ServeRequest(checkpoints["bf16"], port, BenchmarkConfig(), "cpu", 1))
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
     with serving(cmd, port, log, startup_timeout_s=300, env=TRANSFORMERS_SERVE.env()) as server:
         yield server
@@ -187,7 +188,7 @@ def test_rejected_requests_count_as_errors_and_fail_the_level(tiny_server: Serve
 def test_each_benchmark_step_serves_its_model_and_the_two_compare(checkpoints: dict[str, Path],
                                                                     tmp_path: Path) -> None:
     profile = load_profile("tiny-cpu", ["benchmark.concurrencies=[1, 4]", f"benchmark.num_prompts={NUM_PROMPTS}",
-                                        f"benchmark.max_tokens={MAX_TOKENS}"])
+                                        f"benchmark.max_tokens={MAX_TOKENS}", "benchmark.engine=transformers-serve"])
     store = Store(tmp_path / "store")
     pack = Artifact(stage="pack", key="pack-key", path=str(checkpoints["pack"]))
     artifacts = {}
@@ -215,11 +216,14 @@ def test_each_benchmark_step_serves_its_model_and_the_two_compare(checkpoints: d
         assert [(row["model"], row["concurrency"]) for row in tables["levels"]] == [(name, 1), (name, 4)]
         assert artifact.metrics[name]["c4"]["error_rate"] == 0.0
     # The run's comparison reads both steps: 4-bit throughput relative to bf16 at each concurrency.
-    rows = report.comparison_rows(report.levels_of([artifacts["w4a16"], artifacts["bf16"]]))
+    levels, engines = report.levels_of([artifacts["w4a16"], artifacts["bf16"]])
+    rows = report.comparison_rows(levels, engines)
     assert [(row["model"], row["concurrency"]) for row in rows] == [("bf16", 1), ("bf16", 4), ("w4a16", 1),
                                                                      ("w4a16", 4)]
+    stand_in = f"transformers-serve (CPU stand-in for vLLM) {metadata.version('transformers')}"
+    assert {row["engine"] for row in rows} == {stand_in}
     assert all(row["tok/s vs bf16"] > 0 for row in rows if row["model"] == "w4a16")
-    assert report.latency_vs_throughput_png(report.levels_of(artifacts.values()), "t")[:4] == b"\x89PNG"
+    assert report.latency_vs_throughput_png(levels, engines, "t")[:4] == b"\x89PNG"
 
 
 # -- server faults ---------------------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def test_corrupt_weights_crash_the_server_with_its_log_in_the_error(checkpoints:
         (broken / item.name).write_bytes(item.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     port = free_port()
-    cmd = TRANSFORMERS_SERVE.serve_command(broken, port, BenchmarkConfig())
+    cmd = TRANSFORMERS_SERVE.serve_command(ServeRequest(broken, port, BenchmarkConfig(), "cpu", 1))
     with pytest.raises(ServerError, match="before it became healthy") as info:
         with serving(cmd, port, tmp_path / "server.log", startup_timeout_s=300, env=TRANSFORMERS_SERVE.env()):
             pytest.fail("server must not become healthy")
@@ -259,7 +263,7 @@ def test_corrupt_weights_crash_the_server_with_its_log_in_the_error(checkpoints:
 
 def test_startup_timeout_kills_a_server_still_loading(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     port = free_port()
-    cmd = TRANSFORMERS_SERVE.serve_command(checkpoints["bf16"], port, BenchmarkConfig())
+    cmd = TRANSFORMERS_SERVE.serve_command(ServeRequest(checkpoints["bf16"], port, BenchmarkConfig(), "cpu", 1))
     with pytest.raises(ServerError, match=r"not healthy .* within 0.5 s") as info:
         with serving(cmd, port, tmp_path / "server.log", startup_timeout_s=0.5, env=TRANSFORMERS_SERVE.env()):
             pytest.fail("server must not become healthy in 0.5 s")

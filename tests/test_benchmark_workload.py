@@ -94,7 +94,8 @@ def test_comparison_rows_relate_the_quantized_model_to_bf16() -> None:
         return summary | {"output_throughput": tok_s}
 
     rows = report.comparison_rows({"bf16": [level(1, 10.0), level(8, 40.0)], "w4a16": [level(1, 15.0),
-                                                                                        level(8, 60.0)]})
+                                                                                        level(8, 60.0)]},
+                                  {"bf16": "vllm 0.33.0", "w4a16": "vllm 0.33.0"})
     assert [(r["model"], r["concurrency"]) for r in rows] == [("bf16", 1), ("bf16", 8), ("w4a16", 1), ("w4a16", 8)]
     assert "tok/s vs bf16" not in rows[0]
     assert rows[2]["tok/s vs bf16"] == 1.5 and rows[3]["tok/s vs bf16"] == 1.5

@@ -21,7 +21,7 @@ from finetune.stage import PermanentError, StageContext
 from finetune.store import Artifact
 from tasks import evaluate
 from tasks.evaluate import harness
-from tasks.serving import vllm
+from tasks.serving import vllm_env
 from tasks.serving.engines import TRANSFORMERS_SERVE
 
 LOCAL_TASKS = Path(evaluate.__file__).resolve().parents[2] / "embedded" / "lm_eval_tasks"
@@ -99,7 +99,7 @@ def test_generation_through_transformers_serve_matches_the_in_process_hf_backend
     resolved = harness.resolve_tasks(cfg.tasks, LOCAL_TASKS)
     serving_cfg = BenchmarkConfig(engine="transformers-serve", max_model_len=512, startup_timeout_s=300)
     # transformers serve takes one prompt string per request: untokenized, one at a time.
-    with harness.served_model(TRANSFORMERS_SERVE, tiny_model, serving_cfg, cfg, tmp_path / "server.log",
+    with harness.served_model(TRANSFORMERS_SERVE, tiny_model, serving_cfg, cfg, tmp_path / "server.log", "cpu",
                               tokenized_requests=False, num_concurrent=1) as (lm, args):
         assert args["base_url"].endswith("/v1/completions") and args["max_length"] == 512
         served = harness.evaluate(lm, resolved, cfg)
@@ -128,14 +128,6 @@ def _scout_evaluate_context(tmp_path: Path) -> StageContext:
                         inputs={"model": Artifact(stage="convert", key="k", path=str(tmp_path / "missing-model"))})
 
 
-@pytest.mark.skipif(vllm.vllm_executable() is not None, reason="vllm is installed here")
-def test_gpu_evaluate_without_vllm_fails_naming_where_it_looked(tmp_path: Path) -> None:
-    with pytest.raises(PermanentError, match="no vLLM CLI is found") as caught:
-        evaluate.run(_scout_evaluate_context(tmp_path))
-    message = str(caught.value)
-    assert str(Path(sys.executable).parent / "vllm") in message and os.environ["PATH"] in message
-
-
 def test_gpu_evaluate_with_a_vllm_older_than_its_flags_fails_before_loading(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `vllm` on PATH (a separate environment, as in the serve image) that reports an old version."""
@@ -147,6 +139,7 @@ def test_gpu_evaluate_with_a_vllm_older_than_its_flags_fails_before_loading(
     script.write_text("#!/bin/sh\necho 0.10.1\n")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    with pytest.raises(PermanentError, match=r"--version says '0\.10\.1'.*vLLM >= 0\.33\.0") as caught:
+    monkeypatch.setattr(vllm_env, "_RESOLVED", {})
+    with pytest.raises(PermanentError, match=r"--version says '0\.10\.1'.*vllm >= 0\.33\.0 on cuda") as caught:
         evaluate.run(_scout_evaluate_context(tmp_path))
     assert str(script) in str(caught.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from finetune.profile import load_profile
 from flows.pipeline import BENCHMARKS, PIPELINE, STEPS, pipeline, stage_keys, steps_until
 
@@ -33,6 +35,16 @@ def test_a_profile_serving_only_4_bit_has_no_bf16_benchmark_and_publish_reads_wh
     assert [step.label for step in steps_until("benchmark", profile)][-1] == "benchmark-w4a16"
     keys = stage_keys(profile, steps.values())  # publish's key is computed without the missing optional input
     assert len(keys["publish"]) == 20
+
+
+def test_until_a_step_runs_that_step_and_what_it_reads_with_the_gate_when_it_waits_for_it() -> None:
+    profile = load_profile("tiny-cpu")
+    assert [s.label for s in steps_until("evaluate-tuned", profile)] == ["download", "pack", "train", "convert",
+                                                                         "evaluate-tuned"]
+    assert [s.label for s in steps_until("benchmark-bf16", profile)][-3:] == ["evaluate-base", "evaluate-tuned",
+                                                                              "benchmark-bf16"]
+    with pytest.raises(ValueError, match="no step|unknown step"):
+        steps_until("quantize-base", profile)  # a step of 4-bit-evaluating profiles only
 
 
 def test_an_optional_input_is_part_of_the_key_when_the_run_has_it() -> None:

@@ -77,9 +77,9 @@ def test_stage_concurrency_limits_are_positive() -> None:
         load_profile("tiny-cpu", ["deploy.stage_concurrency={local-process: 0}"])
 
 
-def test_vllm_on_cpu_is_rejected_with_the_fix() -> None:
-    with pytest.raises(ProfileError, match=r"engine 'transformers-serve'"):
-        load_profile("tiny-cpu", ["benchmark.engine=vllm"])
+def test_vllm_serving_and_evaluation_are_allowed_on_cpu() -> None:
+    profile = load_profile("tiny-cpu", ["evaluate.backend=vllm"])
+    assert profile.benchmark.engine == "vllm" and profile.evaluate.backend == "vllm"
 
 
 def test_extends_cycle_is_reported(tmp_path: Path) -> None:

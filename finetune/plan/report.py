@@ -72,7 +72,7 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                                                  f"~{reclaim['recommended_lost_per_reclaim_min']:g} min lost per reclaim)"),
         ]
     serve = plan["serving"]["evaluate_and_benchmark"]
-    if serve["engine"] == "vllm":
+    if serve.get("runs_on") != "cpu":
         for kind in ("bf16", "w4a16"):
             s = serve[kind]
             out.append((f"serving {kind} (vLLM, TP {s['tensor_parallel_size']})",
@@ -82,7 +82,7 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                         + ("" if kind in serve.get("served", (kind,)) else " (not served by this profile)")
                         + f", {s['max_sequences_at_max_model_len']} sequences at max_model_len"))
     else:
-        out.append(("serving", f"{serve['engine']}: {_gib(serve['weights_gib'])} in host RAM"))
+        out.append(("serving", f"{serve['engine']} on CPU: {_gib(serve['weights_gib'])} in host RAM"))
     quant = plan["serving"]["quantize"]
     out.append(("quantize (llm-compressor AWQ)", f"host {_gib(quant['host_ram_gib'])} of "
                 f"{quant['host_ram_available_gib']:g} GiB, GPU per layer {_gib(quant['gpu_gib_per_layer'])}: "

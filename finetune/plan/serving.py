@@ -70,10 +70,10 @@ def engine(args: Any, vision_params: float, *, tp: int, max_model_len: int, util
 def serving(profile: Profile, args: Any, vision_params: float, gpu: Accelerator, constants: Constants) -> dict[str, Any]:
     """evaluate (tuned and base, bf16) and benchmark (bf16 and 4-bit) where the profile runs them."""
     bench = profile.benchmark
-    if bench.engine != "vllm":
+    if profile.train.device == "cpu":  # a CPU profile serves on CPU: vLLM's CPU build, or the stand-in
         weights = weight_bytes(args, vision_params, four_bit=False, group_size=profile.quantize.group_size) / GIB
         return {"engine": bench.engine, "runs_on": "cpu", "weights_gib": round(weights, 3),
-                "fits": weights < gpu.hbm_gib, "note": "CPU stand-in: the model in host RAM"}
+                "fits": weights < gpu.hbm_gib, "note": "on CPU: the model and its KV cache in host RAM"}
     common = dict(tp=bench.tensor_parallel_size, max_model_len=bench.max_model_len,
                   utilization=bench.gpu_memory_utilization, gpu=gpu, group_size=profile.quantize.group_size,
                   constants=constants)

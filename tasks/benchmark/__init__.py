@@ -1,4 +1,4 @@
-"""benchmark stage: vLLM serving benchmark of one model (CPU stand-in: transformers serve).
+"""benchmark stage: vLLM serving benchmark of one model (transformers serve where vLLM cannot load it).
 
 The pipeline runs it twice (flows/pipeline.py): ``benchmark-bf16`` on the converted model, as soon as the quality gate
 has passed, and ``benchmark-w4a16`` on the quantized one, so the bf16 numbers never wait for quantization. Upstream:
@@ -14,12 +14,13 @@ from typing import Any
 
 from finetune.profile import Profile
 from finetune.stage import StageSpec, deferred
+from tasks.serving.engines import serving_key
 
 
 def stage_config(profile: Profile) -> dict[str, Any]:
     # Which checkpoint is served is the input artifact's (convert or quantize), already in the key; `weights` only
-    # chooses which benchmark steps the pipeline has.
-    return profile.benchmark.model_dump(mode="json", exclude={"weights"})
+    # chooses which benchmark steps the pipeline has. Which engine serves each weight format on this machine is.
+    return {**profile.benchmark.model_dump(mode="json", exclude={"weights"}), "serving": serving_key(profile)}
 
 
 run = deferred("tasks.benchmark.runner")

@@ -23,8 +23,8 @@ from finetune.store import Artifact, atomic_file
 from tasks.benchmark import loadgen, report, stage_config, vllm_cli
 from tasks.benchmark.report import PLOT_FILE, RESULTS_FILE
 from tasks.benchmark.workload import BenchRequest, build_workload, describe
-from tasks.serving import vllm
-from tasks.serving.engines import ENGINES, VLLM, Engine
+from tasks.serving import vllm, vllm_env
+from tasks.serving.engines import ENGINES, VLLM, Engine, ServeRequest, engine_for
 from tasks.serving.server import Server, log_tail, run_client, serving
 
 # The weights a model artifact holds, by the stage that made it.
@@ -60,8 +60,8 @@ def _checkpoint(model: Artifact, quantized: bool) -> Path:
     return path
 
 
-def _generator(cfg: BenchmarkConfig, requests: list[BenchRequest], log: Callable[[str], None]) -> str:
-    if not (cfg.engine == "vllm" and cfg.use_vllm_bench):
+def _generator(engine: Engine, cfg: BenchmarkConfig, requests: list[BenchRequest], log: Callable[[str], None]) -> str:
+    if not (engine is VLLM and cfg.use_vllm_bench):
         return OUR_LOADGEN
     if not vllm_cli.can_express(requests):
         log("some prompts have more than one message, which vllm bench's custom dataset cannot send: "
@@ -90,9 +90,10 @@ def _check_level(level: dict[str, Any], name: str, server: Server, max_error_rat
 class _Level:
     """Runs one concurrency level against a healthy server with the chosen generator."""
 
-    def __init__(self, engine: Engine, generator: str, requests: list[BenchRequest], workdir: Path):
+    def __init__(self, engine: Engine, generator: str, requests: list[BenchRequest], workdir: Path, platform: str):
         self.engine = engine
         self.generator = generator
+        self.platform = platform
         self.requests = requests
         self.workdir = workdir
         self.dataset = workdir / "vllm-bench" / "requests.jsonl"
@@ -106,7 +107,9 @@ class _Level:
         filename = f"{name}-c{concurrency}.json"
         args = vllm_cli.bench_args(server.base_url, model, self.dataset, len(self.requests), concurrency,
                                    result_dir, filename)
-        run_client([*vllm.vllm_command(), *args], result_dir / f"{name}-c{concurrency}.log",
+        cli = vllm_env.resolve(self.platform)
+        vllm.check_flags(cli, ["bench", "serve"], args[2:])
+        run_client([*cli.command, *args], result_dir / f"{name}-c{concurrency}.log",
                    LEVEL_TIMEOUT_S, self.engine.env())
         return vllm_cli.parse_result(result_dir / filename, concurrency)
 
@@ -115,7 +118,7 @@ def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, na
                      level_done: Callable[[str], None]) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
     port = cfg.port or free_port()
-    cmd = engine.serve_command(model_dir, port, cfg)
+    cmd = engine.serve_command(ServeRequest(model_dir, port, cfg, level_runner.platform, max(cfg.concurrencies)))
     model = str(model_dir)  # both servers name the model by the path they were started with
     ctx.log(f"{name}: starting {engine.label}: {shlex.join(cmd)}")
     with serving(cmd, port, ctx.workdir / "logs" / f"server-{name}.log", health_path=engine.health_path,
@@ -139,7 +142,8 @@ def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, na
 
 def _metrics(results: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers per model and concurrency (the full record is results.json)."""
-    out: dict[str, Any] = {"engine": results["engine"], "load_generator": results["load_generator"],
+    out: dict[str, Any] = {"engine": results["engine"], "engine_version": results["engine_version"],
+                           "load_generator": results["load_generator"],
                            "weights": next(iter(results["models"]))}
     for name, model in results["models"].items():
         out[name] = {
@@ -158,17 +162,23 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.benchmark
-    engine = ENGINES[cfg.engine]
-    # vLLM's version is checked (and read once) first: no (recent enough) vllm fails before any work.
-    version = vllm.require_vllm() if engine is VLLM else engine.version()
     name = weights_of(ctx.inputs["model"])
+    engine_name, why = engine_for(ctx.profile, name)
+    engine = ENGINES[engine_name]
+    if why:
+        ctx.log(f"benchmark {name}: served by {engine.label}: {why}")
+    platform = vllm.serving_platform(ctx.profile)
+    # vLLM is found or installed (progress in this stage's log) and checked against its floor before any work.
+    if engine is VLLM:
+        vllm_env.resolve(platform, ctx.log)
+    version = engine.version(platform)
     model_dir = _checkpoint(ctx.inputs["model"], quantized=name == "w4a16")
     requests = build_workload(Path(ctx.inputs["pack"].path) / "prompts.jsonl", cfg.num_prompts, cfg.max_tokens,
                               cfg.max_model_len)
-    generator = _generator(cfg, requests, ctx.log)
+    generator = _generator(engine, cfg, requests, ctx.log)
     ctx.log(f"benchmark {name}: {engine.label} {version}, load generator: {generator}, "
             f"{len(requests)} requests per level at concurrency {cfg.concurrencies}")
-    level_runner = _Level(engine, generator, requests, ctx.workdir)
+    level_runner = _Level(engine, generator, requests, ctx.workdir, platform)
     steps = itertools.count(1)
 
     def level_done(message: str) -> None:
@@ -179,7 +189,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     results = {
         "engine": engine.label,
         "engine_version": version,
-        "engine_notes": list(engine.notes),
+        "engine_notes": [why, *engine.notes] if why else list(engine.notes),
         "load_generator": generator,
         "config": stage_config(ctx.profile),
         "workload": describe(requests),
@@ -188,6 +198,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     with atomic_file(ctx.workdir / RESULTS_FILE, "w") as handle:
         json.dump(results, handle, indent=2)
     levels = {name: model["levels"]}
-    report.plot_latency_vs_throughput(levels, ctx.workdir / PLOT_FILE, f"{name}: {engine.label} {version}, {generator}")
-    ctx.tables["levels"] = report.comparison_rows(levels)
+    engines = {name: report.engine_label(results)}
+    report.plot_latency_vs_throughput(levels, engines, ctx.workdir / PLOT_FILE,
+                                      f"{name}: {engine.label} {version}, {generator}")
+    ctx.tables["levels"] = report.comparison_rows(levels, engines)
     return _metrics(results)

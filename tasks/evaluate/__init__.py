@@ -51,8 +51,8 @@ from tasks.evaluate.report import (
     scores_from_results,
     table_rows,
 )
-from tasks.serving import vllm
-from tasks.serving.engines import VLLM
+from tasks.serving import vllm, vllm_env
+from tasks.serving.engines import VLLM, engine_for, serving_key
 
 __all__ = [
     "SPEC",
@@ -81,8 +81,19 @@ def _config(profile: Profile) -> dict[str, Any]:
         serving = profile.benchmark
         out["serving"] = {"tensor_parallel_size": serving.tensor_parallel_size,
                           "max_model_len": serving.max_model_len,
-                          "gpu_memory_utilization": serving.gpu_memory_utilization}
+                          "gpu_memory_utilization": serving.gpu_memory_utilization,
+                          **serving_key(profile)}
     return out
+
+
+def backend_for(profile: Profile, model_stage: str) -> tuple[str, str | None]:
+    """The lm-eval backend that scores the model a ``model_stage`` artifact holds, and why it is not evaluate.backend:
+    a model vLLM cannot load here (see engine_for) is scored in-process ('hf'), never by a stand-in server, which
+    does not answer log-likelihood requests."""
+    if profile.evaluate.backend != "vllm":
+        return profile.evaluate.backend, None
+    engine, why = engine_for(profile, "w4a16" if model_stage == "quantize" else "bf16")
+    return ("vllm", None) if engine == VLLM.name else ("hf", why)
 
 
 def local_task_files(include_path: Path) -> dict[str, str]:
@@ -124,8 +135,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.profile.evaluate
     model = ctx.inputs["model"]
     include = resolve_repo_path(cfg.include_path).resolve() if cfg.include_path else None
-    if cfg.backend == "vllm":
-        vllm.require_vllm()  # no vLLM, or one too old for our flags: fail before tasks or weights load
+    backend, why = backend_for(ctx.profile, model.stage)
+    if why:
+        ctx.log(f"evaluate: scoring {model.stage} model in-process (hf) instead of with vLLM: {why}")
+    platform = vllm.serving_platform(ctx.profile)
+    if backend == "vllm":
+        vllm_env.resolve(platform, ctx.log)  # found or installed, and its floor checked, before tasks or weights load
 
     ctx.log(f"evaluate: resolving lm-eval tasks {cfg.tasks}" + (f" (local tasks from {include})" if include else ""))
     resolved = harness.resolve_tasks(cfg.tasks, include)
@@ -133,11 +148,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     with contextlib.ExitStack() as stack:
         clock = time.perf_counter()
-        if cfg.backend == "vllm":
+        if backend == "vllm":
             ctx.log(f"evaluate: serving {model.stage} model {model.path} with vllm serve for lm-eval "
                     "local-completions")
             lm, args = stack.enter_context(harness.served_model(
-                VLLM, Path(model.path), ctx.profile.benchmark, cfg, ctx.workdir / "logs" / "server.log"))
+                VLLM, Path(model.path), ctx.profile.benchmark, cfg, ctx.workdir / "logs" / "server.log", platform))
         else:
             args = harness.hf_model_args(model.path, cfg.device)
             lm = harness.load_model(args, cfg.batch_size, cfg.device)
@@ -154,7 +169,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     results["finetune"] = {
         "reported_tasks": resolved.names,
         "model": {"stage": model.stage, "key": model.key},
-        "backend": cfg.backend,
+        "backend": backend,
+        "engine": f"vllm {VLLM.version(platform)}" if backend == "vllm" else "lm-eval hf (in-process)",
         "model_args": args,
         "load_seconds": round(load_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
@@ -172,7 +188,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.progress(1.0, f"evaluated in {eval_seconds:.1f}s")
     return {
         "lm_eval_version": results.get("lm_eval_version", harness.lm_eval_version()),
-        "backend": cfg.backend,
+        "backend": backend,
         "scores": {f"{r.task}/{r.metric}": round(r.value, 4) for r in rows},
         "stderr": {f"{r.task}/{r.metric}": round(r.stderr, 4) for r in rows if r.stderr is not None},
         "samples": {r.task: r.samples for r in rows},

@@ -1,8 +1,8 @@
 """EleutherAI lm-eval through its Python API: resolve and check tasks, build the backend's model args, run.
 
-Backends: CPU profiles load the model in-process with lm-eval's `hf`; GPU profiles (evaluate.backend 'vllm') start
-`vllm serve` out of process, as the benchmark does, and score it with lm-eval's `local-completions`: vLLM pins
-packages that conflict with this environment's, so it is never imported here.
+Backends: lm-eval's `hf` loads the model in-process; evaluate.backend 'vllm' (GPU profiles, and CPU ones where vLLM's
+CPU build loads the model) starts `vllm serve` out of process, as the benchmark does, and scores it with lm-eval's
+`local-completions`: vLLM pins packages that conflict with this environment's, so it is never imported here.
 
 Tasks are resolved and built (their data loaded, one document rendered) before any model is loaded, so a typo in a
 task name or a broken local task YAML fails in seconds instead of after a multi-GPU model load.
@@ -22,7 +22,8 @@ from typing import Any
 from finetune.procs import free_port
 from finetune.profile import BenchmarkConfig, EvaluateConfig
 from finetune.stage import PermanentError
-from tasks.serving.engines import Engine
+from tasks.serving.engines import Engine, ServeRequest
+from tasks.serving.vllm import max_model_len, model_shape
 from tasks.serving.server import serving
 
 # lm-eval's stderr for mean metrics is analytic; bootstrap only serves other aggregations (e.g. f1), where 1000
@@ -208,7 +209,7 @@ def load_completions(args: dict[str, Any], batch_size: int | str) -> Any:
 
 @contextlib.contextmanager
 def served_model(engine: Engine, model_dir: Path, serving_cfg: BenchmarkConfig, cfg: EvaluateConfig, log_path: Path,
-                 *, tokenized_requests: bool = True,
+                 platform: str, *, tokenized_requests: bool = True,
                  num_concurrent: int = SERVER_CONCURRENCY) -> Iterator[tuple[Any, dict[str, Any]]]:
     """Serve ``model_dir`` with the benchmark's command and geometry and yield the lm-eval model that talks to it
     (and its args); the server stops on exit.
@@ -219,10 +220,11 @@ def served_model(engine: Engine, model_dir: Path, serving_cfg: BenchmarkConfig, 
     outlive a stage and hold the GPUs across the gate. Both start the same command, so the cost is one model load
     per stage."""
     port = serving_cfg.port or free_port()
-    cmd = engine.serve_command(model_dir, port, serving_cfg)
+    cmd = engine.serve_command(ServeRequest(model_dir, port, serving_cfg, platform, num_concurrent, evaluation=True))
+    max_length = max_model_len(model_shape(model_dir), serving_cfg)  # the server's, or lm-eval truncates silently
     with serving(cmd, port, log_path, health_path=engine.health_path, startup_timeout_s=serving_cfg.startup_timeout_s,
                  env=engine.env()) as server:
-        args = completions_model_args(str(model_dir), server.base_url, serving_cfg.max_model_len, cfg.max_gen_toks,
+        args = completions_model_args(str(model_dir), server.base_url, max_length, cfg.max_gen_toks,
                                       tokenized_requests=tokenized_requests, num_concurrent=num_concurrent)
         yield load_completions(args, cfg.batch_size), {**args, "server_command": cmd}
 
