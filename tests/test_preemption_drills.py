@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,23 +111,27 @@ def _sigterm_to_every_process(proc: subprocess.Popen[str]) -> None:
             pass
 
 
-def test_sigterm_to_the_cli_alone_then_to_every_process_each_save_exit_143_and_resume(tmp_path: Path) -> None:
-    """The first drill's rerun is the second drill (the metrics show it resumed at the saved step)."""
-    first = _cli_drill(tmp_path, lambda proc: proc.send_signal(signal.SIGTERM))
-    second = _cli_drill(tmp_path, _sigterm_to_every_process)
-    assert second > first
-    _rerun_resumes(tmp_path, second)
+def _sigterm_to_pid_1(proc: subprocess.Popen[str]) -> None:
+    """A container stopped by Kubernetes or Docker: SIGTERM to its first process only."""
+    psutil.Process(proc.pid).children()[0].send_signal(signal.SIGTERM)  # unshare --fork: the namespace's PID 1
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                    reason="a PID namespace of its own needs root (unshare --pid)")
-def test_sigterm_to_the_cli_as_pid_1_of_its_namespace_saves_and_the_rerun_resumes(tmp_path: Path) -> None:
-    def to_pid_1(proc: subprocess.Popen[str]) -> None:
-        cli = psutil.Process(proc.pid).children()[0]  # unshare --fork: the namespace's PID 1
-        cli.send_signal(signal.SIGTERM)
+CAN_UNSHARE = os.geteuid() == 0 and shutil.which("unshare") is not None
 
-    saved = _cli_drill(tmp_path, to_pid_1, prefix=["unshare", "--pid", "--fork", "--mount-proc"])
-    _rerun_resumes(tmp_path, saved)
+
+def test_sigterm_to_the_cli_alone_as_pid_1_and_to_every_process_each_save_exit_143_and_resume(
+        tmp_path: Path) -> None:
+    """Three drills on one training, each rerun the next drill (the metrics show it resumed at the saved step):
+    SIGTERM to the CLI alone, to the CLI as PID 1 of its own PID namespace (root only: unshare --pid), and to every
+    process (a VM shutdown); then a rerun finishes from the last notice checkpoint."""
+    saved = [_cli_drill(tmp_path, lambda proc: proc.send_signal(signal.SIGTERM))]
+    if CAN_UNSHARE:
+        saved.append(_cli_drill(tmp_path, _sigterm_to_pid_1, prefix=["unshare", "--pid", "--fork", "--mount-proc"]))
+    else:
+        warnings.warn("PID-1 drill left out: a PID namespace of its own needs root (unshare --pid)")
+    saved.append(_cli_drill(tmp_path, _sigterm_to_every_process))
+    assert saved == sorted(set(saved)), saved
+    _rerun_resumes(tmp_path, saved[-1])
 
 
 def test_each_clouds_metadata_notice_then_one_that_does_not_fit_each_resume(inputs, tmp_path: Path,  # noqa: F811
