@@ -187,7 +187,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.pipeline import STAGES  # no Prefect there: the parser stays fast
+    from flows.pipeline import STAGES, STEPS  # no Prefect there: the parser stays fast
 
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline for a profile")
     run.add_argument("--profile", default="tiny-cpu", help="profile name (see `finetune profiles`) or YAML path")
     run.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
-    run.add_argument("--until", default=STAGES[-1], choices=STAGES, help=f"stop after this stage (default: {STAGES[-1]})")
+    run.add_argument("--until", default=STAGES[-1], choices=[*STAGES, *(s for s in STEPS if s not in STAGES)],
+                     help=f"stop after this stage or step, e.g. evaluate-tuned (default: {STAGES[-1]})")
     run.add_argument("--json", action="store_true", help="print a JSON summary per stage")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="stream every log line here instead of a progress display (the log file otherwise)")

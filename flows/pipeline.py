@@ -89,11 +89,19 @@ def _serving(steps: Iterable[Step], weights: Iterable[str]) -> tuple[Step, ...]:
                  for step in steps if step.label not in dropped)
 
 
+def _preference(steps: Iterable[Step]) -> tuple[Step, ...]:
+    """Preference data (DPO): the base and tuned evaluations also read the pack, whose validation pairs give
+    preference_accuracy (other profiles' evaluations stay keyed as before, without it)."""
+    return tuple(dataclasses.replace(step, inputs={**step.inputs, "pack": "pack"})
+                 if step.label in (GATE_BASE, GATE_TUNED) else step for step in steps)
+
+
 def pipeline(profile: Profile | None = None) -> tuple[Step, ...]:
     """The steps of a run of ``profile`` (PIPELINE when it is not given)."""
     if profile is None:
         return PIPELINE
-    return _serving(FOUR_BIT_PIPELINE if profile.evaluate.weights == "w4a16" else PIPELINE, profile.benchmark.weights)
+    steps = _serving(FOUR_BIT_PIPELINE if profile.evaluate.weights == "w4a16" else PIPELINE, profile.benchmark.weights)
+    return _preference(steps) if profile.train.method == "dpo" else steps
 
 
 def spec(stage: str) -> StageSpec:
@@ -103,14 +111,19 @@ def spec(stage: str) -> StageSpec:
 
 def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
     """The steps a run of ``profile`` that stops after stage ``until`` takes: those whose stage and upstream stages
-    all come no later than ``until``."""
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
-    last = STAGES.index(until)
+    all come no later than ``until``. ``until`` may also name a step (``evaluate-tuned``): then the steps of its stage
+    after it are left out too."""
+    steps = pipeline(profile)
+    labels = [step.label for step in steps]
+    if until not in STAGES and until not in labels:
+        raise ValueError(f"until must be one of {', '.join(STAGES)} or a step ({', '.join(labels)}), got {until!r}")
+    stage = until if until in STAGES else steps[labels.index(until)].stage
+    last = STAGES.index(stage)
     chosen: list[Step] = []
-    for step in pipeline(profile):
+    for number, step in enumerate(steps):
         upstream_ok = all(src in {s.label for s in chosen} for src in step.inputs.values())
-        if STAGES.index(step.stage) <= last and upstream_ok:
+        after_step = until in labels and step.stage == stage and number > labels.index(until)
+        if STAGES.index(step.stage) <= last and upstream_ok and not after_step:
             chosen.append(step)
     return chosen
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import fsspec
 
+from finetune import model_artifact
 from finetune.hashing import hash_json, hash_tree, sha256_file
 from finetune.jsonfile import json_object
 from finetune.profile import COMMIT_SHA, ModelConfig, Profile, resolve_repo_path
@@ -85,6 +86,9 @@ def resolve_revision(model: ModelConfig) -> str:
 def _local_source(model: ModelConfig) -> str:
     if model.source == "embedded":
         return str(embedded_model_dir(model.seed))
+    if model.source == "artifact":
+        assert model.path is not None
+        return model_artifact.resolve(model.path)[0]
     assert model.path is not None
     return model.path if "://" in model.path else str(resolve_repo_path(model.path))
 
@@ -95,6 +99,9 @@ def fingerprint(profile: Profile) -> dict[str, Any]:
         # A commit names exact content, so the key needs no file reads; a branch or tag is resolved to the commit it
         # points at now, so a moved branch means a new key instead of a stale cache hit.
         return {"repo_id": model.repo_id, "revision": resolve_revision(model)}
+    if model.source == "artifact":
+        assert model.path is not None
+        return model_artifact.resolve(model.path)[1]
     source = _local_source(model)
     if "://" not in source:
         return {"content": hash_tree(Path(source))}
@@ -187,7 +194,8 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
     if "config.json" in names:  # read before copying anything: a quantized base is refused before its weights move
         config_url = f"{root.rstrip('/')}/config.json"
         refuse_quantized_config(json_object(fs.cat_file(config_url).decode(), config_url), config_url, None)
-    wanted = _filtered(sorted(names), model)
+    wanted = _filtered(sorted(set(names) - set(model_artifact.BOOKKEEPING if model.source == "artifact" else ())),
+                       model)
     for done, name in enumerate(wanted, 1):
         _copy_verified(fs, f"{root.rstrip('/')}/{name}", ctx.workdir / name, names[name].get("size"))
         ctx.progress(done / len(wanted), f"copied {name}")

@@ -39,7 +39,9 @@ NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s"}
 
 def config(profile: Profile) -> dict[str, Any]:
     # A full run ignores a lora: section (tiny-cpu carries one for train.method=lora/qlora overrides).
-    ignored = NOT_IN_KEY | ({"lora"} if profile.train.method == "full" else set())
+    # Only a DPO run reads train.dpo: the others' keys stay what they were before it existed.
+    ignored = (NOT_IN_KEY | ({"lora"} if profile.train.tuning == "full" else set())
+               | ({"dpo"} if profile.train.method != "dpo" else set()))
     return {"train": profile.train.model_dump(mode="json", exclude=ignored),
             "max_seq_len": profile.data.max_seq_len}
 
