@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="tiny-cpu", help="profile name (see `finetune profiles`) or YAML path")
     run.add_argument("--store", default=None, help="artifact store: directory or fsspec URL (default: ./.store)")
     run.add_argument("--until", default=STAGES[-1], choices=STAGES + STEP_LABELS,
-                     help=f"stop after this stage, or run only this step and what it reads (default: {STAGES[-1]})")
+                     help=f"stop after this stage or step, e.g. evaluate-tuned: a step runs with what it reads and "
+                          f"the steps of its stage before it (default: {STAGES[-1]})")
     run.add_argument("--json", action="store_true", help="print a JSON summary per stage")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="stream every log line here instead of a progress display (the log file otherwise)")

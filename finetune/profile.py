@@ -35,7 +35,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DataFormat = Literal["chat", "sharegpt", "alpaca"]
+DataFormat = Literal["chat", "sharegpt", "alpaca", "preference"]
 
 
 def _check_hub_revision(source: str, revision: str | None) -> None:
@@ -112,10 +112,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    source: Literal["hub", "local", "embedded"]
+    source: Literal["hub", "local", "embedded", "artifact"]
     repo_id: str | None = None
     revision: str | None = Field(None, description="A 40-hex commit sha, or a branch/tag resolved to one at key time.")
-    path: str | None = Field(None, description="Local directory or fsspec URL (source: local).")
+    path: str | None = Field(None, description="Local directory or fsspec URL (source: local); <stage>/<key> of "
+                                               "this store, e.g. convert/<key> of an SFT run (source: artifact).")
     allow_patterns: list[str] | None = None
     ignore_patterns: list[str] | None = None
     family: Literal["tiny", "scout", "maverick"]
@@ -136,6 +137,8 @@ class ModelConfig(Section):
                 )
         if self.source == "local" and not self.path:
             raise ValueError("source 'local' needs path (a directory or fsspec URL of a HF checkpoint)")
+        if self.source == "artifact" and not self.path:
+            raise ValueError("source 'artifact' needs path: <stage>/<key> of a checkpoint in this store (convert/<key>)")
         return self
 
 
@@ -164,10 +167,32 @@ Launcher = Literal["process", "local-nodes", "prefect-pool", "skypilot", "jobset
 MULTI_NODE_LAUNCHERS: frozenset[str] = frozenset({"local-nodes", "prefect-pool", "skypilot", "jobset"})
 
 
+class DpoConfig(Section):
+    """Direct Preference Optimization (train.method dpo) on preference pairs (data.format preference)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (DPO's beta; "
+                                               "IPO's tau).")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's logistic loss (torchtune's DPOLoss); ipo: IPO's squared loss "
+                               "(Azar et al. 2023), which does not push the margin to infinity.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: the share of pairs assumed "
+                                                                  "mislabelled (sigmoid loss only).")
+    reference: Literal["adapters_off"] = Field(
+        "adapters_off", description="The reference policy: adapters_off trains LoRA adapters (train.lora) and scores "
+                                    "the reference with them disabled, so no second model is held in memory.")
+
+    @model_validator(mode="after")
+    def _smoothing(self) -> DpoConfig:
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing is a sigmoid-loss setting; IPO has none (set it to 0)")
+        return self
+
+
 class TrainConfig(Section):
-    method: Literal["lora", "qlora", "full"] = Field(
+    method: Literal["lora", "qlora", "full", "dpo"] = Field(
         description="full: every weight trains; lora: adapters on a frozen base; qlora: adapters on a frozen NF4 "
-                    "base (routed experts included), merged into the bf16 base by convert.")
+                    "base (routed experts included), merged into the bf16 base by convert; dpo: preference tuning "
+                    "(train.dpo) on data.format preference.")
     device: Literal["cpu", "cuda"] = "cuda"
     dtype: Literal["fp32", "bf16"] = "bf16"
     nnodes: int = Field(1, ge=1)
@@ -218,14 +243,16 @@ class TrainConfig(Section):
                     "experts like every other weight. Must divide the routed-expert count and the world size; not "
                     "with method qlora.")
     lora: LoraConfig | None = None
+    dpo: DpoConfig = DpoConfig()
     elastic: ElasticConfig | None = None
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="Raw torchtune config overrides.")
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
         # A `lora:` section beside method 'full' is kept for `train.method=lora|qlora` overrides (tiny-cpu has one).
-        if self.method in ("lora", "qlora") and self.lora is None:
-            raise ValueError(f"method '{self.method}' needs a 'lora:' section (rank, alpha, ...)")
+        if self.tuning in ("lora", "qlora") and self.lora is None:
+            raise ValueError(f"method '{self.method}' needs a 'lora:' section (rank, alpha, ...)"
+                             + (" for its adapters_off reference" if self.method == "dpo" else ""))
         if self.method == "qlora" and not self.enable_dcp:
             raise ValueError("method 'qlora' saves the adapters only, as DCP: set enable_dcp: true (convert merges "
                              "them into the download stage's bf16 base)")
@@ -250,9 +277,14 @@ class TrainConfig(Section):
         return self.nnodes * self.nproc_per_node
 
     @property
+    def tuning(self) -> Literal["lora", "qlora", "full"]:
+        """Which weights train: the method's, and for DPO its reference's (adapters_off: LoRA adapters)."""
+        return "lora" if self.method == "dpo" else self.method
+
+    @property
     def adapters_only(self) -> bool:
         """LoRA and QLoRA: only the adapters train (and are checkpointed); the base stays frozen."""
-        return self.method in ("lora", "qlora")
+        return self.tuning in ("lora", "qlora")
 
 
 class ConvertConfig(Section):
@@ -267,9 +299,21 @@ class RequireRise(Section):
     by: float = Field(gt=0, description="Points (0-100 scale) the tuned model must gain over its base.")
 
 
-class GateConfig(Section):
+class GateRules(Section):
     max_drop: float | None = Field(None, ge=0, description="Fail if any task drops more than this many points.")
     require_rise: RequireRise | None = None
+
+
+class GateConfig(GateRules):
+    dpo: GateRules | None = Field(
+        None, description="The rules for a train.method dpo run in place of the ones above: preference data moves "
+                          "the 'preference' task (metric preference_accuracy), not necessarily the SFT task.")
+
+    def for_method(self, method: str) -> GateConfig:
+        """The rules a run of ``method`` is judged by."""
+        if method == "dpo" and self.dpo is not None:
+            return GateConfig(**self.dpo.model_dump())
+        return self
 
 
 class EvaluateConfig(Section):
@@ -352,6 +396,11 @@ class DeployConfig(Section):
             raise ValueError("images names an image for each of train, quantize and serve, and replaces image: "
                              "set one or the other")
         return self
+
+    @property
+    def gate(self) -> GateConfig:
+        """The quality gate this run is judged by (evaluate.gate, its dpo rules for a DPO run)."""
+        return self.evaluate.gate.for_method(self.train.method)
 
     @property
     def gpu_job_variables(self) -> dict[str, Any]:
@@ -450,6 +499,11 @@ class Profile(Section):
         return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
     @property
+    def gate(self) -> GateConfig:
+        """The quality gate this run is judged by (evaluate.gate, its dpo rules for a DPO run)."""
+        return self.evaluate.gate.for_method(self.train.method)
+
+    @property
     def gpu_job_variables(self) -> dict[str, Any]:
         """What a GPU run asks its pool for (deploy.gpu_job_variables), the pods' termination grace following
         train.preemption_grace_s unless job_variables sets it: the trainer's save on notice, then the engine's exit."""
@@ -468,6 +522,14 @@ class Profile(Section):
             raise ValueError(f"train.expert_parallel {self.train.expert_parallel} with "
                              f"train.recipe_overrides.master_dtype {master}: the experts live outside FSDP, whose "
                              "mixed-precision policy keeps the fp32 master weights; use expert_parallel 1 for it")
+        preference = {entry.format == "preference" for entry in self.data.all_sources()}
+        if (self.train.method == "dpo") != (preference == {True}):
+            raise ValueError("train.method 'dpo' trains on preference pairs and only it does: every data source "
+                             "needs data.format 'preference' with it, and none without it "
+                             f"(method {self.train.method}, formats {sorted({e.format for e in self.data.all_sources()})})")
+        if preference == {True} and (self.data.sources is not None or self.data.train_on_input):
+            raise ValueError("data.format 'preference' takes one data.source (pairs are not mixed) and learns the "
+                             "responses only (data.train_on_input: false)")
         if self.model.family == "tiny" and self.model.source == "hub":
             raise ValueError("model.family 'tiny' is the embedded model: use source 'embedded'")
         if (self.train.adapters_only and self.train.lora is not None and self.train.lora.apply_to_experts

@@ -186,7 +186,7 @@ def quality_gate(profile: Profile, store_url: str, base: Payload, tuned: Payload
     rows = compare(base_artifact, tuned_artifact)
     create_markdown_artifact(f"# Tuned vs base\n\n{markdown_table(rows)}\n", key="eval-deltas",
                              description="lm-eval scores of the tuned model against its base")
-    check_gate(rows, profile.evaluate.gate)
+    check_gate(rows, profile.gate)
 
 
 def post_recovery(store: Store, bf16: Artifact, w4: Artifact) -> None:
@@ -200,7 +200,7 @@ def _post_report(profile: Profile, store: Store, results: dict[str, StageResult]
     """Leave the run's record in the store (``finetune report`` reads it) and post its report to the UI."""
     stages = {label: {"stage": r.artifact.stage, "key": r.artifact.key, "cached": r.cached,
                       "seconds": r.artifact.timings.get("seconds")} for label, r in results.items()}
-    record = run_record(flow_run.name or profile.name, profile.name, profile.evaluate.gate, stages, skipped, status,
+    record = run_record(flow_run.name or profile.name, profile.name, profile.gate, stages, skipped, status,
                         started, now_iso())
     location = write_run_record(store, record)
     if run_id := log_results(profile, store, {label: r.artifact for label, r in results.items()}):

@@ -89,11 +89,19 @@ def _serving(steps: Iterable[Step], weights: Iterable[str]) -> tuple[Step, ...]:
                  for step in steps if step.label not in dropped)
 
 
+def _preference(steps: Iterable[Step]) -> tuple[Step, ...]:
+    """Preference data (DPO): the base and tuned evaluations also read the pack, whose validation pairs give
+    preference_accuracy (other profiles' evaluations stay keyed as before, without it)."""
+    return tuple(dataclasses.replace(step, inputs={**step.inputs, "pack": "pack"})
+                 if step.label in (GATE_BASE, GATE_TUNED) else step for step in steps)
+
+
 def pipeline(profile: Profile | None = None) -> tuple[Step, ...]:
     """The steps of a run of ``profile`` (PIPELINE when it is not given)."""
     if profile is None:
         return PIPELINE
-    return _serving(FOUR_BIT_PIPELINE if profile.evaluate.weights == "w4a16" else PIPELINE, profile.benchmark.weights)
+    steps = _serving(FOUR_BIT_PIPELINE if profile.evaluate.weights == "w4a16" else PIPELINE, profile.benchmark.weights)
+    return _preference(steps) if profile.train.method == "dpo" else steps
 
 
 def spec(stage: str) -> StageSpec:
@@ -108,11 +116,18 @@ STEP_LABELS = tuple(dict.fromkeys(step.label for steps in (PIPELINE, FOUR_BIT_PI
 
 def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
     """The steps a run of ``profile`` that stops after ``until`` takes. A stage: the steps whose stage and upstream
-    stages all come no later than it. A step label: that step and the steps it reads, transitively."""
+    stages all come no later than it. A step label: that step, the steps of its stage before it (``evaluate-tuned``
+    brings ``evaluate-base``, its comparison) and what they read, transitively."""
     if until in STEP_LABELS:
-        chosen = needed([until], pipeline(profile))
+        steps = pipeline(profile)
+        labels = [step.label for step in steps]
+        if until not in labels:
+            raise ValueError(f"unknown step {until!r} for this profile (its steps: {', '.join(labels)})")
+        stage = steps[labels.index(until)].stage
+        targets = [step.label for step in steps[:labels.index(until) + 1] if step.stage == stage]
+        chosen = needed(targets, steps)
         if any(step.after_gate for step in chosen):  # what waits for the gate's verdict runs only with the gate
-            chosen = needed([until, GATE_BASE, GATE_TUNED], pipeline(profile))
+            chosen = needed([*targets, GATE_BASE, GATE_TUNED], steps)
         return chosen
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES + STEP_LABELS)}, got {until!r}")

@@ -119,6 +119,7 @@ class LoRAGroupedExperts(GroupedExperts, AdapterModule):
         self.lora_gate_up_b = nn.Parameter(torch.empty(num_experts, rank, 2 * hidden_dim))
         self.lora_down_a = nn.Parameter(torch.empty(num_experts, hidden_dim, rank))
         self.lora_down_b = nn.Parameter(torch.empty(num_experts, rank, dim))
+        self.disabled = False  # torchtune's disable_adapter sets it: the base experts alone (DPO's reference)
         self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
@@ -134,6 +135,8 @@ class LoRAGroupedExperts(GroupedExperts, AdapterModule):
 
     def _project(self, x: torch.Tensor, which: str, counts: torch.Tensor) -> torch.Tensor:
         base = self._base(x, which, counts)
+        if self.disabled:
+            return base
         name = which.removesuffix("_proj")
         a, b = self._weight(f"lora_{name}_a"), self._weight(f"lora_{name}_b")
         low = expert_matmul(self.dropout(x), a, counts, self.use_grouped_mm)

@@ -36,6 +36,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from finetune import model_artifact
 from finetune.hashing import hash_json, hash_tree, sha256_file
 from finetune.jsonfile import json_object
 from finetune.profile import COMMIT_SHA, ModelConfig, Profile, resolve_repo_path
@@ -87,6 +88,9 @@ def resolve_revision(model: ModelConfig) -> str:
 def _local_source(model: ModelConfig) -> str:
     if model.source == "embedded":
         return str(embedded_model_dir(model.seed))
+    if model.source == "artifact":
+        assert model.path is not None
+        return model_artifact.resolve(model.path)[0]
     assert model.path is not None
     return model.path if "://" in model.path else str(resolve_repo_path(model.path))
 
@@ -97,6 +101,9 @@ def fingerprint(profile: Profile) -> dict[str, Any]:
         # A commit names exact content, so the key needs no file reads; a branch or tag is resolved to the commit it
         # points at now, so a moved branch means a new key instead of a stale cache hit.
         return {"repo_id": model.repo_id, "revision": resolve_revision(model)}
+    if model.source == "artifact":
+        assert model.path is not None
+        return model_artifact.resolve(model.path)[1]
     source = _local_source(model)
     if "://" not in source:
         return {"content": hash_tree(Path(source))}
@@ -217,7 +224,8 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
         config_url = f"{root.rstrip('/')}/config.json"
         config = json_object(fs.cat_file(config_url).decode(), config_url)
         refuse_quantized_config(config, config_url, None)
-    wanted = selected_files(sorted(names), model)
+    wanted = selected_files(sorted(set(names) - set(model_artifact.BOOKKEEPING if model.source == "artifact" else ())),
+                            model)
     # Headers only, at the source: a truncated or mislabelled checkpoint is refused before its weights are copied.
     checked = verify_safetensors(fs, root, {name: names[name].get("size") for name in wanted}, config)
     for done, name in enumerate(wanted, 1):

@@ -37,10 +37,11 @@ def test_a_profile_serving_only_4_bit_has_no_bf16_benchmark_and_publish_reads_wh
     assert len(keys["publish"]) == 20
 
 
-def test_until_a_step_runs_that_step_and_what_it_reads_with_the_gate_when_it_waits_for_it() -> None:
+def test_until_a_step_runs_it_after_its_stages_earlier_steps_with_what_they_read_and_the_gate_it_waits_for() -> None:
     profile = load_profile("tiny-cpu")
     assert [s.label for s in steps_until("evaluate-tuned", profile)] == ["download", "pack", "train", "convert",
-                                                                         "evaluate-tuned"]
+                                                                         "evaluate-base", "evaluate-tuned"]
+    assert [s.label for s in steps_until("evaluate-base", profile)] == ["download", "evaluate-base"]
     assert [s.label for s in steps_until("benchmark-bf16", profile)][-3:] == ["evaluate-base", "evaluate-tuned",
                                                                               "benchmark-bf16"]
     with pytest.raises(ValueError, match="no step|unknown step"):

@@ -44,7 +44,7 @@ from torchtune.modules.peft import (
 from tunerecipes import base_weights
 from tunerecipes import checkpoint_layout as layout
 from tunerecipes import checkpointing as ckpt
-from tunerecipes import ep_degree, expert_parallel
+from tunerecipes import dpo, ep_degree, expert_parallel
 from tunerecipes import nf4_weights
 from tunerecipes import sharding
 from tunerecipes.report import RecipeError, emit_error, emit_metrics
@@ -101,7 +101,9 @@ class SFTRecipe:
             layout.remove_partial(self.ckpt_dir)
         self.model = self._build_model()
         self.loss_fn = config.instantiate(self.cfg.loss)
-        if hasattr(self.loss_fn, "num_output_chunks"):
+        # DPO (a dpo: section) scores whole sequences from unchunked logits; SFT's loss may want them chunked.
+        self.objective = self._dpo_objective()
+        if self.objective is None and hasattr(self.loss_fn, "num_output_chunks"):
             self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
         self.ignore_index = getattr(self.loss_fn, "ignore_index", IGNORE_INDEX)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -127,6 +129,21 @@ class SFTRecipe:
         # Experiment trackers (torchtune metric loggers the train stage configured), on rank 0 only.
         self.trackers = [config.instantiate(c) for c in self.cfg.get("metric_loggers") or []] if self.is_rank_zero \
             else []
+
+    def _dpo_objective(self) -> dpo.DPOObjective | None:
+        section = self.cfg.get("dpo")
+        if not section:
+            return None
+        if section.get("reference") == "adapters_off" and self.method != "lora":
+            raise RecipeError("config", f"dpo.reference adapters_off needs method 'lora' (the reference is the base "
+                                        f"with the adapters disabled); got method '{self.method}'")
+        if self.cfg.collate_fn != "tunerecipes.dpo.collate_pairs":
+            raise RecipeError("config", f"dpo needs collate_fn tunerecipes.dpo.collate_pairs (pairs in packs), got "
+                                        f"{self.cfg.collate_fn}")
+        try:
+            return dpo.DPOObjective(section, self.model)
+        except ValueError as exc:
+            raise RecipeError("config", str(exc)) from exc
 
     @property
     def ckpt_dir(self) -> Path:
@@ -365,25 +382,23 @@ class SFTRecipe:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         label_tokens = 0
         seq_len = 0
+        stat_sums = torch.zeros(len(dpo.STATS) if self.objective else 0, dtype=torch.float64, device=self.device)
         try:
             for _ in range(self.accum):
                 batch = next(batches)
                 seq_len = batch["tokens"].shape[1]
                 self._check_token_ids(batch["tokens"])
                 utils.batch_to_device(batch, self.device)
-                labels = torch.cat(
-                    [batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], self.ignore_index)], dim=1
-                )
-                count = int((labels != self.ignore_index).sum())
-                logits = self.model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
-                # Sum (not mean) per micro-batch; the step divides by the supervised tokens of all ranks.
-                loss = self.loss_fn(logits, labels) * count if count else _zero_like_loss(logits)
+                # Sum (not mean) per micro-batch over what it counts (SFT: supervised tokens, DPO: pairs); the step
+                # divides by the count of all ranks.
+                loss, count, stats = self._micro_batch(batch)
                 loss.backward()
                 loss_sum += loss.detach()
                 label_tokens += count
-                del logits, loss
-            totals = torch.tensor([loss_sum.item(), label_tokens, self.accum * self.batch_size * seq_len],
-                                  dtype=torch.float64, device=self.device)
+                stat_sums = stat_sums + stats
+                del loss
+            totals = torch.cat([torch.tensor([loss_sum.item(), label_tokens, self.accum * self.batch_size * seq_len],
+                                             dtype=torch.float64, device=self.device), stat_sums])
             if self.distributed:
                 dist.all_reduce(totals)
             loss_value = float(totals[0] / max(totals[1].item(), 1.0))
@@ -418,13 +433,25 @@ class SFTRecipe:
         self.samples_in_epoch += self.samples_per_step
         seconds = time.perf_counter() - clock
         if self.is_rank_zero and (self.step % int(self.cfg.log_every_n_steps) == 0 or self.step == self.total_steps):
+            counted = {"pairs": int(totals[1])} if self.objective else {"label_tokens": int(totals[1])}
+            averages = {name: float(value) / max(float(totals[1]), 1.0) for name, value in zip(dpo.STATS, totals[3:])}
             self._log_metrics({
                 "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "loss": loss_value,
                 "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": float(totals[2]) / seconds, "label_tokens": int(totals[1]),
+                "tokens_per_s": float(totals[2]) / seconds, **counted, **averages,
                 "step_time_s": seconds, "elapsed_s": time.perf_counter() - self.started,
                 "peak_memory_gib": self._peak_memory_gib(),
             })
+
+    def _micro_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(loss summed over the micro-batch, what it was summed over, statistics to sum over the step)."""
+        if self.objective is not None:
+            return self.objective.micro_batch(batch)
+        labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], self.ignore_index)], dim=1)
+        count = int((labels != self.ignore_index).sum())
+        logits = self.model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+        loss = self.loss_fn(logits, labels) * count if count else _zero_like_loss(logits)
+        return loss, count, torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def _check_token_ids(self, tokens: torch.Tensor) -> None:
         top = int(tokens.max())

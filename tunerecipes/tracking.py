@@ -9,8 +9,10 @@ from typing import Any
 
 from torchtune.training.metric_logging import MLFlowLogger
 
-# Per-step fields of a metrics record that become curves, as train/<name> (train/loss, ...).
-CURVES = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib")
+from tunerecipes.dpo import STATS
+
+# Per-step fields of a metrics record that become curves, as train/<name> (train/loss, ...); DPO's where present.
+CURVES = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib", *STATS)
 
 
 def curves(record: dict[str, Any]) -> dict[str, float]:

@@ -45,6 +45,8 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
     a train.recipe_overrides of them is what the estimate sees."""
     train = profile.train
     flops = flops_per_token(args, seq_len, lora=train.adapters_only, checkpointing=checkpointing)
+    if train.method == "dpo":  # the reference's forward pass (no backward) on every pair before the policy's
+        flops["train"] += flops["forward"]
     tokens_per_gpu = batch_size * seq_len * accum
     tokens_per_step = tokens_per_gpu * train.world_size
     compute_s = tokens_per_gpu * flops["train"] / (gpu.bf16_dense_tflops * 1e12 * constants.mfu)

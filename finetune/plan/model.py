@@ -97,6 +97,11 @@ def _local_config_file(profile: Profile) -> Path | None:
     if model.source == "local" and model.path and "://" not in model.path:
         path = resolve_repo_path(model.path) / "config.json"
         return path if path.is_file() else None
+    if model.source == "artifact" and model.path:
+        from finetune import model_artifact
+
+        where = Path(model_artifact.resolve(model.path)[0]) / "config.json"
+        return where if where.is_file() else None
     if model.source == "hub" and model.repo_id:
         from huggingface_hub import try_to_load_from_cache
 

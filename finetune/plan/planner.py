@@ -94,7 +94,9 @@ class Planner:
         model = self.measured(settings, nnodes * train.nproc_per_node)
         activations = activation_bytes(
             _shapes(self.profile, self.args), DTYPE_BYTES[settings.dtype], settings.batch_size * setup.seq_len,
-            checkpointing=settings.activation_checkpointing, chunks=self.constants.logits_chunks,
+            checkpointing=settings.activation_checkpointing,
+            # DPO scores whole sequences from unchunked logits (tunerecipes/dpo.py): one chunk of all of them.
+            chunks=1 if train.method == "dpo" else self.constants.logits_chunks,
             cpu_seq_len=0 if self.on_gpu else setup.seq_len,
         )
         states, _ = optimizer_states(settings.optimizer)

@@ -24,7 +24,9 @@ COMPONENT_SECTIONS = {"model", "checkpointer", "dataset", "optimizer", "lr_sched
 def train_section(train: TrainConfig) -> dict[str, Any]:
     """The profile's ``train:`` fields under the recipe config's names (paths and the model section aside)."""
     return {
-        "method": train.method,
+        "method": train.tuning,
+        "dpo": train.dpo.model_dump(mode="json") if train.method == "dpo" else None,
+        **({"collate_fn": "tunerecipes.dpo.collate_pairs"} if train.method == "dpo" else {}),
         "device": train.device,
         "dtype": train.dtype,
         "seed": train.seed,
@@ -85,7 +87,7 @@ def model_section(train: TrainConfig, config: Any, max_seq_len: int) -> dict[str
             lora_rank=train.lora.rank,
             lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
         )
-        if train.method == "qlora":
+        if train.tuning == "qlora":
             model["quantize_base"] = True  # NF4 base (llama4tune/nf4.py)
     else:
         model["_component_"] = "llama4tune.llama4_from_hf_config"

@@ -35,7 +35,7 @@ from finetune.hashing import hash_json, sha256_file
 from finetune.profile import Profile, resolve_repo_path
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
-from tasks.evaluate import harness
+from tasks.evaluate import harness, preference
 from tasks.evaluate.report import (
     RESULTS_FILE,
     Delta,
@@ -162,12 +162,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         clock = time.perf_counter()
         results = harness.evaluate(lm, resolved, cfg)
+        measured = None
+        if "pack" in ctx.inputs:  # preference data: the validation pairs, scored by the same loaded model
+            ctx.progress(0.8, f"scoring the validation preference pairs ({preference.METRIC})")
+            measured = preference.accuracy(lm, ctx.inputs["pack"].path, cfg.limit)
+            preference.add_to_results(results, measured)
+            resolved_names = [*resolved.names, preference.TASK]
+        else:
+            resolved_names = resolved.names
         eval_seconds = time.perf_counter() - clock
         del lm
 
     _write_samples(ctx.workdir, results.pop("samples", {}))
     results["finetune"] = {
-        "reported_tasks": resolved.names,
+        "reported_tasks": resolved_names,
         "model": {"stage": model.stage, "key": model.key},
         "backend": backend,
         "engine": f"vllm {VLLM.version(platform)}" if backend == "vllm" else "lm-eval hf (in-process)",
@@ -194,6 +202,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "samples": {r.task: r.samples for r in rows},
         "load_seconds": round(load_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
+        **({preference.METRIC: round(measured["value"], 4), "preference_pairs": measured["pairs"],
+            "preference_mean_margin": round(measured["mean_margin"], 4)} if measured else {}),
     }
 
 
@@ -203,5 +213,6 @@ SPEC = StageSpec(
     run=run,
     config=_config,
     upstream=("model",),
+    optional=("pack",),  # preference data (DPO): its validation pairs give preference_accuracy
     fingerprint=_fingerprint,
 )

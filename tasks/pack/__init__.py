@@ -27,7 +27,7 @@ from finetune.packed import build_packs, write_meta, write_split
 from finetune.profile import DataConfig, DataFormat, Profile, ResolvedSource
 from finetune.stage import PermanentError, StageContext, StageSpec
 from finetune.store import atomic_file
-from tasks.pack import mix
+from tasks.pack import mix, preference
 from tasks.pack.chat import ChatEncoder, Encoded, Segment, load_tokenizer, pad_id
 from tasks.pack.records import DROPS_FILE, TOO_LONG, BadRecord, BadRecords, Messages, drop_notice, to_messages
 
@@ -180,7 +180,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 ctx.tables["mix"] = [_mix_row(row) for row in mixed]
             ctx.progress((number + 0.7) / len(splits), f"packing {name}")
             merged = Encoded.concat(documents)
-            packed = build_packs(merged.tokens, merged.labels, merged.lengths, data.max_seq_len, padding)
+            if inputs[0].entry.format == "preference":  # the profile allows preference data only on its own
+                packed = preference.build_pair_packs(merged, data.max_seq_len, padding)
+            else:
+                packed = build_packs(merged.tokens, merged.labels, merged.lengths, data.max_seq_len, padding)
             write_split(ctx.workdir, name, packed)
             summary[name] = {"source_split": ", ".join(dict.fromkeys(split for _, split in parts)),
                              "samples": sum(reads), "dropped": bad.total,
@@ -232,7 +235,10 @@ def _encode_parts(
     for number, (item, split) in enumerate(parts):
         progress(f"tokenizing {split} of {item.name}")
         offer = samples[number].offer if samples is not None else lambda conversations, encoded: None
-        encoded, read = encode_split(item.reader.records(split), item.entry.format, data, encoder, bad, offer)
+        if item.entry.format == "preference":
+            encoded, read = preference.encode_pairs(item.reader.records(split), data, encoder, bad, offer)
+        else:
+            encoded, read = encode_split(item.reader.records(split), item.entry.format, data, encoder, bad, offer)
         if encoded.lengths.size == 0:
             first = "".join(f"; {example}" for example in bad.examples[:3])
             raise PermanentError(f"split {split!r} of {item.name} has no usable records "

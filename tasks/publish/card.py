@@ -54,7 +54,7 @@ def model_card(profile: Profile, inputs: Mapping[str, Artifact]) -> str:
                 "batch_size": train.batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps,
                 "max_seq_len": profile.data.max_seq_len, "world_size": train.world_size,
                 **({"lora": train.lora.model_dump(mode="json")} if train.lora and train.method != "full" else {})}
-    sections = result_sections(inputs, profile.evaluate.gate)
+    sections = result_sections(inputs, profile.gate)
     lineage = "\n".join(f"| {label} | {artifact.stage} | `{artifact.key}` |" for label, artifact in inputs.items())
     body = [
         f"# {name}",

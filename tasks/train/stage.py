@@ -31,6 +31,7 @@ from tunerecipes.checkpoint_layout import (
 PLOT_FILE = "loss_curve.png"
 TABLE_ROWS = 200
 TABLE_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib")
+DPO_TABLE_FIELDS = ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")  # a DPO run's records only
 
 
 # When to checkpoint and how long a preemption notice lasts do not shape the trained model: changing them resumes
@@ -40,7 +41,9 @@ NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s", "spot_notice", "
 
 def config(profile: Profile) -> dict[str, Any]:
     # A full run ignores a lora: section (tiny-cpu carries one for train.method=lora/qlora overrides).
-    ignored = NOT_IN_KEY | ({"lora"} if profile.train.method == "full" else set())
+    # Only a DPO run reads train.dpo: the others' keys stay what they were before it existed.
+    ignored = (NOT_IN_KEY | ({"lora"} if profile.train.tuning == "full" else set())
+               | ({"dpo"} if profile.train.method != "dpo" else set()))
     return {"train": profile.train.model_dump(mode="json", exclude=ignored),
             "max_seq_len": profile.data.max_seq_len}
 
@@ -151,7 +154,8 @@ def _table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     chosen = records[::stride]
     if records and chosen[-1] is not records[-1]:
         chosen.append(records[-1])
-    return [{field: _round(r.get(field)) for field in TABLE_FIELDS} for r in chosen]
+    fields = TABLE_FIELDS + tuple(f for f in DPO_TABLE_FIELDS if records and f in records[0])
+    return [{field: _round(r.get(field)) for field in fields} for r in chosen]
 
 
 def _round(value: Any) -> Any:

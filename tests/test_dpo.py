@@ -1,0 +1,133 @@
+"""DPO: the losses, packed pairs scored like torchtune's padded concatenated_forward, the adapters_off reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchtune import rlhf
+from torchtune.modules.peft import disable_adapter
+from torchtune.rlhf.loss import DPOLoss
+
+from finetune.packed import IGNORE_INDEX, write_meta, write_split
+from finetune.packed_dataset import PackedDataset
+from llama4tune.reference import random_text_config
+from tasks.pack.chat import Encoded
+from tasks.pack.preference import build_pair_packs
+from tests.test_llama4_lora import _lora_model
+from tunerecipes.dpo import DPOObjective, IPOLoss, collate_pairs, make_loss, sequence_logps
+
+torch.set_num_threads(2)
+
+
+def _logps(seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [-20 * torch.rand(6, generator=gen) for _ in range(4)]
+
+
+def test_sigmoid_is_torchtunes_dpo_loss_and_ipo_follows_its_formula() -> None:
+    policy_c, policy_r, ref_c, ref_r = _logps(0)
+    sigmoid = make_loss({"loss": "sigmoid", "beta": 0.2, "label_smoothing": 0.1})
+    assert isinstance(sigmoid, DPOLoss) and (sigmoid.beta, sigmoid.label_smoothing) == (0.2, 0.1)
+    ipo = make_loss({"loss": "ipo", "beta": 0.2})
+    assert isinstance(ipo, IPOLoss)
+    losses, chosen, rejected = ipo(policy_c, policy_r, ref_c, ref_r)
+    # IPO (Azar et al. 2023, eq. 17): (log-ratio margin - 1 / (2 tau))^2.
+    margin = (policy_c - ref_c) - (policy_r - ref_r)
+    torch.testing.assert_close(losses, (margin - 1 / (2 * 0.2)) ** 2)
+    torch.testing.assert_close(chosen, 0.2 * (policy_c - ref_c))
+    torch.testing.assert_close(rejected, 0.2 * (policy_r - ref_r))
+    # Its minimum sits at margin 1 / (2 beta): the loss does not push the margin further, unlike the sigmoid's.
+    at_target = ipo(ref_c + 2.5, ref_r, ref_c, ref_r)[0]
+    assert torch.allclose(at_target, torch.zeros(6), atol=1e-5)
+    with pytest.raises(ValueError, match="sigmoid' or 'ipo'"):
+        make_loss({"loss": "hinge", "beta": 0.1})
+
+
+def test_sequence_logps_sum_each_sequences_learned_tokens_only() -> None:
+    logits = torch.randn(1, 6, 5, generator=torch.Generator().manual_seed(1))
+    tokens = torch.tensor([[0, 1, 2, 3, 4, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, IGNORE_INDEX, 4, IGNORE_INDEX]])
+    seq_ids = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    logp = F.log_softmax(logits[0], -1)
+    expected = torch.stack([logp[0, 1] + logp[1, 2], logp[3, 4]])
+    torch.testing.assert_close(sequence_logps(logits, labels, seq_ids, 2), expected)
+    assert tokens.shape == labels.shape
+
+
+def _pairs(vocab: int, count: int, seed: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen response, rejected response) token ids of random lengths."""
+    rng = np.random.default_rng(seed)
+    return [tuple(rng.integers(1, vocab, size=int(rng.integers(low, high))).tolist()
+                  for low, high in ((3, 9), (2, 8), (2, 8))) for _ in range(count)]
+
+
+def _encoded(pairs: list[tuple[list[int], list[int], list[int]]]) -> Encoded:
+    docs = [(prompt, response) for prompt, chosen, rejected in pairs for response in (chosen, rejected)]
+    tokens = np.array([t for prompt, response in docs for t in prompt + response], dtype=np.int32)
+    labels = np.array([t for prompt, response in docs for t in [IGNORE_INDEX] * len(prompt) + response],
+                      dtype=np.int32)
+    lengths = np.array([len(p) + len(r) for p, r in docs], dtype=np.int64)
+    counts = np.array([len(p) for p, _ in docs], dtype=np.int32)
+    return Encoded(tokens, labels, lengths, counts, np.array([len(r) for _, r in docs], dtype=np.int32))
+
+
+def _padded_concatenated(pairs: list[tuple[list[int], list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchtune's padded_collate_dpo layout: every chosen sequence, then every rejected one, right-padded."""
+    sequences = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c, _ in pairs]
+    sequences += [(p + r, [IGNORE_INDEX] * len(p) + r) for p, _, r in pairs]
+    width = max(len(tokens) for tokens, _ in sequences)
+    ids = torch.tensor([tokens + [0] * (width - len(tokens)) for tokens, _ in sequences])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in sequences])
+    return ids, labels
+
+
+def test_packed_pairs_give_the_padded_concatenated_forward_loss(tmp_path: Path) -> None:
+    cfg = random_text_config("scout", 5)
+    model, _ = _lora_model(cfg, 5, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True,
+                           apply_lora_to_output=True)
+    pairs = _pairs(cfg["vocab_size"], 7, seed=3)
+    packed = build_pair_packs(_encoded(pairs), max_seq_len=40, pad_id=0)
+    assert packed.tokens.shape[0] > 1 and (np.diff(packed.pack_offsets) % 2 == 0).all()  # no pair split
+    write_split(tmp_path, "train", packed)
+    write_meta(tmp_path, 40, 0, {"train": {}})
+    dataset = PackedDataset(tmp_path, "train")
+    batch = collate_pairs([dataset[i] for i in range(len(dataset))])
+    section = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "reference": "adapters_off"}
+    loss, count, stats = DPOObjective(section, model).micro_batch(batch)
+
+    # torchtune's LoRA DPO recipe: concatenated_forward on the padded batch, reference with adapters disabled.
+    ids, labels = _padded_concatenated([pairs[i] for i in packed.doc_order.tolist()])
+    logps = rlhf.get_batch_log_probs(model(ids), labels)
+    with torch.no_grad(), disable_adapter(model):
+        reference = rlhf.get_batch_log_probs(model(ids), labels)
+    half = len(pairs)
+    losses, _, _ = DPOLoss(beta=0.1)(logps[:half], logps[half:], reference[:half], reference[half:])
+    assert count == len(pairs)
+    assert abs(float(loss) - float(losses.sum())) < 1e-6
+    assert abs(float(stats[4]) - float(logps[:half].sum())) < 1e-3  # summed chosen log-probs agree too
+
+
+def test_adapters_off_reference_is_the_base_model_experts_included() -> None:
+    cfg = random_text_config("maverick", 7)
+    model, base = _lora_model(cfg, 7, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True,
+                              apply_lora_to_experts=True)
+    from llama4tune import llama4_from_hf_config
+
+    plain = llama4_from_hf_config(cfg).eval()
+    plain.load_state_dict(base, strict=True)
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(tokens)
+        with disable_adapter(model):
+            off = model(tokens)
+        torch.testing.assert_close(off, plain(tokens), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, off, atol=1e-3)
+
+
+def test_dpo_objective_refuses_a_reference_it_does_not_have() -> None:
+    with pytest.raises(ValueError, match="dpo.reference must be one of adapters_off"):
+        DPOObjective({"loss": "sigmoid", "beta": 0.1, "reference": "frozen_copy"}, torch.nn.Linear(1, 1))

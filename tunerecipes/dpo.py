@@ -1,0 +1,117 @@
+"""DPO in the project's recipe (tunerecipes/sft.py with a ``dpo:`` section): losses, packed pairs, the reference.
+
+Data: packs of preference pairs (tasks/pack/preference.py), each pair's chosen then rejected sequence back to back in
+one pack with its own positions and a block-causal mask, so every sequence is scored exactly as alone.
+``collate_pairs`` adds each token's sequence number; ``sequence_logps`` sums the log-probabilities of each sequence's
+learned tokens (not length-normalized, as torchtune's ``get_batch_log_probs``).
+
+Losses: ``sigmoid`` is torchtune 0.6.1's ``DPOLoss`` (beta, label_smoothing); ``ipo`` is IPO (Azar et al. 2023,
+"A General Theoretical Paradigm to Understand Learning from Human Preferences", eq. 17): the squared distance of the
+log-ratio margin from 1 / (2 beta), on the same summed log-probabilities.
+
+Reference (``reference: adapters_off``): the policy's own forward with its LoRA adapters disabled (torchtune's
+``disable_adapter``), under no_grad: the frozen base is the reference, and no second model is held.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.data import padded_collate_packed
+from torchtune.modules.peft import disable_adapter
+from torchtune.rlhf.loss import DPOLoss
+
+IGNORE_INDEX = -100
+REFERENCES = ("adapters_off",)
+# Per-step sums the recipe all-reduces and averages over the pairs of the step, in this order.
+STATS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
+
+
+class IPOLoss(nn.Module):
+    """IPO: (h - 1 / (2 beta))^2 with h the policy's minus the reference's chosen-rejected log-ratio. Same inputs and
+    outputs as torchtune's DPOLoss (losses per pair, chosen and rejected rewards)."""
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        margin = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+        losses = (margin - 1 / (2 * self.beta)) ** 2
+        chosen_rewards = self.beta * (policy_chosen_logps - reference_chosen_logps).detach()
+        rejected_rewards = self.beta * (policy_rejected_logps - reference_rejected_logps).detach()
+        return losses, chosen_rewards, rejected_rewards
+
+
+def make_loss(section: Any) -> nn.Module:
+    """The loss a recipe config's ``dpo:`` section names."""
+    if section["loss"] == "sigmoid":
+        return DPOLoss(beta=float(section["beta"]), label_smoothing=float(section.get("label_smoothing") or 0.0))
+    if section["loss"] == "ipo":
+        return IPOLoss(beta=float(section["beta"]))
+    raise ValueError(f"dpo.loss must be 'sigmoid' or 'ipo', got {section['loss']!r}")
+
+
+def collate_pairs(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """torchtune's packed collate plus ``seq_ids``: each token's sequence number within the micro-batch, chosen even
+    and rejected odd (pair p: 2p, 2p + 1), -1 on padding."""
+    collated = padded_collate_packed(batch)
+    rows = []
+    first = 0
+    for item in batch:
+        lengths = item["seq_lens"]
+        real = len(lengths) - len(lengths) % 2  # an odd count: PackedDataset's padding, counted as a last sequence
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        rows.append(torch.where(ids < real, ids + first, -1))
+        first += real
+    collated["seq_ids"] = torch.stack(rows)
+    return collated
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor, sequences: int) -> torch.Tensor:
+    """Summed log-probability of each sequence's learned tokens: logits [B, S, V] (position t predicts t + 1),
+    unshifted labels and seq_ids [B, S] -> [sequences] in float32."""
+    targets = labels[:, 1:]
+    owner = seq_ids[:, 1:]
+    logits = logits[:, :-1].float()
+    learned = (targets != IGNORE_INDEX) & (owner >= 0)
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    sums = torch.zeros(sequences, dtype=picked.dtype, device=picked.device)
+    return sums.index_add(0, owner[learned], picked[learned])
+
+
+class DPOObjective:
+    """One micro-batch's DPO loss (summed over its pairs) and statistics, for the recipe's step."""
+
+    def __init__(self, section: Any, model: nn.Module) -> None:
+        if section["reference"] not in REFERENCES:
+            raise ValueError(f"dpo.reference must be one of {', '.join(REFERENCES)}, got {section['reference']!r}")
+        self.loss = make_loss(section)
+        self.model = model
+
+    def forward_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) summed log-probs [pairs] of the model as it is now."""
+        sequences = int(batch["seq_ids"].max()) + 1
+        logits = self.model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+        logps = sequence_logps(logits, batch["labels"], batch["seq_ids"], sequences)
+        return logps[0::2], logps[1::2]
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), disable_adapter(self.model):
+            return self.forward_logps(batch)
+
+    def micro_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(loss summed over the pairs, pairs, STATS sums) of one micro-batch; the reference runs first."""
+        reference = self.reference_logps(batch)
+        chosen, rejected = self.forward_logps(batch)
+        losses, chosen_rewards, rejected_rewards = self.loss(chosen, rejected, *reference)
+        stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
+                             (chosen_rewards > rejected_rewards).float().sum(),
+                             (chosen_rewards - rejected_rewards).sum(),
+                             chosen.detach().sum(), rejected.detach().sum()]).double()
+        return losses.sum(), int(chosen.numel()), stats
