@@ -123,6 +123,12 @@ class ModelConfig(Section):
     multimodal: bool = Field(False, description="Checkpoint is Llama4ForConditionalGeneration (language_model.* keys).")
     seed: int = Field(0, description="Seed of the embedded tiny model.")
 
+    def selected_files(self, names: list[str]) -> list[str]:
+        """The files of a checkpoint this model takes: allow_patterns / ignore_patterns, as the hub client reads them."""
+        from huggingface_hub.utils import filter_repo_objects
+
+        return list(filter_repo_objects(names, allow_patterns=self.allow_patterns, ignore_patterns=self.ignore_patterns))
+
     @model_validator(mode="after")
     def _source_fields(self) -> ModelConfig:
         if self.source == "hub":

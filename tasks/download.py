@@ -114,12 +114,6 @@ def fingerprint(profile: Profile) -> dict[str, Any]:
     return {"url": source, "objects": listing}
 
 
-def selected_files(names: list[str], model: ModelConfig) -> list[str]:
-    from huggingface_hub.utils import filter_repo_objects
-
-    return list(filter_repo_objects(names, allow_patterns=model.allow_patterns, ignore_patterns=model.ignore_patterns))
-
-
 def _git_blob_sha1(path: Path) -> str:
     digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as handle:
@@ -167,8 +161,8 @@ def _download_hub(ctx: StageContext) -> dict[str, Any]:
     token = os.environ.get("HF_TOKEN") or None
     revision = resolve_revision(model)
     info = HfApi().model_info(model.repo_id, revision=revision, files_metadata=True, token=token)
-    expected = {s.rfilename: s for s in info.siblings or [] if s.rfilename in selected_files(
-        [s.rfilename for s in info.siblings or []], model)}
+    expected = {s.rfilename: s for s in info.siblings or [] if s.rfilename in model.selected_files(
+        [s.rfilename for s in info.siblings or []])}
     # The config alone first: a quantized base is refused before any weight is fetched.
     from huggingface_hub import hf_hub_download
 
@@ -224,8 +218,8 @@ def _download_local(ctx: StageContext) -> dict[str, Any]:
         config_url = f"{root.rstrip('/')}/config.json"
         config = json_object(fs.cat_file(config_url).decode(), config_url)
         refuse_quantized_config(config, config_url, None)
-    wanted = selected_files(sorted(set(names) - set(model_artifact.BOOKKEEPING if model.source == "artifact" else ())),
-                            model)
+    wanted = model.selected_files(
+        sorted(set(names) - set(model_artifact.BOOKKEEPING if model.source == "artifact" else ())))
     # Headers only, at the source: a truncated or mislabelled checkpoint is refused before its weights are copied.
     checked = verify_safetensors(fs, root, {name: names[name].get("size") for name in wanted}, config)
     for done, name in enumerate(wanted, 1):

@@ -22,7 +22,6 @@ def check_hub(model: ModelConfig) -> tuple[str | None, int]:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
 
-    from tasks.download import selected_files
 
     assert model.repo_id and model.revision
     endpoint = hub_endpoint()
@@ -50,6 +49,6 @@ def check_hub(model: ModelConfig) -> tuple[str | None, int]:
     except (httpx.TransportError, OfflineModeIsEnabled, OSError) as exc:
         return (f"cannot reach the hub at {endpoint} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
                 "check the network, proxy (HTTPS_PROXY) and HF_ENDPOINT, or use model.source local"), 0
-    names = selected_files([s.rfilename for s in info.siblings or []], model)
+    names = model.selected_files([s.rfilename for s in info.siblings or []])
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     return None, sum(sizes[name] for name in names)
