@@ -171,7 +171,7 @@ def _stdout_to_stderr(active: bool) -> Iterator[None]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from finetune.plan import PlanError, plan, table
+    from finetune.plan import PlanError, plan, refusal, table
 
     try:
         result = plan(load_profile(args.profile, args.overrides))
@@ -179,6 +179,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else table(result))
+    if reason := refusal(result):  # as `finetune run` refuses it
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
     return 0
 
 

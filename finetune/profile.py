@@ -204,7 +204,9 @@ class TrainConfig(Section):
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
     launcher: Launcher = "process"
-    gpu_type: str | None = Field(None, description="Accelerator the run is sized for, e.g. H100-80GB (informational).")
+    gpu_type: str | None = Field(
+        None, description="Accelerator a cuda run is planned for and launched on (SkyPilot's accelerator), a name of "
+                          "finetune/plan/catalog.py's CATALOG; unset: its DEFAULT_GPU_TYPE (H100-80GB).")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(1, ge=1)
@@ -252,6 +254,15 @@ class TrainConfig(Section):
     dpo: DpoConfig = DpoConfig()
     elastic: ElasticConfig | None = None
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="Raw torchtune config overrides.")
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, gpu_type: str | None) -> str | None:
+        from finetune.plan.catalog import unknown  # imported here: finetune.plan imports this module
+
+        if gpu_type is not None and (reason := unknown(gpu_type)):
+            raise ValueError(reason)
+        return gpu_type
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:

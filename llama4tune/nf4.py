@@ -3,7 +3,8 @@
 Linear layers use torchtune's ``FrozenNF4Linear`` / ``LoRALinear(quantize_base=True)``. Routed experts are fused
 3-D parameters, which torchao quantizes (and FSDP2-shards) only as tensors of at most 2 dimensions: each expert
 block is stored as 2-D NF4 ``[E * in, out]`` and dequantized to the compute dtype one layer at a time, just before
-the grouped matmul. The dequantized copy lives only inside that call: backward dequantizes again rather than
+the grouped matmul, into one buffer one expert at a time (torchao's own dequantization would allocate ~7x the
+weight's bf16 bytes in temporaries). The dequantized copy lives only inside that call: backward dequantizes again rather than
 keeping it (like torchao's ``linear_nf4``), so peak memory grows by one layer's experts, not the model's.
 
 Measured on torch 2.13 CPU with torchao 0.11: ``to_nf4``, dequantization and ``linear_nf4`` run in fp32 and bf16,
@@ -80,14 +81,80 @@ class _NF4ExpertMatmul(torch.autograd.Function):
 
 
 def _experts(weight: NF4Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    full = weight.get_original_weight().to(dtype)
-    return full.view(num_experts, -1, full.shape[-1])
+    """The experts' weights ``[E, in, out]`` in ``dtype``, dequantized one expert at a time (dequantize_rows)."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    rows = weight.shape[0] // num_experts
+    scales = _block_scales(weight, dtype)
+    for expert in range(num_experts):
+        dequantize_rows(weight, expert * rows, (expert + 1) * rows, out=out[expert * rows:(expert + 1) * rows],
+                        scales=scales)
+    return out.view(num_experts, rows, weight.shape[-1])
+
+
+# Memory of dequantization, measured on CPU from the allocator's events (finetune/plan/allocator.py; tests/
+# test_nf4_memory.py measures them again). _experts: its bf16 output (2 bytes per weight), plus per weight of ONE
+# expert the byte codes as int32 indices (4 bytes per 2 weights), plus the block scales (1/32 byte per weight).
+# torchao's get_original_weight (linear_nf4, the NF4 linears) allocates 14.0 bytes per weight of the whole tensor at
+# once (two int64 index tensors, four half-size products, the stacked output; 33.6M bf16 weights), and to_nf4 of a
+# bf16 tensor (quantizing a base tensor at load) 3.05 bytes per weight beyond its input plus a fixed ~67 MB (its
+# nearest-code search runs on 1M-element chunks; 5.05 bytes per weight at 33.6M weights, 19 at 4.2M).
+DEQUANTIZE_CHUNK_BYTES_PER_WEIGHT = 2
+SCALE_BYTES_PER_WEIGHT = 2 / 64
+TORCHAO_DEQUANTIZE_BYTES_PER_WEIGHT = 14.0
+TORCHAO_QUANTIZE_BYTES_PER_WEIGHT = 3.05
+TORCHAO_QUANTIZE_FIXED_BYTES = 67_000_000
+# Memory traffic per weight and dequantization (by arithmetic of the kernels each runs, bf16): _experts reads the
+# codes (0.5), writes and reads the int32 indices (2 + 2), writes the values (2), scales them in place (2 + 2), and
+# the matmul reads them (2); get_original_weight reads the codes twice (1), writes and reads two int64 indices
+# (8 + 8), writes and reads the looked-up halves, the scaled halves and the stack (3 x (2 + 2)), the matmul reads 2.
+EXPERT_DEQUANTIZE_TRAFFIC_BYTES_PER_WEIGHT = 12.5
+TORCHAO_DEQUANTIZE_TRAFFIC_BYTES_PER_WEIGHT = 31.0
+
+
+def quantize_bytes(weights: int) -> int:
+    """Peak bytes to_nf4 allocates quantizing ``weights`` bf16 weights, beyond its input."""
+    return int(weights * TORCHAO_QUANTIZE_BYTES_PER_WEIGHT + TORCHAO_QUANTIZE_FIXED_BYTES)
+
+
+def expert_dequantize_bytes(weights: int, num_experts: int) -> int:
+    """Peak bytes _experts allocates for a bf16 dequantization of ``weights`` NF4 weights of ``num_experts``."""
+    return int(weights * (2 + SCALE_BYTES_PER_WEIGHT) + weights // num_experts * DEQUANTIZE_CHUNK_BYTES_PER_WEIGHT)
+
+
+def _block_scales(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The absmax of every 64-weight block, double quantization undone: 1/64 of a weight per weight."""
+    return weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                     weight.scaler_block_size).to(dtype)
+
+
+def dequantize_rows(weight: NF4Tensor, start: int, stop: int, *, out: torch.Tensor,
+                    scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of a 2-D NF4 weight, dequantized into ``out`` (same values as get_original_weight).
+
+    A lookup of each code byte in a 256 x 2 table of NF4 value pairs gives both of its weights in order; scaling
+    is in place. Besides ``out`` it allocates DEQUANTIZE_CHUNK_BYTES_PER_WEIGHT per weight of the rows."""
+    columns = weight.shape[-1]
+    first, last = start * columns, stop * columns
+    if first % weight.block_size or last % weight.block_size:
+        raise ValueError(f"rows {start}:{stop} of {columns} columns do not start and end on NF4 blocks of "
+                         f"{weight.block_size}")
+    scales = _block_scales(weight, out.dtype) if scales is None else scales
+    nf4 = weight.nf4.to(out.dtype)
+    codes = torch.arange(256, device=weight.device)
+    pairs = torch.stack([nf4[codes >> 4], nf4[codes & 0b1111]], dim=-1)
+    packed = weight.quantized_data[first // 2:last // 2]
+    torch.index_select(pairs, 0, packed.to(torch.int32), out=out.view(-1, 2))
+    out.view(-1, weight.block_size).mul_(scales[first // weight.block_size:last // weight.block_size, None])
+    return out
 
 
 def _quantize_experts(module: GroupedExperts) -> None:
     """Replace the module's 3-D expert parameters by frozen 2-D NF4 ones (``[E * in, out]``)."""
     for name in ("gate_up_proj", "down_proj"):
         weight = getattr(module, name)
+        if weight[0].numel() % BLOCK_SIZE:  # _experts dequantizes one expert at a time: experts start on blocks
+            raise ValueError(f"QLoRA cannot quantize this model's routed experts to NF4: one expert's {name} has "
+                             f"{weight[0].numel()} weights, not a multiple of the NF4 block size {BLOCK_SIZE}")
         flat = weight.detach().reshape(-1, weight.shape[-1])
         setattr(module, name, nn.Parameter(quantize(flat), requires_grad=False))
 

@@ -17,7 +17,7 @@ from finetune.plan.catalog import Constants
 from finetune.plan.planner import plan
 from finetune.plan.preemption import preemption
 from finetune.plan.recipe import recipe_settings
-from finetune.profile import REPO_ROOT, load_profile
+from finetune.profile import REPO_ROOT, ProfileError, load_profile
 from finetune.stage import PermanentError
 
 JSON_KEYS = {"profile", "world_size", "gpu_memory_gib", "per_gpu_peak_gib", "breakdown", "host_memory_gib_per_node",
@@ -166,11 +166,32 @@ def test_plan_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -
     assert "peak per GPU" in table(result) and markdown(result).startswith("### Plan: tiny-cpu")
 
 
-def test_unknown_gpu_type_lists_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(PlanError, match="H100-80GB, H200-141GB"):
-        plan(load_profile("scout-lora", ["train.gpu_type=B300"]))
+def test_unknown_gpu_type_is_refused_when_the_profile_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ProfileError, match=r"train.gpu_type: unknown GPU type 'B300'; known: H100-80GB, H200-141GB"):
+        load_profile("scout-lora", ["train.gpu_type=B300"])
     assert cli.main(["plan", "--profile", "scout-lora", "train.gpu_type=B300"]) == 2
     assert "unknown GPU type 'B300'" in capsys.readouterr().err
+
+
+def test_an_unset_gpu_type_is_planned_and_launched_as_the_one_default() -> None:
+    from finetune.plan.catalog import DEFAULT_GPU_TYPE, lookup
+    from tasks.train.render import skypilot_task
+
+    profile = load_profile("scout-lora", ["train.gpu_type=null"])
+    assert lookup(profile.train.gpu_type).name == DEFAULT_GPU_TYPE == "H100-80GB"
+    assert skypilot_task(profile, [], store="/store")["resources"]["accelerators"] == "H100:8"
+    # SkyPilot's bare A100 is the 40 GB card: the catalog names the 80 GB one.
+    a100 = load_profile("scout-lora", ["train.gpu_type=A100-80GB"])
+    assert skypilot_task(a100, [], store="/store")["resources"]["accelerators"] == "A100-80GB:8"
+
+
+def test_plan_exits_2_when_the_plan_does_not_fit(monkeypatch: pytest.MonkeyPatch, maverick_lora: dict,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("finetune.plan.plan", lambda profile: maverick_lora)
+    assert cli.main(["plan", "--profile", "maverick-lora", "--json", *MAVERICK_ON_H100]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["fits"] is False  # the plan is printed all the same
+    assert "does not fit" in captured.err and "train.gpu_type=H200-141GB" in captured.err
 
 
 def test_fsdp_shard_per_rank_is_total_over_world_size() -> None:

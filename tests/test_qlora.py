@@ -204,6 +204,8 @@ def test_scout_qlora_fits_one_h100_with_five_percent_headroom() -> None:
     assert (result["gpu"], result["world_size"]) == ("H100-80GB", 1)
     assert result["fits"], result
     assert result["per_gpu_peak_gib"] <= 0.95 * result["gpu_memory_gib"]
+    # Dequantizing ~105B NF4 weights three times per micro-batch (forward, recompute, backward) takes HBM time.
+    assert result["estimate"]["nf4_dequantize_s_per_step"] > 0.5 * result["estimate"]["compute_s_per_step"]
     # NF4 is 4 bits per weight plus its scales: about a quarter of bf16's bytes for the quantized weights.
     assert result["params_gib_per_gpu"] < 0.3 * result["total_params"] * 2 / 2**30
 
@@ -223,3 +225,28 @@ def test_four_bit_evaluation_quantizes_the_base_once_and_gates_like_with_like() 
     assert keys["quantize-base"] == other["quantize-base"] and keys[GATE_BASE] == other[GATE_BASE]
     assert keys["quantize"] != other["quantize"]
     assert [s.label for s in steps_until("benchmark", load_profile("tiny-cpu"))].count("quantize-base") == 0
+
+
+def test_nf4_experts_dequantize_one_expert_at_a_time_within_the_stated_bytes() -> None:
+    """Measured from the allocator's events: an experts weight dequantizes bit-exactly into its bf16 copy plus one
+    expert's indices and the scales (llama4tune/nf4.py's figures, which the plan uses), where torchao allocates
+    ~14 bytes per weight of the whole tensor; to_nf4 at load as nf4.quantize_bytes says."""
+    from finetune.plan.allocator import peak_bytes
+    from llama4tune import nf4
+
+    experts = 16
+    torch.manual_seed(0)
+    full = torch.randn(experts * 256, 1024, dtype=torch.bfloat16)  # 4.2M weights
+    weight, quantizing = peak_bytes(lambda: nf4.quantize(full))
+    n = weight.numel()
+    ours, peak = peak_bytes(lambda: nf4._experts(weight, experts, torch.bfloat16))
+    theirs, torchao_peak = peak_bytes(lambda: weight.get_original_weight())
+    assert torch.equal(ours.reshape(n // 1024, 1024), theirs)
+    assert 2 * n < peak <= nf4.expert_dequantize_bytes(n, experts) * 1.01
+    assert torchao_peak / n == pytest.approx(nf4.TORCHAO_DEQUANTIZE_BYTES_PER_WEIGHT, rel=0.05)
+    assert quantizing == pytest.approx(nf4.quantize_bytes(n), rel=0.05)
+
+
+def test_nf4_experts_whose_experts_do_not_start_on_a_block_are_refused() -> None:
+    with pytest.raises(ValueError, match="one expert's gate_up_proj has 96 weights, not a multiple of the NF4 block"):
+        NF4GroupedExperts(dim=4, hidden_dim=12, num_experts=16)

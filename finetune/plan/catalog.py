@@ -28,6 +28,10 @@ class Accelerator:
     """GB/s per GPU between host RAM and HBM (PCIe), what FSDP CPU offload moves through."""
     host_ram_gib_per_node: float
     """Host RAM of the usual 8-GPU node of this type."""
+    hbm_gbps: float = 0.0
+    """GB/s of HBM bandwidth, what QLoRA's dequantization streams through."""
+    skypilot_name: str = ""
+    """SkyPilot's accelerator name for it (``A100`` alone is the 40 GB one)."""
     gpus_per_node: int = 8
     source: str = ""
 
@@ -40,25 +44,32 @@ CATALOG: dict[str, Accelerator] = {
     for accelerator in (
         Accelerator(
             name="H100-80GB", hbm_gib=79.6, bf16_dense_tflops=989.0, intra_node_gbps=450.0, inter_node_gbps=50.0,
-            host_to_device_gbps=50.0, host_ram_gib_per_node=1800.0,
-            source="H100 SXM5 datasheet (989 TFLOPS dense bf16, NVLink 4 900 GB/s bidirectional); 8x400 Gb/s "
+            host_to_device_gbps=50.0, host_ram_gib_per_node=1800.0, skypilot_name="H100",
+            hbm_gbps=3350.0,
+            source="H100 SXM5 datasheet (989 TFLOPS dense bf16, 3.35 TB/s HBM3, NVLink 4 900 GB/s bidirectional); 8x400 Gb/s "
                    "InfiniBand/EFA per node; PCIe Gen5 x16; host RAM of AWS p5 (2048 GiB), GCP a3-highgpu "
                    "(1872 GB), Azure ND H100 v5 (1900 GiB), rounded down",
         ),
         Accelerator(
             name="H200-141GB", hbm_gib=139.8, bf16_dense_tflops=989.0, intra_node_gbps=450.0, inter_node_gbps=50.0,
-            host_to_device_gbps=50.0, host_ram_gib_per_node=1800.0,
-            source="H200 SXM datasheet (141 GB HBM3e, same compute as H100, NVLink 4); 8x400 Gb/s per node; "
+            host_to_device_gbps=50.0, host_ram_gib_per_node=1800.0, skypilot_name="H200",
+            hbm_gbps=4800.0,
+            source="H200 SXM datasheet (141 GB HBM3e at 4.8 TB/s, same compute as H100, NVLink 4); 8x400 Gb/s per node; "
                    "host RAM of AWS p5en (2048 GiB), Azure ND H200 v5 (1850 GiB), rounded down",
         ),
         Accelerator(
             name="A100-80GB", hbm_gib=79.2, bf16_dense_tflops=312.0, intra_node_gbps=300.0, inter_node_gbps=25.0,
-            host_to_device_gbps=25.0, host_ram_gib_per_node=1100.0,
-            source="A100 SXM4 80GB datasheet (312 TFLOPS bf16, NVLink 3 600 GB/s bidirectional); 8x200 Gb/s per "
+            host_to_device_gbps=25.0, host_ram_gib_per_node=1100.0, skypilot_name="A100-80GB",
+            hbm_gbps=2039.0,
+            source="A100 SXM4 80GB datasheet (312 TFLOPS bf16, 2.04 TB/s HBM2e, NVLink 3 600 GB/s bidirectional); 8x200 Gb/s per "
                    "node; PCIe Gen4; host RAM of AWS p4de (1152 GiB)",
         ),
     )
 }
+
+
+# What a CUDA profile without train.gpu_type is sized for (the plan, the SkyPilot task, the pool's job).
+DEFAULT_GPU_TYPE = "H100-80GB"
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class Constants:
     mfu: float = 0.35
     """Model FLOPs utilisation of a step's compute (tuned MoE training reaches 0.3-0.45 on H100)."""
     collective_efficiency: float = 0.7
+    hbm_efficiency: float = 0.7
+    """Share of the HBM bandwidth the elementwise and gather kernels of NF4 dequantization achieve."""
     """Share of the link bandwidth NCCL's ring collectives achieve (bus bandwidth / link bandwidth)."""
     cuda_context_gib: float = 1.0
     """CUDA context, cuBLAS/cuDNN workspaces per process."""
@@ -106,14 +119,20 @@ class Constants:
         return asdict(self)
 
 
-def lookup(gpu_type: str) -> Accelerator:
-    """The catalog entry for ``train.gpu_type``; an unknown type lists the known ones."""
-    try:
-        return CATALOG[gpu_type]
-    except KeyError:
+def unknown(gpu_type: str) -> str | None:
+    """Why ``gpu_type`` cannot be planned for (listing the known ones), else None."""
+    return None if gpu_type in CATALOG else f"unknown GPU type {gpu_type!r}; known: {', '.join(CATALOG)}"
+
+
+def lookup(gpu_type: str | None) -> Accelerator:
+    """The catalog entry for ``train.gpu_type`` (DEFAULT_GPU_TYPE when unset); an unknown type lists the known
+    ones."""
+    name = gpu_type or DEFAULT_GPU_TYPE
+    if reason := unknown(name):  # profiles are checked when they load; a profile built in code may not be
         from finetune.plan.errors import PlanError
 
-        raise PlanError(f"unknown GPU type {gpu_type!r} (train.gpu_type); known: {', '.join(CATALOG)}") from None
+        raise PlanError(f"train.gpu_type: {reason}")
+    return CATALOG[name]
 
 
 def this_machine() -> Accelerator:

@@ -2,7 +2,7 @@
 communication from the bytes FSDP moves per step at the pool's bandwidth; the step takes the longer of the two
 (FSDP overlaps them) plus what cannot overlap: the CPU optimizer step under offload, and under expert parallelism
 the token exchanges (each MoE layer waits for its tokens) and the once-per-step all-reduce of the experts' gradients
-over their replicas."""
+over their replicas; under QLoRA the NF4 dequantizations, bound by HBM bandwidth."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         offload_s = 2 * (2 + states) * model.local_trainable_bytes / (constants.host_optimizer_gbps * GB)
     experts = _expert_parallel_comm(args, model, train, gpu, constants, tokens_per_gpu=tokens_per_gpu,
                                     checkpointing=checkpointing, token_bytes=model.dtype_bytes * compute_ratio)
-    step_s = max(compute_s, comm_s) + offload_s + experts["all_to_all_s_per_step"] + experts["expert_grad_all_reduce_s"]
+    dequantize = _dequantize(model, gpu, constants, accum=accum, checkpointing=checkpointing)
+    step_s = (max(compute_s, comm_s) + offload_s + experts["all_to_all_s_per_step"]
+              + experts["expert_grad_all_reduce_s"] + dequantize["nf4_dequantize_s_per_step"])
     gpu_hours_per_mtok = step_s / tokens_per_step * 1e6 / 3600 * train.world_size
     price = profile.plan.price_per_gpu_hour
     save_s = checkpoint_bytes / train.nnodes / (constants.checkpoint_write_gbps_per_node * GB)
@@ -89,6 +91,7 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         "comm_s_per_step": round(comm_s, 2),
         "cpu_optimizer_s_per_step": round(offload_s, 2),
         **experts,
+        **dequantize,
         "step_s": round(step_s, 2),
         "bound": "communication" if comm_s > compute_s else "compute",
         "hours_per_million_tokens": round(step_s / tokens_per_step * 1e6 / 3600, 3),
@@ -107,6 +110,20 @@ def estimate(profile: Profile, args: Any, model: MeasuredModel, gpu: Accelerator
         out["gpu_hours_total"] = round(epoch_h * train.epochs * train.world_size, 1)
         out["cost_total"] = round(epoch_h * train.epochs * train.world_size * price, 2) if price else None
     return out
+
+
+def _dequantize(model: MeasuredModel, gpu: Accelerator, constants: Constants, *, accum: int,
+                checkpointing: bool) -> dict[str, float]:
+    """QLoRA: every NF4 weight is dequantized in forward, again in backward (and in the recomputed forward with
+    activation checkpointing), per micro-batch, streaming llama4tune/nf4.py's bytes per weight through HBM; the
+    step waits for it (same stream as the matmuls)."""
+    from llama4tune import nf4
+
+    per_pass = (model.nf4_expert_weights * nf4.EXPERT_DEQUANTIZE_TRAFFIC_BYTES_PER_WEIGHT
+                + model.nf4_linear_weights * nf4.TORCHAO_DEQUANTIZE_TRAFFIC_BYTES_PER_WEIGHT)
+    traffic = per_pass * (3 if checkpointing else 2) * accum
+    seconds = traffic / (gpu.hbm_gbps * GB * constants.hbm_efficiency) if traffic else 0.0
+    return {"nf4_dequantize_gib_per_step": round(traffic / GIB, 1), "nf4_dequantize_s_per_step": round(seconds, 2)}
 
 
 def _expert_parallel_comm(args: Any, model: MeasuredModel, train: Any, gpu: Accelerator, constants: Constants, *,

@@ -90,7 +90,9 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
         breakdown_gib["allocator_fragmentation"] = fragmentation
     peak = allocated + fixed + fragmentation
     # The largest local slice sits beside the shards loaded so far while it is copied in.
-    load_peak = (0 if cpu_offload else params) / GIB + model.largest_local_tensor_bytes / GIB + fixed
+    # QLoRA quantizes each base tensor on the device as it is read: torchao's to_nf4 temporaries come on top.
+    load_peak = ((0 if cpu_offload else params) + model.largest_local_tensor_bytes + model.nf4_quantize_bytes) / GIB \
+        + fixed
 
     checkpoint_per_rank = (trainable if lora else params) + optimizer
     checkpoint_total = checkpoint_per_rank * model.world_size if model.sharded else checkpoint_per_rank

@@ -61,8 +61,15 @@ class MeasuredModel:
     left: the final norm) last."""
     root: Unit
     nf4_dequantized_bytes: int = 0
-    """QLoRA: the largest NF4 weight dequantized to the compute dtype, the transient a layer adds
-    (llama4tune/nf4.py dequantizes one layer's experts at a time, forward and again in backward)."""
+    """QLoRA: the largest transient of dequantizing one NF4 weight, forward and again in backward: routed experts
+    into a compute-dtype copy one expert at a time (llama4tune/nf4.py), linears by torchao whole (~14 bytes per
+    weight)."""
+    nf4_quantize_bytes: int = 0
+    """QLoRA: quantizing the largest base tensor at load (torchao's to_nf4), beside its compute-dtype copy."""
+    nf4_expert_weights: int = 0
+    """QLoRA: routed-expert weights in NF4, whole (every rank dequantizes all it gathers), for the step time."""
+    nf4_linear_weights: int = 0
+    """QLoRA: the other NF4 weights (attention, shared expert), dequantized by torchao."""
     expert_parallel: int = 1
     expert_local_bytes: int = 0
     """Expert parallelism: this rank's E/N experts (never gathered; outside every FSDP unit)."""
@@ -235,9 +242,27 @@ def _count(model: Any, world_size: int, *, sharded: bool, dtype: str, experts: s
         local_trainable_bytes=sum(_local(p).numel() * p.element_size() for p in params if p.requires_grad),
         largest_local_tensor_bytes=max(_local(p).numel() * p.element_size() for p in params),
         units=units[:-1], root=units[-1],
-        nf4_dequantized_bytes=max((p.numel() * p.element_size() for p in params if _is_nf4(p)), default=0),
+        **_nf4_sizes(model),
         expert_parallel=expert_parallel,
         expert_local_bytes=sum(_nbytes(p) for p in experts),
         expert_trainable_local_bytes=sum(_nbytes(p) for p in experts if p.requires_grad),
     )
 
+
+
+def _nf4_sizes(model: Any) -> dict[str, int]:
+    """MeasuredModel's nf4_* fields from the model's NF4 parameters (their global sizes)."""
+    from llama4tune import nf4
+
+    experts = {id(param): module.num_experts for module in model.modules()
+               if isinstance(module, nf4.NF4GroupedExperts) for param in module.parameters(recurse=False)
+               if _is_nf4(param)}
+    quantized = [param for param in model.parameters() if _is_nf4(param)]
+    dequantize = [nf4.expert_dequantize_bytes(p.numel(), experts[id(p)]) if id(p) in experts
+                  else int(p.numel() * nf4.TORCHAO_DEQUANTIZE_BYTES_PER_WEIGHT) for p in quantized]
+    return {
+        "nf4_dequantized_bytes": max(dequantize, default=0),
+        "nf4_quantize_bytes": nf4.quantize_bytes(max(p.numel() for p in quantized)) if quantized else 0,
+        "nf4_expert_weights": sum(p.numel() for p in quantized if id(p) in experts),
+        "nf4_linear_weights": sum(p.numel() for p in quantized if id(p) not in experts),
+    }

@@ -74,7 +74,7 @@ class Planner:
     def setup(self) -> Setup:
         profile = self.profile
         if self.on_gpu:
-            gpu = catalog.lookup(profile.train.gpu_type or "H100-80GB")
+            gpu = catalog.lookup(profile.train.gpu_type)
             host = profile.plan.host_ram_gib_per_node or gpu.host_ram_gib_per_node
         else:
             gpu = catalog.this_machine()

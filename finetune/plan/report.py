@@ -96,7 +96,10 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                           + (f" + all_to_all {estimate['all_to_all_s_per_step']:g} s for "
                              f"{estimate['all_to_all_gib_per_step_per_gpu']:g} GiB per GPU over "
                              f"{estimate['all_to_all_interconnect']} + expert gradient all-reduce "
-                             f"{estimate['expert_grad_all_reduce_s']:g} s" if plan["expert_parallel"] > 1 else "")),
+                             f"{estimate['expert_grad_all_reduce_s']:g} s" if plan["expert_parallel"] > 1 else "")
+                          + (f" + NF4 dequantization {estimate['nf4_dequantize_s_per_step']:g} s for "
+                             f"{estimate['nf4_dequantize_gib_per_step']:g} GiB of HBM traffic"
+                             if estimate.get("nf4_dequantize_s_per_step") else "")),
             ("per million tokens", f"{estimate['hours_per_million_tokens']:g} h, "
                                    f"{estimate['gpu_hours_per_million_tokens']:g} GPU-h"
                                    + (f", {cost:g} per the profile's price" if cost is not None else "")),

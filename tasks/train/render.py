@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from finetune.plan.catalog import lookup
 from finetune.profile import REPO_ROOT, Profile
 from tasks.train.launch import ENDPOINT_ENV, NODE_ADDR_ENV, RDZV_ID_ENV
 
@@ -68,8 +69,7 @@ def _store_env(store: str) -> tuple[dict[str, str], str | None]:
 def _accelerator(profile: Profile) -> str | None:
     if profile.train.device != "cuda":
         return None
-    gpu = (profile.train.gpu_type or "H100").split("-")[0]
-    return f"{gpu}:{profile.train.nproc_per_node}"
+    return f"{lookup(profile.train.gpu_type).skypilot_name}:{profile.train.nproc_per_node}"
 
 
 def skypilot_task(profile: Profile, overrides: list[str], store: str, spot: bool = False) -> dict[str, Any]:
