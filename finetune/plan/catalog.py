@@ -126,12 +126,10 @@ def unknown(gpu_type: str) -> str | None:
 
 def lookup(gpu_type: str | None) -> Accelerator:
     """The catalog entry for ``train.gpu_type`` (DEFAULT_GPU_TYPE when unset); an unknown type lists the known
-    ones."""
+    ones. (A plain ValueError: finetune.profile checks the type with this module, so it imports nothing of ours.)"""
     name = gpu_type or DEFAULT_GPU_TYPE
     if reason := unknown(name):  # profiles are checked when they load; a profile built in code may not be
-        from finetune.plan.errors import PlanError
-
-        raise PlanError(f"train.gpu_type: {reason}")
+        raise ValueError(f"train.gpu_type: {reason}")
     return CATALOG[name]
 
 

@@ -74,7 +74,10 @@ class Planner:
     def setup(self) -> Setup:
         profile = self.profile
         if self.on_gpu:
-            gpu = catalog.lookup(profile.train.gpu_type)
+            try:
+                gpu = catalog.lookup(profile.train.gpu_type)
+            except ValueError as unknown:
+                raise PlanError(str(unknown)) from None
             host = profile.plan.host_ram_gib_per_node or gpu.host_ram_gib_per_node
         else:
             gpu = catalog.this_machine()
