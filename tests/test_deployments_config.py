@@ -16,7 +16,7 @@ from finetune.profile import REPO_ROOT, list_profiles, load_profile
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
 TEMPLATES = {"process": REPO_ROOT / "deployments" / "process-pool.json",
              "kubernetes": REPO_ROOT / "deployments" / "kubernetes-gpu-pool.json"}
-PRODUCTION = ["maverick-lora", "maverick-sft", "scout-lora", "scout-qlora", "scout-sft"]
+PRODUCTION = ["maverick-lora", "maverick-sft", "scout-dpo", "scout-lora", "scout-qlora", "scout-sft"]
 
 
 def _deployments() -> dict[str, dict[str, Any]]:

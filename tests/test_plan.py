@@ -29,7 +29,7 @@ def _plan_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-PRODUCTION = ["scout-lora", "scout-sft", "maverick-lora", "maverick-sft"]
+PRODUCTION = ["scout-lora", "scout-sft", "scout-dpo", "maverick-lora", "maverick-sft"]
 # maverick-lora as the issue-14 plan had it: 16 H100 without offload or expert parallelism (it cannot fit).
 MAVERICK_ON_H100 = ["train.gpu_type=H100-80GB", "train.fsdp_cpu_offload=false", "train.expert_parallel=1"]
 
@@ -62,7 +62,7 @@ def test_production_profiles_checkpoint_at_the_plans_young_daly_interval(name: s
     reclaim = production[name]["preemption"]
     assert reclaim["interval_min"] == reclaim["recommended_interval_min"], reclaim
     # Only the LoRA profiles' step and save fit a cloud's notice; full SFT's do not, whatever the grace says.
-    assert reclaim["notice_save_fits"] is (name in ("scout-lora", "maverick-lora")), reclaim
+    assert reclaim["notice_save_fits"] is (name in ("scout-lora", "scout-dpo", "maverick-lora")), reclaim
 
 
 def _reclaim(*overrides: str, step_s: float, save_s: float, stall_s: float) -> dict:
