@@ -75,8 +75,9 @@ import threading, time, os, signal, sys
 from finetune import notice
 from finetune.procs import run_streaming
 notice.install()
-child = [sys.executable, "-c", "import signal, sys, time\\n"
-         "signal.signal(signal.SIGTERM, lambda *a: (print('child got SIGTERM', flush=True), sys.exit(0)))\\n"
+# os.write, not print: a second SIGTERM arriving inside print's buffered write raises a reentrant-call error.
+child = [sys.executable, "-c", "import os, signal, sys, time\\n"
+         "signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b'child got SIGTERM\\\\n'), os._exit(0)))\\n"
          "print('ready', flush=True)\\ntime.sleep(60)"]
 ready, got, errors = threading.Event(), [], []
 def on_line(line):
