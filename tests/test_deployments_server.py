@@ -41,8 +41,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
 
 
 def expected_deployments() -> set[str]:
-    flows = {"flows.finetune:finetune": "finetune", "flows.stage_flow:finetune_stage": "finetune-stage",
-             "flows.stage_flow:train_node": "finetune-train-node"}
+    flows = {"flows.finetune:finetune": "finetune", "flows.finetune:finetune_production": "finetune",
+             "flows.stage_flow:finetune_stage": "finetune-stage", "flows.stage_flow:train_node": "finetune-train-node"}
     config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     return {f"{flows[d['entrypoint']]}/{d['name']}" for d in config["deployments"]}
 
