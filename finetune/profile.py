@@ -183,6 +183,9 @@ class DpoConfig(Section):
                                "(Azar et al. 2023), which does not push the margin to infinity.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: the share of pairs assumed "
                                                                   "mislabelled (sigmoid loss only).")
+    rpo_alpha: float = Field(0.0, ge=0, description="RPO: adds this times the chosen response's mean token NLL "
+                                                    "to the loss (TRL's rpo_alpha), so the likelihood of what both "
+                                                    "responses share does not drift; 0: plain DPO / IPO.")
     reference: Literal["adapters_off"] = Field(
         "adapters_off", description="The reference policy: adapters_off trains LoRA adapters (train.lora) and scores "
                                     "the reference with them disabled, so no second model is held in memory.")

@@ -85,7 +85,11 @@ def _padded_concatenated(pairs: list[tuple[list[int], list[int], list[int]]]) ->
     return ids, labels
 
 
-def test_packed_pairs_give_the_padded_concatenated_forward_loss(tmp_path: Path) -> None:
+def _packed_and_padded(tmp_path: Path, section: dict) -> tuple[tuple[torch.Tensor, int, torch.Tensor], torch.Tensor,
+                                                                  torch.Tensor, list[int]]:
+    """A LoRA model's DPOObjective on 7 random pairs packed, and torchtune's LoRA DPO recipe's summed log-probs of
+    the same pairs (concatenated_forward on the padded batch; reference with adapters disabled): (micro_batch's
+    result, policy log-probs [chosen..., rejected...], reference log-probs, each pair's chosen length)."""
     cfg = random_text_config("scout", 5)
     model, _ = _lora_model(cfg, 5, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True,
                            apply_lora_to_output=True)
@@ -96,19 +100,34 @@ def test_packed_pairs_give_the_padded_concatenated_forward_loss(tmp_path: Path) 
     write_meta(tmp_path, 40, 0, {"train": {}})
     dataset = PackedDataset(tmp_path, "train")
     batch = collate_pairs([dataset[i] for i in range(len(dataset))])
-    section = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "reference": "adapters_off"}
-    loss, count, stats = DPOObjective(section, model).micro_batch(batch)
+    result = DPOObjective(section, model).micro_batch(batch)
 
-    # torchtune's LoRA DPO recipe: concatenated_forward on the padded batch, reference with adapters disabled.
-    ids, labels = _padded_concatenated([pairs[i] for i in packed.doc_order.tolist()])
+    ordered = [pairs[i] for i in packed.doc_order.tolist()]
+    ids, labels = _padded_concatenated(ordered)
     logps = rlhf.get_batch_log_probs(model(ids), labels)
     with torch.no_grad(), disable_adapter(model):
         reference = rlhf.get_batch_log_probs(model(ids), labels)
-    half = len(pairs)
+    return result, logps, reference, [len(chosen) for _, chosen, _ in ordered]
+
+
+def test_packed_pairs_give_the_padded_concatenated_forward_loss(tmp_path: Path) -> None:
+    section = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "reference": "adapters_off"}
+    (loss, count, stats), logps, reference, _ = _packed_and_padded(tmp_path, section)
+    half = count
     losses, _, _ = DPOLoss(beta=0.1)(logps[:half], logps[half:], reference[:half], reference[half:])
-    assert count == len(pairs)
+    assert count == 7
     assert abs(float(loss) - float(losses.sum())) < 1e-6
     assert abs(float(stats[4]) - float(logps[:half].sum())) < 1e-3  # summed chosen log-probs agree too
+
+
+def test_rpo_adds_alpha_times_the_chosen_responses_mean_token_nll(tmp_path: Path) -> None:
+    section = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.5, "reference": "adapters_off"}
+    (loss, count, _), logps, reference, chosen_lengths = _packed_and_padded(tmp_path, section)
+    half = count
+    dpo_losses, _, _ = DPOLoss(beta=0.1)(logps[:half], logps[half:], reference[:half], reference[half:])
+    nll = -logps[:half] / torch.tensor(chosen_lengths, dtype=logps.dtype)  # per pair: mean over its chosen tokens
+    assert float(nll.min()) > 0
+    assert abs(float(loss) - float((dpo_losses + 0.5 * nll).sum())) < 1e-5
 
 
 def test_adapters_off_reference_is_the_base_model_experts_included() -> None:

@@ -9,6 +9,11 @@ Losses: ``sigmoid`` is torchtune 0.6.1's ``DPOLoss`` (beta, label_smoothing); ``
 "A General Theoretical Paradigm to Understand Learning from Human Preferences", eq. 17): the squared distance of the
 log-ratio margin from 1 / (2 beta), on the same summed log-probabilities.
 
+RPO (``rpo_alpha`` > 0): DPO plus alpha times the chosen response's NLL (mean over its learned tokens), as TRL's
+``DPOConfig.rpo_alpha`` (the RPO paper: Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733). DPO alone gives no
+gradient to tokens the chosen and rejected responses share, so their likelihood drifts; the NLL term holds it. Per
+pair, then averaged over pairs (TRL averages over the batch's chosen tokens; the same with equal lengths).
+
 Reference (``reference: adapters_off``): the policy's own forward with its LoRA adapters disabled (torchtune's
 ``disable_adapter``), under no_grad: the frozen base is the reference, and no second model is held.
 """
@@ -85,6 +90,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Te
     return sums.index_add(0, owner[learned], picked[learned])
 
 
+def sequence_tokens(labels: torch.Tensor, seq_ids: torch.Tensor, sequences: int) -> torch.Tensor:
+    """How many learned tokens each sequence has (the tokens ``sequence_logps`` sums over) -> [sequences]."""
+    learned = (labels[:, 1:] != IGNORE_INDEX) & (seq_ids[:, 1:] >= 0)
+    owner = seq_ids[:, 1:][learned]
+    return torch.zeros(sequences, dtype=torch.float32, device=labels.device).index_add(
+        0, owner, torch.ones_like(owner, dtype=torch.float32))
+
+
 class DPOObjective:
     """One micro-batch's DPO loss (summed over its pairs) and statistics, for the recipe's step."""
 
@@ -92,6 +105,7 @@ class DPOObjective:
         if section["reference"] not in REFERENCES:
             raise ValueError(f"dpo.reference must be one of {', '.join(REFERENCES)}, got {section['reference']!r}")
         self.loss = make_loss(section)
+        self.rpo_alpha = float(section.get("rpo_alpha") or 0.0)
         self.model = model
 
     def forward_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +124,9 @@ class DPOObjective:
         reference = self.reference_logps(batch)
         chosen, rejected = self.forward_logps(batch)
         losses, chosen_rewards, rejected_rewards = self.loss(chosen, rejected, *reference)
+        if self.rpo_alpha:
+            tokens = sequence_tokens(batch["labels"], batch["seq_ids"], 2 * chosen.numel())[0::2]
+            losses = losses + self.rpo_alpha * (-chosen / tokens.clamp(min=1))
         stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
                              (chosen_rewards > rejected_rewards).float().sum(),
                              (chosen_rewards - rejected_rewards).sum(),
