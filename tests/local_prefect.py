@@ -73,7 +73,7 @@ class LocalPrefect:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
+        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=90)  # a loaded 2-core server
         response.raise_for_status()
         return response.json() if response.content else None
 

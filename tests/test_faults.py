@@ -509,6 +509,8 @@ VOLATILE = {
     "quantize": {"tables.json"},
     "benchmark": {"results.json", "tables.json", "latency_vs_throughput.png"},
 }
+# Whole folders of measurements: `vllm bench serve`'s result per level (throughputs and latencies).
+VOLATILE_PREFIXES = {"benchmark": ("vllm-bench/",)}
 # DCP writes the checkpoint's absolute path and a random save id into `.metadata` (tensors are in *.distcp); gzip
 # headers carry the write time; server logs carry timestamps.
 VOLATILE_SUFFIXES = (".metadata", ".log", ".jsonl.gz", ".distcp")
@@ -541,6 +543,8 @@ def _same_meaning(stage: str, name: str, mine: Path, theirs: Path, roots: tuple[
         def scores(path: Path) -> Any:
             return json.loads(path.read_text())["results"]
         assert scores(mine) == scores(theirs)
+    elif name.startswith(VOLATILE_PREFIXES.get(stage, ())):
+        assert sorted(json.loads(mine.read_text())) == sorted(json.loads(theirs.read_text())), name
     elif stage == "benchmark" and name == "results.json":
         def shape(path: Path) -> Any:
             data = json.loads(path.read_text())
@@ -571,7 +575,8 @@ def assert_same_result(store: Path, reference: Reference, slot: str) -> None:
     assert set(mine) == set(theirs), (f"{slot}: different files: only in this run {sorted(set(mine) - set(theirs))}, "
                                       f"only in the uninterrupted run {sorted(set(theirs) - set(mine))}")
     for name in mine:
-        if name in VOLATILE.get(stage, ()) or name.endswith(VOLATILE_SUFFIXES):
+        if (name in VOLATILE.get(stage, ()) or name.endswith(VOLATILE_SUFFIXES)
+                or name.startswith(VOLATILE_PREFIXES.get(stage, ()))):
             _same_meaning(stage, name, store / stage / key / name, reference.store / stage / key / name,
                           (store, reference.store))
         else:
