@@ -82,11 +82,10 @@ def _wait_for_lines(path: Path, count: int, watched: Watched, timeout: float = 3
     raise AssertionError(f"training never reached step {count}:\n{watched.tail()}")
 
 
-# The second campaign leaves the benchmarks out: their reruns (a server start each) cost as much as the rest of a
-# campaign. Seed 0 kills training just after step 4 (inside the save of step 4's checkpoint or the pruning of step
-# 2's), seed 3 in step 4 (resumed from step 2's).
-@pytest.mark.parametrize("seed,order", [(0, ORDER), (3, ORDER[:ORDER.index("quantize") + 1])],
-                         ids=["seed0-all-stages", "seed3-to-quantize"])
+# Seed 0 kills training just after step 4 (inside the save of step 4's checkpoint or the pruning of step 2's). A
+# second campaign (seed 3, to quantize: a kill inside step 4, resumed from step 2's checkpoint) was retired for CI
+# time: tests/test_train.py's off-schedule interruption test covers a resume from an earlier checkpoint exactly.
+@pytest.mark.parametrize("seed,order", [(0, ORDER)], ids=["seed0-all-stages"])
 def test_sigkill_at_random_points_in_every_stage_then_rerun_matches_an_uninterrupted_run(
         reference: Reference, tmp_path: Path, seed: int, order: list[str]) -> None:
     rng = random.Random(seed)
