@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import gzip
 import json
 import logging
@@ -509,8 +510,8 @@ VOLATILE = {
     "quantize": {"tables.json"},
     "benchmark": {"results.json", "tables.json", "latency_vs_throughput.png"},
 }
-# Whole folders of measurements: `vllm bench serve`'s result per level (throughputs and latencies).
-VOLATILE_PREFIXES = {"benchmark": ("vllm-bench/",)}
+# Measurements in files of their own: `vllm bench serve`'s result per level (throughputs and latencies).
+VOLATILE_PATTERNS = {"benchmark": ("vllm-bench/*.json",)}
 # DCP writes the checkpoint's absolute path and a random save id into `.metadata` (tensors are in *.distcp); gzip
 # headers carry the write time; server logs carry timestamps.
 VOLATILE_SUFFIXES = (".metadata", ".log", ".jsonl.gz", ".distcp")
@@ -543,13 +544,17 @@ def _same_meaning(stage: str, name: str, mine: Path, theirs: Path, roots: tuple[
         def scores(path: Path) -> Any:
             return json.loads(path.read_text())["results"]
         assert scores(mine) == scores(theirs)
-    elif name.startswith(VOLATILE_PREFIXES.get(stage, ())):
+    elif _volatile_pattern(stage, name):
         assert sorted(json.loads(mine.read_text())) == sorted(json.loads(theirs.read_text())), name
     elif stage == "benchmark" and name == "results.json":
         def shape(path: Path) -> Any:
             data = json.loads(path.read_text())
             return data["config"], data["workload"], sorted(data["models"])
         assert shape(mine) == shape(theirs)
+
+
+def _volatile_pattern(stage: str, name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in VOLATILE_PATTERNS.get(stage, ()))
 
 
 def _dcp_values(checkpoint: Path) -> dict[str, Any]:
@@ -576,7 +581,7 @@ def assert_same_result(store: Path, reference: Reference, slot: str) -> None:
                                       f"only in the uninterrupted run {sorted(set(theirs) - set(mine))}")
     for name in mine:
         if (name in VOLATILE.get(stage, ()) or name.endswith(VOLATILE_SUFFIXES)
-                or name.startswith(VOLATILE_PREFIXES.get(stage, ()))):
+                or _volatile_pattern(stage, name)):
             _same_meaning(stage, name, store / stage / key / name, reference.store / stage / key / name,
                           (store, reference.store))
         else:
