@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from finetune import notice
+from finetune import notice, spot_notice
 from finetune.orchestrator import COOKIE_VAR
 from finetune.stage import Preempted
 from tests.conftest import isolated_env, parse_summary, run_cli
@@ -141,10 +141,15 @@ def test_each_clouds_metadata_notice_then_one_that_does_not_fit_each_resume(inpu
     nothing is saved on it, the time-based checkpoint is what remains), then a rerun to the end."""
     work = tmp_path / "work"
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    steps = 48  # a notice takes up to a second to act on: a few of these 0.2 s steps go by meanwhile
+    # The AWS and Azure pollers look once a POLL_S; on a fast machine a 1 s poll lets ~25 steps of the tiny model go
+    # by before the notice is acted on, and the four drills then run out of steps (CI saw the no-fit drill start at
+    # step 46 of 48). Polled every 0.2 s here, the drills stay a few steps apart whatever the machine's speed.
+    monkeypatch.setattr(spot_notice, "POLL_S", 0.2)
+    steps = 64
     base = [f"train.max_steps={steps}", "train.checkpoint_every_steps=100000"]
     resume_at = 0
     for cloud in ["aws", "gcp", "azure", "no-fit"]:
+        assert resume_at + SIGNAL_AT_STEP + 4 < steps, f"no steps left for the {cloud} drill (resumes at {resume_at})"
         monkeypatch.setattr(notice, "_state", notice._State())  # a fresh process's state: no notice yet
         server = SERVERS["aws" if cloud == "no-fit" else cloud]()
         overrides = [*base, f"train.spot_notice={server.cloud}", f"train.spot_notice_url={server.url}"]
