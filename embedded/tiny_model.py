@@ -25,6 +25,7 @@ import torch
 from transformers import GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
 
 from embedded import tokenizer as tiny_tokenizer
+from llama4tune.models import TINY_TEXT_CONFIG
 
 _BPE_IDS = {name: i for i, name in enumerate(tiny_tokenizer.NAMED_SPECIAL_TOKENS)}
 BOS_ID = _BPE_IDS[tiny_tokenizer.BOS]
@@ -32,41 +33,6 @@ EOS_ID = _BPE_IDS[tiny_tokenizer.EOS]
 EOT_ID = _BPE_IDS[tiny_tokenizer.EOT]
 PAD_ID = _BPE_IDS[tiny_tokenizer.PAD]
 
-# The one source of the tiny architecture's numbers (Llama4TextConfig field names), shared with
-# the torchtune builder `llama4_tiny`. Sizes chosen by measurement (module docstring).
-TINY_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": tiny_tokenizer.VOCAB_SIZE,
-    "hidden_size": 128,
-    "intermediate_size": 256,  # per routed expert and the shared expert
-    "intermediate_size_mlp": 256,  # dense FFN layers (none while every layer is MoE)
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "hidden_act": "silu",
-    "max_position_embeddings": 2048,
-    "initializer_range": 0.02,
-    "rms_norm_eps": 1e-5,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 1,
-    "interleave_moe_layer_step": 1,  # every layer MoE, as in Scout
-    "use_qk_norm": True,  # L2 norm on q/k of RoPE layers only
-    "no_rope_layers": [1, 1, 1, 0],  # 1 = RoPE + chunked local attention, 0 = NoPE global attention
-    "no_rope_layer_interval": 4,
-    "attention_chunk_size": 64,  # below the packed training length so chunking is exercised
-    "attn_temperature_tuning": True,  # NoPE layers scale q by 1 + attn_scale*log1p(floor((pos+1)/floor_scale))
-    "floor_scale": 64,  # real models use 8192; 64 makes the scaling change within short sequences
-    "attn_scale": 0.1,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "router_aux_loss_coef": 0.001,
-    "router_jitter_noise": 0.0,
-    "bos_token_id": BOS_ID,
-    "eos_token_id": [EOS_ID, EOT_ID],
-    "pad_token_id": PAD_ID,
-}
 
 
 def tiny_text_config() -> Llama4TextConfig:
@@ -119,6 +85,9 @@ def build_tiny_model(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
         raise FileExistsError(f"tiny model output {out_dir} already exists; refusing to overwrite it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     bpe = tiny_tokenizer.train_shipped_bpe()
+    ids = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, EOT_ID], "pad_token_id": PAD_ID}
+    if any(TINY_TEXT_CONFIG[name] != value for name, value in ids.items()):
+        raise RuntimeError(f"the tokenizer's special token ids {ids} differ from llama4tune.models.TINY_TEXT_CONFIG's")
     if bpe.get_vocab_size() != TINY_TEXT_CONFIG["vocab_size"]:
         raise RuntimeError(
             f"tokenizer has {bpe.get_vocab_size()} tokens but TINY_TEXT_CONFIG['vocab_size'] is "

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from embedded.dataset import read_split
-from finetune.tool_calls import TOOLS_PREAMBLE
+from llama4tune.tool_calls import TOOLS_PREAMBLE
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -49,7 +49,7 @@ O200K_PATTERN = "|".join(
 
 # Llama 4's format (its tokenizer_config's template without images): BOS once, then per message a header, two
 # newlines, the trimmed content and <|eot|>; tool output under the `ipython` header. Tools and tool calls follow
-# vLLM's llama4_pythonic format exactly as finetune/tool_calls.py renders training data (definitions after a preamble in
+# vLLM's llama4_pythonic format exactly as llama4tune/tool_calls.py renders training data (definitions after a preamble in
 # the system message, an assistant call turn is `[name(arg=<Python literal>, ...)]`), so a served model is prompted
 # as it was trained. `pyval` writes a JSON value as tool_calls.python_literal does.
 CHAT_TEMPLATE = (

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torchtune import training
 from torchtune.training.checkpointing import FormattedCheckpointFiles, get_largest_iter_folder
 
-from finetune.checkpoint_pickle import torch_load
+from llama4tune.checkpoint_pickle import torch_load
 from llama4tune.config import Llama4TextArgs, load_text_args, text_config_dict
 from llama4tune.convert import hf_to_tune_key, is_multimodal_only_key, tune_to_hf_key, tune_to_peft_key
 from llama4tune.peft import CONFIG_FILE as PEFT_CONFIG

@@ -60,11 +60,46 @@ MAVERICK_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
     }
 )
 
-def _tiny_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The embedded tiny model's architecture (embedded.tiny_model.TINY_TEXT_CONFIG, the single source
-    of its numbers) with HF-named overrides. Imported lazily: that module pulls in transformers."""
-    from embedded.tiny_model import TINY_TEXT_CONFIG
+# The embedded tiny model (embedded/tiny_model.py builds its weights): the one source of its numbers, in
+# Llama4TextConfig field names. Sizes chosen by measurement (that module's docstring); the vocabulary and special
+# token ids are the embedded tokenizer's (embedded/tokenizer.py), which building the model checks.
+TINY_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType({
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,  # per routed expert and the shared expert
+    "intermediate_size_mlp": 256,  # dense FFN layers (none while every layer is MoE)
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-5,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 1,  # every layer MoE, as in Scout
+    "use_qk_norm": True,  # L2 norm on q/k of RoPE layers only
+    "no_rope_layers": [1, 1, 1, 0],  # 1 = RoPE + chunked local attention, 0 = NoPE global attention
+    "no_rope_layer_interval": 4,
+    "attention_chunk_size": 64,  # below the packed training length so chunking is exercised
+    "attn_temperature_tuning": True,  # NoPE layers scale q by 1 + attn_scale*log1p(floor((pos+1)/floor_scale))
+    "floor_scale": 64,  # real models use 8192; 64 makes the scaling change within short sequences
+    "attn_scale": 0.1,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "router_aux_loss_coef": 0.001,
+    "router_jitter_noise": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": [1, 4],  # <|end_of_text|>, <|eot|>
+    "pad_token_id": 5,
+})
 
+
+def _tiny_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The embedded tiny model's architecture (TINY_TEXT_CONFIG) with HF-named overrides."""
     math_fields = {f.name for f in dataclasses.fields(Llama4TextArgs)} | EXTRA_HF_KEYS
     return {**{k: v for k, v in TINY_TEXT_CONFIG.items() if k in math_fields}, **overrides}
 
@@ -80,7 +115,7 @@ def llama4_maverick_17b_128e(*, max_seq_len: int = 8192, use_grouped_mm: bool = 
 
 
 def llama4_tiny(*, max_seq_len: int | None = None, use_grouped_mm: bool = True, **overrides: Any) -> TransformerDecoder:
-    """The embedded tiny Llama 4 (embedded.tiny_model.TINY_TEXT_CONFIG), HF-named fields overridable."""
+    """The embedded tiny Llama 4 (TINY_TEXT_CONFIG), HF-named fields overridable."""
     return llama4_decoder(max_seq_len=max_seq_len, use_grouped_mm=use_grouped_mm, **_tiny_config(overrides))
 
 

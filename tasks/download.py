@@ -259,7 +259,7 @@ def normalize_config(workdir: Path) -> list[dict[str, Any]]:
 def ensure_chat_template(workdir: Path) -> list[dict[str, Any]]:
     """A base repo ships no chat template (transformers' convert script writes one only for instruct repos), yet chat
     data is packed and served with one: give it Llama 4's chat format (the embedded template: Llama 4's headers and
-    tokens, tool calls as finetune.tool_calls renders them). The published file moves to ``as-published/``."""
+    tokens, tool calls as llama4tune.tool_calls renders them). The published file moves to ``as-published/``."""
     path = workdir / "tokenizer_config.json"
     if not path.is_file():
         return []  # check_readable names the missing tokenizer

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from finetune.checkpoint_pickle import UnsafeCheckpointError, read_dcp_metadata
+from llama4tune.checkpoint_pickle import UnsafeCheckpointError, read_dcp_metadata
 from finetune.stage import PermanentError
 from tasks.convert.sources import DcpSource
 from tunerecipes import checkpointing as ckpt

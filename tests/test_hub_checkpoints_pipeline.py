@@ -47,7 +47,7 @@ def run_pipeline(model: Path, store: Path) -> dict[str, Artifact]:
 
 def trained_model(download: Path, train: Path) -> torch.nn.Module:
     """The train artifact's final weights (DCP of {"model": state_dict}) in llama4tune's model, read as data only."""
-    from finetune.checkpoint_pickle import load_dcp
+    from llama4tune.checkpoint_pickle import load_dcp
     from llama4tune import llama4_from_hf_config
     from tunerecipes.checkpoint_layout import FINAL_DIR
 

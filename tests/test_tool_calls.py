@@ -20,7 +20,7 @@ from finetune.packed_dataset import PackedDataset
 from finetune.profile import load_profile
 from finetune.stage import StageContext
 from finetune.store import Artifact
-from finetune.tool_calls import python_literal, render_calls
+from llama4tune.tool_calls import python_literal, render_calls
 from tasks.pack.chat import load_tokenizer
 from tasks.pack.records import BadRecord, to_messages
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from finetune.checkpoint_pickle import UnsafeCheckpointError, load_dcp, read_dcp_metadata
+from llama4tune.checkpoint_pickle import UnsafeCheckpointError, load_dcp, read_dcp_metadata
 from tunerecipes.checkpoint_layout import METADATA, TMP_PREFIX, complete_checkpoints, discard, is_complete
 from tunerecipes.report import RecipeError
 

@@ -84,9 +84,9 @@ def model_config(profile: Profile) -> ModelConfig:
     model = profile.model
     vision = VISION_PARAMS if model.multimodal else 0.0
     if model.source == "embedded":
-        from embedded.tiny_model import TINY_TEXT_CONFIG
+        from llama4tune.models import TINY_TEXT_CONFIG
 
-        return ModelConfig(dict(TINY_TEXT_CONFIG), "embedded tiny model (embedded/tiny_model.py)", 0.0)
+        return ModelConfig(dict(TINY_TEXT_CONFIG), "embedded tiny model (llama4tune/models.py TINY_TEXT_CONFIG)", 0.0)
     local = _local_config_file(profile)
     if local is not None:
         text, multimodal = text_config_dict(local)

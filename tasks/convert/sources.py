@@ -5,7 +5,7 @@ Two layouts: torch Distributed Checkpoint (DCP: ``.metadata`` plus ``*.distcp`` 
 checkpoint far larger than memory one group of tensors at a time. Both also tell where a tensor's raw bytes lie in
 their files (``byte_ranges``), so a converter can copy or cast them without decoding the tensor into memory.
 
-DCP's ``.metadata`` is a pickle: it is read with finetune/checkpoint_pickle.py's unpickler, which only admits DCP's
+DCP's ``.metadata`` is a pickle: it is read with llama4tune/checkpoint_pickle.py's unpickler, which only admits DCP's
 own metadata classes, so a crafted checkpoint cannot run code. Tensor payloads are located by
 tasks/convert/torchsave.py (which executes nothing from the archive), or, when a payload is not plain bytes, read by
 DCP with ``torch.load(weights_only=True)``.
@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from finetune.checkpoint_pickle import SafeFileSystemReader, UnsafeCheckpointError, load_dcp
-from finetune.checkpoint_pickle import read_dcp_metadata as read_metadata_file
+from llama4tune.checkpoint_pickle import SafeFileSystemReader, UnsafeCheckpointError, load_dcp
+from llama4tune.checkpoint_pickle import read_dcp_metadata as read_metadata_file
 from finetune.stage import PermanentError
 from tunerecipes.checkpoint_layout import METADATA
 

@@ -7,7 +7,7 @@ problem, excerpt), so none is lost to a count.
 
 Tool calls (OpenAI ``tool_calls`` / legacy ``function_call`` on assistant messages, ``tool``/``function`` results,
 a record's ``tools``; ShareGPT ``function_call`` / ``observation`` turns) become plain messages in one format,
-vLLM's llama4_pythonic (finetune/tool_calls.py): a call the parser could not read back drops the record.
+vLLM's llama4_pythonic (llama4tune/tool_calls.py): a call the parser could not read back drops the record.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import IO, Any, Literal
 from finetune.data_sources import Record
 from finetune.profile import DataFormat
 from finetune.stage import PermanentError
-from finetune.tool_calls import Unrenderable, render_calls, system_with_tools, tool_definitions, tool_result
+from llama4tune.tool_calls import Unrenderable, render_calls, system_with_tools, tool_definitions, tool_result
 
 Messages = list[dict[str, str]]
 # Reasons a record is dropped (the keys of the 'dropped' metrics; a line that does not parse is dropped as

@@ -14,7 +14,7 @@ import yaml
 from finetune.hashing import hash_json
 from finetune.profile import Profile
 from finetune.store import Artifact
-from finetune.tool_calls import SERVE_FLAGS, TOOL_CALL_PARSER
+from llama4tune.tool_calls import SERVE_FLAGS, TOOL_CALL_PARSER
 from tasks.run_report import result_sections
 
 LICENSE_LINK = "https://github.com/meta-llama/llama-models/blob/main/models/llama4/LICENSE"

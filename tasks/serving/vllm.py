@@ -21,7 +21,7 @@ import psutil
 
 from finetune.profile import BenchmarkConfig, Profile
 from finetune.stage import PermanentError
-from finetune.tool_calls import SERVE_FLAGS
+from llama4tune.tool_calls import SERVE_FLAGS
 from tasks.serving.vllm_env import BUILDS, VllmCli, cache_root
 
 MIN_VERSION = BUILDS["cuda"].floor  # the GPU release deployments/locks/check.py pins
@@ -101,7 +101,7 @@ def serve_args(model_dir: Path, port: int, cfg: BenchmarkConfig, platform: str, 
     - KV cache: on GPUs a share of GPU memory; on CPU a size in bytes (vLLM's CPU default is 4 GiB).
     - CPU servers run eagerly: compiling takes ~90 s more per start (131 s vs 43 s measured), which a tiny model's
       benchmark never wins back.
-    - Tool calling is on, with the parser of the format pack trains calls in (finetune.tool_calls)."""
+    - Tool calling is on, with the parser of the format pack trains calls in (llama4tune.tool_calls)."""
     shape = model_shape(model_dir)
     max_len = max_model_len(shape, cfg)
     dtype = "float32" if evaluation and platform == "cpu" else "auto"
