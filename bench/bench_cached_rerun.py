@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = bench_env(args.work)
-    run = [sys.executable, "-m", "finetune.cli", "run", "--profile", "tiny-cpu", "--json"]
+    run = [sys.executable, "-m", "entrypoints.cli", "run", "--profile", "tiny-cpu", "--json"]
 
     setup_s, stdout = timed(run, env)  # computes what is missing, a no-op when --work already holds a run
     print(f"setup run: {setup_s:.1f} s, {sum(not c for c in cached_stages(stdout).values())} stages computed")

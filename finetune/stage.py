@@ -19,7 +19,7 @@ from typing import Any
 
 from finetune.hashing import hash_json
 from finetune.profile import Profile
-from finetune.stage_lock import Lease, LeaseLost, LockTimeout, ServerLease, identity, stage_lock
+from finetune.stage_lock import Lease, LeaseLost, LockTimeout, ServerLease, ServerLock, identity, stage_lock
 from finetune.store import Artifact, Store, atomic_file, now_iso
 
 TABLES_FILE = "tables.json"
@@ -50,7 +50,7 @@ class StageContext:
     stop: threading.Event | None = None
     """Set when the stage lost its lock (a remote store's lease): its child processes must stop at once."""
     server_lease: ServerLease | None = None
-    """The key's server lease, which work the stage hands to other machines renews (tasks/train/pool.py)."""
+    """The key's server lease, which work the stage hands to other machines renews (flows/node_runs.py)."""
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,14 @@ def execute_stage(
     log_fn: Callable[[str], None] = log.info,
     progress: Callable[[float, str], None] = lambda fraction, message: None,
     run: str = "",
+    server_lock: ServerLock | None = None,
 ) -> tuple[Artifact, dict[str, list[dict[str, Any]]]]:
     """Run one stage unless a verified artifact with its key exists. Returns the artifact and the UI tables.
 
     Only the holder of the key's lock computes (finetune/stage_lock.py): while another run (``run`` names this one
     in what the other logs) computes the key, this call waits up to ``retries.lock_timeout_s`` and then returns that
     run's artifact, or computes the stage itself if that run failed. ``artifact.timings["computed_by"]`` says who
-    computed it (``stage_lock.identity(run)``)."""
+    computed it (``stage_lock.identity(run)``). Orchestration passes its ``server_lock`` (flows/server_lease.py)."""
     key = key or stage_key(spec, profile, inputs)
     existing = store.verified_artifact(spec.name, key)
     if existing is not None:
@@ -127,7 +128,7 @@ def execute_stage(
     owner = identity(run)
     try:
         with stage_lock(store, spec.name, key, owner=owner, timeout_s=profile.retries.lock_timeout_s, log=log_fn,
-                        progress=progress, server_lease_s=profile.retries.lock_lease_s) as lease:
+                        progress=progress, server_lock=server_lock) as lease:
             existing = store.verified_artifact(spec.name, key)
             if existing is not None:  # the run we waited for finished it
                 log_fn(f"{spec.name} {key[:12]}: taking the artifact "

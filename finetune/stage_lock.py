@@ -24,15 +24,13 @@ run sharing artifacts shares anyway:
 
 The lock file holds who holds it (run, pid, host, since), which the waiting run logs and shows as its progress.
 
-- **Through a Prefect server** (``PREFECT_API_URL`` set; the ephemeral API does not run the lease-expiry service), a
-  global concurrency limit is taken first, then the store's lock above as well (see ``_server_limit``). Both hold
-  for the block; losing either stops the trainers. The server lock serializes runs on different machines that reach
-  the store by different paths or through an object store without compare-and-swap; the store lock still guards
-  against a run that does not use the server (``finetune run`` with the ephemeral API on the same store) and, on a
-  local store, keeps the key locked while a killed run's trainer is still saving (the server's lease expires after
-  its duration whether or not that trainer is gone). Work a stage hands to other machines (``train.launcher:
-  prefect-pool`` node runs) gets the ``ServerLease`` and renews it while it runs (``renew_server_lease``), so the key
-  stays taken while any node trains even after the run that took it was killed; a node that cannot renew stops.
+- **Through a Prefect server**, the caller (orchestration: flows/server_lease.py) passes a ``ServerLock``: a global
+  concurrency limit is taken first, then the store's lock above as well. Both hold for the block; losing either stops
+  the trainers. The server lock serializes runs on different machines that reach the store by different paths or
+  through an object store without compare-and-swap; the store lock still guards against a run that does not use the
+  server (``finetune run`` with the ephemeral API on the same store) and, on a local store, keeps the key locked
+  while a killed run's trainer is still saving (the server's lease expires after its duration whether or not that
+  trainer is gone). This module imports no Prefect: the core takes its locks from its caller.
 """
 
 from __future__ import annotations
@@ -48,17 +46,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from uuid import UUID
-
-import httpx
-from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
-from prefect.context import FlowRunContext
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.settings import get_current_settings
+from typing import Any, Protocol
 
 from finetune.store import Store, now_iso
 
@@ -66,14 +54,20 @@ LOCKS_DIR = ".locks"
 POLL_S = 1.0
 LEASE_TTL_S = 60.0
 SETTLE_S = 2.0
-SERVER_LEASE_S = 120.0
-"""A server lease's duration (the server accepts 60 s to a day): a killed holder's stage is free this long after its
-last renewal (plus the server's ``repossessor.loop_seconds``, 15 s by default); a holder that cannot renew for half
-of it stops its trainers."""
 
 
 Waiter = Callable[[Callable[[], "dict[str, Any] | None"]], None]
 """Calls an attempt to take a lock until it succeeds (returns None) or the wait times out; see ``_wait``."""
+
+
+class ServerLock(Protocol):
+    """Takes a stage key's lock on an orchestration server (flows/server_lease.py) for the block: waits through
+    ``wait`` (bounded and reported like the store's lock), sets ``lost`` when the server lease cannot be kept, and
+    asks ``read_holder`` whom it waits for."""
+
+    def __call__(self, stage: str, key: str, where: str, log: Callable[[str], None], wait: Waiter,
+                 lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None],
+                 ) -> contextlib.AbstractContextManager[ServerLease]: ...
 
 
 class LockTimeout(TimeoutError):
@@ -88,12 +82,14 @@ class LeaseLost(RuntimeError):
 @dataclass(frozen=True)
 class ServerLease:
     """A server lease on a stage key's limit, as a stage hands it to processes on other machines that compute for it
-    (pool node runs, tasks/train/pool.py): they renew it while they work (``renew_server_lease``), so the key stays
+    (pool node runs, flows/node_runs.py): they renew it while they work (``renew_server_lease``), so the key stays
     taken as long as any of them lives, even when the run that took it was killed."""
 
     name: str
     lease_id: str
     lease_s: float
+    describe: str = ""
+    """What holds it, as the stage's log says (the limit and the server)."""
 
 
 @dataclass
@@ -116,9 +112,10 @@ def stage_lock(
     store: Store, stage: str, key: str, *, owner: str, timeout_s: float | None,
     log: Callable[[str], None], progress: Callable[[float, str], None],
     poll_s: float = POLL_S, ttl_s: float = LEASE_TTL_S, settle_s: float = SETTLE_S,
-    server_lease_s: float = SERVER_LEASE_S,
+    server_lock: ServerLock | None = None,
 ) -> Iterator[Lease]:
-    """Hold the lock of ``<stage>/<key>`` for the block, waiting up to ``timeout_s`` (None: as long as it takes)."""
+    """Hold the lock of ``<stage>/<key>`` for the block, waiting up to ``timeout_s`` (None: as long as it takes);
+    with ``server_lock``, the server's first."""
     holder = {"owner": owner, "since": now_iso()}
     where = f"{stage} {key[:12]}"
     lost = threading.Event()
@@ -138,155 +135,14 @@ def stage_lock(
 
     backend = f"flock on {path}" if store.is_local else f"lease file {path} (ttl {ttl_s:g} s)"
     with contextlib.ExitStack() as stack:
-        api_url = get_current_settings().api.url
         server = None
-        if api_url:  # a real server: the ephemeral API (no URL) never revokes a dead holder's lease
-            name = limit_name(stage, key)
-            server = stack.enter_context(_server_limit(name, where, log, wait, server_lease_s, lost, read_holder))
-            backend = (f"Prefect global concurrency limit {name} on {api_url} (lease {server_lease_s:g} s), "
-                       f"and {backend}")
+        if server_lock is not None:
+            server = stack.enter_context(server_lock(stage, key, where, log, wait, lost, read_holder))
+            backend = f"{server.describe}, and {backend}"
         lease = stack.enter_context(store_lock())
         lease.server = server
         log(f"{where}: computing under {backend}")
         yield lease
-
-
-def limit_name(stage: str, key: str) -> str:
-    """The global concurrency limit of a stage key. Not tied to the store: two stores reached by different paths
-    are told apart by nothing reliable, and two runs on truly different stores only wait for each other once."""
-    return f"finetune-key-{stage}-{key[:16]}"
-
-
-@contextlib.contextmanager
-def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waiter, lease_s: float,
-                  lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None]) -> Iterator[ServerLease]:
-    """Hold the one slot of the global concurrency limit ``name`` (created on demand, deleted after) with a lease.
-
-    Built from the client calls ``prefect.concurrency.sync.concurrency(name, strict=True, lease_duration=...)`` makes,
-    not from it: its acquisition waits without saying for whom and cannot be bounded while reporting; and it renews
-    at 3/4 of the lease and, when renewal fails, cancels the calling thread after three attempts, possibly after the
-    server already gave the slot away and without stopping the trainers (child processes). Here renewal runs every
-    quarter of the lease (``_renewing``), and half a lease without one sets ``lost``.
-    """
-    lease_id: UUID | None = None
-    last_holder: dict[str, Any] = {}
-    with get_client(sync_client=True) as client:
-        def attempt() -> dict[str, Any] | None:
-            nonlocal lease_id
-            for _ in range(2):
-                try:
-                    response = client.increment_concurrency_slots_with_lease(
-                        names=[name], slots=1, mode="concurrency", lease_duration=lease_s, holder=_flow_run_holder())
-                except httpx.HTTPStatusError as exc:
-                    if exc.response.status_code != 423:  # 423 Locked: the one slot is taken
-                        raise
-                    last_holder.update(read_holder() or {})  # empty while the holder takes or leaves the store lock
-                    return dict(last_holder)
-                granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-                if granted.limits:
-                    lease_id = granted.lease_id
-                    return None
-                # No such limit (strict: never run without it): create it. Not before every increment: the server
-                # logs each refused duplicate with a traceback.
-                with contextlib.suppress(ObjectAlreadyExists):
-                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            return dict(last_holder)  # deleted again by a run that took and finished it meanwhile: next poll
-
-        wait(attempt)
-        assert lease_id is not None
-        server = ServerLease(name=name, lease_id=str(lease_id), lease_s=lease_s)
-        try:
-            with _renewing(server, where, log, lost):
-                yield server
-        finally:
-            _release_limit(client, name, lease_id, lease_s, lost, where, log)
-
-
-@contextlib.contextmanager
-def renew_server_lease(server: ServerLease, where: str, log: Callable[[str], None]) -> Iterator[threading.Event]:
-    """Keep another process's server lease alive while the block runs (a pool node run's trainer) and yield the
-    event set when it is lost (revoked, or not renewed for half a lease): the block must stop its work then, as the
-    holder would. Renewed once up front, so work never starts on a lease that is already gone. Never released here:
-    the run that took it releases it, or, if that run is dead, it expires ``lease_s`` after the last renewal."""
-    lost = threading.Event()
-    with get_client(sync_client=True) as client:
-        try:
-            client.renew_concurrency_lease(UUID(server.lease_id), lease_duration=server.lease_s)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code not in (404, 410):
-                raise
-            raise LeaseLost(f"{where}: the lease on {server.name} is gone (the run that took it released it, or "
-                            "it expired): not starting") from exc
-    with _renewing(server, where, log, lost):
-        yield lost
-
-
-@contextlib.contextmanager
-def _renewing(server: ServerLease, where: str, log: Callable[[str], None], lost: threading.Event) -> Iterator[None]:
-    """Renew ``server`` every quarter of its lease while the block runs; set ``lost`` when the server revoked it or
-    half a lease passed without a renewal, well before the server's lease-expiry service (``repossessor``) can free
-    the slot for another run."""
-    name, lease_id, lease_s = server.name, UUID(server.lease_id), server.lease_s
-    done = threading.Event()
-    renewed = time.monotonic()
-
-    def renew() -> None:
-        nonlocal renewed
-        failing = False
-        with get_client(sync_client=True) as renewer:
-            while not done.wait(min(5.0, lease_s / 8) if failing else lease_s / 4):
-                try:
-                    renewer.renew_concurrency_lease(lease_id, lease_duration=lease_s)
-                    renewed, failing = time.monotonic(), False
-                except httpx.HTTPStatusError as exc:
-                    if exc.response.status_code in (404, 410):  # revoked: another run may hold it already
-                        log(f"{where}: the server revoked our lease on {name}; stopping")
-                        lost.set()
-                        return
-                    log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
-                    failing = True
-                except httpx.HTTPError as exc:  # the server unreachable: retried until the watchdog gives up
-                    log(f"{where}: renewing the lease on {name} failed ({exc}); retrying")
-                    failing = True
-
-    def watchdog() -> None:  # apart from renew(): a request hanging in its own timeout must not delay this
-        while not done.wait(1.0) and not lost.is_set():
-            if time.monotonic() - renewed > lease_s / 2:
-                log(f"{where}: could not renew the lease on {name} for {lease_s / 2:g} s; stopping")
-                lost.set()
-
-    threads = [threading.Thread(target=target, daemon=True, name=f"{target.__name__}-{where}")
-               for target in (renew, watchdog)]
-    for thread in threads:
-        thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        for thread in threads:
-            thread.join(timeout=2)
-
-
-def _release_limit(client: SyncPrefectClient, name: str, lease_id: UUID, lease_s: float, lost: threading.Event,
-                   where: str, log: Callable[[str], None]) -> None:
-    """Delete the limit, then release our slot. Deleted while we still hold its one slot, proven by renewing the
-    lease first: nobody else can hold it then, and a waiter just finds it gone and creates it again. Deleted after
-    the release instead, a waiter could take the freed slot and lose its limit under it, and a third run create a
-    new one and compute beside it. A lost lease leaves the limit to whoever holds it now."""
-    try:
-        if not lost.is_set():
-            client.renew_concurrency_lease(lease_id, lease_duration=lease_s)
-            with contextlib.suppress(ObjectNotFound):
-                client.delete_global_concurrency_limit_by_name(name)
-        client.release_concurrency_slots_with_lease(lease_id)
-    except httpx.HTTPError as exc:  # a leftover limit is reused by the next run; a leftover slot expires with its lease
-        log(f"{where}: could not release {name} ({exc}); its lease expires by itself")
-
-
-def _flow_run_holder() -> ConcurrencyLeaseHolder | None:
-    """The flow run taking the slot, which the server records with the lease."""
-    context = FlowRunContext.get()
-    return ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id) if context and context.flow_run else None
 
 
 def _wait(attempt: Callable[[], dict[str, Any] | None], where: str, timeout_s: float | None,

@@ -15,11 +15,11 @@ import time
 from prefect import get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from finetune.pickup import CrashGrace, NotPickedUp, PickupWatch, pickup_bound_s
 from finetune.profile import Profile
 from finetune.run_params import run_overrides
 from finetune.stage import StageSpec
 from finetune.store import Artifact, Store
+from flows.pickup import CrashGrace, NotPickedUp, PickupWatch, pickup_bound_s
 
 STAGE_FLOW = "finetune-stage"
 DISPATCH_ENV = "FINETUNE_GPU_DISPATCH"
@@ -52,7 +52,7 @@ def dispatch_to_gpu_pool(
     spec: StageSpec, profile: Profile, store: Store, inputs: dict[str, Artifact], key: str, label: str, target: str,
 ) -> Artifact:
     """Run the stage as a flow run of deployment ``target`` and return its verified artifact. The wait says what it
-    waits for and is bounded while no worker takes the run (finetune.pickup)."""
+    waits for and is bounded while no worker takes the run (flows.pickup)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.states import Cancelled

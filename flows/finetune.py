@@ -27,14 +27,15 @@ from finetune.profile import Profile, load_profile, resolved_yaml
 from finetune.run_params import check_attempts, run_overrides
 from finetune.store import Artifact, Store, default_store_url, now_iso
 from flows.dispatch import gpu_pool_target
+from flows.node_runs import check_shared_store
 from flows.pipeline import BENCHMARKS, GATE_BASE, GATE_TUNED, STAGES, Step, spec, stage_keys, steps_until
+from flows.pool_workers import check_pools
 from flows.slots import stage_slots
 from flows.stage_tasks import Payload, StageResult, Submitted, payload_artifact, stage_result, submit_stage
 from tasks.benchmark import report as serving
 from tasks.evaluate.report import RESULTS_FILE, check_gate, compare, markdown_table, recovery, scores
 from tasks.run_report import report_markdown, run_record, write_run_record
 from tasks.tracking import log_results
-from tasks.train.pool import check_shared_store
 
 GATE = "quality-gate"
 """Label of the quality gate's task (tuned vs base) in the run graph and on the console."""
@@ -174,7 +175,7 @@ def _first_line(message: str | None, width: int = 160) -> str:
 def preflight_task(profile: Profile, store_url: str, stages: list[str], planned: dict[str, Any],
                    gpu_pools: list[str]) -> None:
     """What would stop this run, before anything is downloaded or rented (finetune.preflight)."""
-    preflight(profile, Store(store_url), stages, planned, gpu_pools, log=get_run_logger().info)
+    preflight(profile, Store(store_url), stages, planned, gpu_pools, check_pools, log=get_run_logger().info)
 
 
 @task(name=GATE)

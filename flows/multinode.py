@@ -16,9 +16,9 @@ import time
 from finetune.profile import Profile, load_profile
 from finetune.stage import StageContext
 from finetune.store import Store, default_store_url
+from flows.node_runs import ENDPOINT_TIMEOUT_S
 from flows.pipeline import needed, stage_keys
 from tasks.train.launch import external_node_command, launch_trainers
-from tasks.train.pool import ENDPOINT_TIMEOUT_S
 from tunerecipes.checkpoint_layout import CONFIG_FILE
 
 POLL_S = 5.0

@@ -1,54 +1,61 @@
 """The pipeline, defined once: which stage runs under which label and which finished steps it reads.
 
 The ``finetune`` flow submits these steps as a DAG, the multi-node ``join`` computes the train key from it, and the
-fault tests drive stages through it, so every path agrees on the dependencies and on the keys.
+fault tests drive stages through it, so every path agrees on the dependencies and on the keys. Each step names its
+stage's ``StageSpec``, imported from the stage's module: a new stage is its module (``tasks/<name>``, exporting
+``SPEC``) plus its line in ``PIPELINE``. Stage modules import no torch and no Prefect at module level, so importing
+them all here costs little.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from finetune.profile import Profile
 from finetune.stage import StageSpec, stage_key
 from finetune.store import Artifact
-
-# Stage order of the pipeline; `until` stops after the named one.
-STAGES = ("download", "pack", "train", "convert", "evaluate", "quantize", "benchmark", "publish")
+from tasks import benchmark, convert, download, evaluate, pack, publish, quantize, train
 
 
 @dataclass(frozen=True)
 class Step:
     label: str
-    stage: str
+    spec: StageSpec
     inputs: Mapping[str, str] = field(default_factory=dict)
     """Input slot of the stage -> label of the step whose artifact fills it."""
     after_gate: bool = False
     """Waits for the quality gate's verdict (tuned vs base): nothing downstream of a failed gate runs."""
 
+    @property
+    def stage(self) -> str:
+        return self.spec.name
+
 
 PIPELINE: tuple[Step, ...] = (
-    Step("download", "download"),
-    Step("pack", "pack", {"download": "download"}),
-    Step("train", "train", {"download": "download", "pack": "pack"}),
-    Step("convert", "convert", {"download": "download", "train": "train"}),
+    Step("download", download.SPEC),
+    Step("pack", pack.SPEC, {"download": "download"}),
+    Step("train", train.SPEC, {"download": "download", "pack": "pack"}),
+    Step("convert", convert.SPEC, {"download": "download", "train": "train"}),
     # The base model's scores need only the download: they run while training does.
-    Step("evaluate-base", "evaluate", {"model": "download"}),
-    Step("evaluate-tuned", "evaluate", {"model": "convert"}),
-    Step("quantize", "quantize", {"convert": "convert", "pack": "pack"}, after_gate=True),
-    Step("evaluate-quantized", "evaluate", {"model": "quantize"}),
+    Step("evaluate-base", evaluate.SPEC, {"model": "download"}),
+    Step("evaluate-tuned", evaluate.SPEC, {"model": "convert"}),
+    Step("quantize", quantize.SPEC, {"convert": "convert", "pack": "pack"}, after_gate=True),
+    Step("evaluate-quantized", evaluate.SPEC, {"model": "quantize"}),
     # Each model is served as soon as it exists: the bf16 one once the gate has passed (a rejected model is not
     # served on rented GPUs), without waiting for quantization; the run report compares the two.
-    Step("benchmark-bf16", "benchmark", {"model": "convert", "pack": "pack"}, after_gate=True),
-    Step("benchmark-w4a16", "benchmark", {"model": "quantize", "pack": "pack"}),
+    Step("benchmark-bf16", benchmark.SPEC, {"model": "convert", "pack": "pack"}, after_gate=True),
+    Step("benchmark-w4a16", benchmark.SPEC, {"model": "quantize", "pack": "pack"}),
     # The model card reports every earlier step (lineage, scores, recovery, serving), so publish reads them all.
-    Step("publish", "publish", {label: label for label in (
+    Step("publish", publish.SPEC, {label: label for label in (
         "download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned", "quantize", "evaluate-quantized",
         "benchmark-bf16", "benchmark-w4a16")}),
 )
 STEPS: dict[str, Step] = {step.label: step for step in PIPELINE}
+# Every stage, in pipeline order; `until` stops after the named one.
+STAGE_SPECS: dict[str, StageSpec] = {step.stage: step.spec for step in PIPELINE}
+STAGES: tuple[str, ...] = tuple(STAGE_SPECS)
 # The gate compares these two steps' scores.
 GATE_BASE, GATE_TUNED = "evaluate-base", "evaluate-tuned"
 # The benchmark step of each weights choice (benchmark.weights).
@@ -65,7 +72,7 @@ def _four_bit(steps: Iterable[Step]) -> tuple[Step, ...]:
     past_gate = False
     for step in steps:
         if step.label == GATE_BASE:
-            out.append(Step("quantize-base", "quantize", {"convert": "download", "pack": "pack"}))
+            out.append(Step("quantize-base", quantize.SPEC, {"convert": "download", "pack": "pack"}))
             out.append(dataclasses.replace(step, inputs={"model": "quantize-base"}))
         elif step.label == "quantize":
             out.append(dataclasses.replace(step, after_gate=False))
@@ -105,8 +112,8 @@ def pipeline(profile: Profile | None = None) -> tuple[Step, ...]:
 
 
 def spec(stage: str) -> StageSpec:
-    """The stage's StageSpec (``tasks.<stage>.SPEC``); stage modules load without torch."""
-    return importlib.import_module(f"tasks.{stage}").SPEC
+    """The stage's StageSpec."""
+    return STAGE_SPECS[stage]
 
 
 # What `until` may name besides a stage: one step (that step and the steps it reads, e.g. evaluate-tuned).

@@ -5,7 +5,7 @@
   artifact keys: the stage flow reads them from the shared store, checks that it computes the same stage key as the
   orchestrator (same code, same profile), runs the stage through the same cached task, and the orchestrator reads
   the verified artifact back.
-- ``finetune-train-node``: one node of a multi-node training run (tasks/train/pool.py).
+- ``finetune-train-node``: one node of a multi-node training run (flows/node_runs.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from finetune.stage import PermanentError, StageContext, stage_key
 from finetune.stage_lock import ServerLease
 from finetune.store import Artifact, Store
 from flows.dispatch import STAGE_FLOW
+from flows.node_runs import NODE_FLOW, run_node
 from flows.pipeline import spec
 from flows.stage_tasks import prefect_progress, run_stage
 from tasks.train.launch import ReadableMetrics
-from tasks.train.pool import NODE_FLOW, run_node
 
 
 def _stage_run_name() -> str:
@@ -72,7 +72,7 @@ def _node_run_name() -> str:
 @flow(name=NODE_FLOW, flow_run_name=_node_run_name, log_prints=True)
 def train_node(profile: str, overrides: list[str] | None, workdir: str, node_rank: int, rendezvous: str,
                lease: dict[str, Any] | None = None) -> None:
-    """One node of a multi-node training run; its trainer rendezvous with the other nodes' (tasks/train/pool.py).
+    """One node of a multi-node training run; its trainer rendezvous with the other nodes' (flows/node_runs.py).
     ``lease``: the train stage's server lease on its key (a ServerLease's fields), renewed while this node trains."""
     check_attempts(flow_run.run_count)
     progress = prefect_progress(f"train node {node_rank}")

@@ -39,7 +39,9 @@ from finetune.profile import Profile
 from finetune.stage import TABLES_FILE, PermanentError, StageSpec, execute_stage, read_tables
 from finetune.stage_lock import identity
 from finetune.store import Artifact, Store
+from flows import node_runs  # noqa: F401  (registers train.launcher 'prefect-pool', tasks/train/launchers.py)
 from flows.dispatch import dispatch_to_gpu_pool
+from flows.server_lease import server_lock
 from tasks.train.launch import ReadableMetrics
 
 Payload = dict[str, Any]
@@ -140,7 +142,8 @@ def run_stage_task(
         stage_event(label, "running", key[:10])
         # People read this log in the UI: per-step trainer metrics become one line every 10 steps or 60 s.
         artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=ReadableMetrics(logger.info),
-                                         progress=prefect_progress(f"{label} {key[:10]}", label), run=_this_run())
+                                         progress=prefect_progress(f"{label} {key[:10]}", label), run=_this_run(),
+                                         server_lock=server_lock(profile.retries.lock_lease_s))
     payload = _payload(artifact, tables)
     # Computed by another run (one that held the key's lock while this task waited): a cache hit for this run.
     payload["reused"] = artifact.timings.get("computed_by") != identity(_this_run())

@@ -63,7 +63,7 @@ MAVERICK_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType(
 # The embedded tiny model (embedded/tiny_model.py builds its weights): the one source of its numbers, in
 # Llama4TextConfig field names. Sizes chosen by measurement (that module's docstring); the vocabulary and special
 # token ids are the embedded tokenizer's (embedded/tokenizer.py), which building the model checks.
-TINY_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType({
+TINY_TEXT_CONFIG: dict[str, Any] = {  # a dict: transformers configs take no other mapping
     "vocab_size": 512,
     "hidden_size": 128,
     "intermediate_size": 256,  # per routed expert and the shared expert
@@ -95,7 +95,7 @@ TINY_TEXT_CONFIG: Mapping[str, Any] = MappingProxyType({
     "bos_token_id": 0,
     "eos_token_id": [1, 4],  # <|end_of_text|>, <|eot|>
     "pad_token_id": 5,
-})
+}
 
 
 def _tiny_config(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def isolated_env(root: Path) -> dict[str, str]:
 
 
 def run_cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "finetune.cli", *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.cli", *args], env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"finetune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

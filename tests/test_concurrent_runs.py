@@ -38,7 +38,7 @@ class CliRun:
         env = isolated_env(root / name)
         self.log_path = root / f"{name}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune.cli", "run", "--profile", "tiny-cpu", "--store", str(store),
+            [sys.executable, "-m", "entrypoints.cli", "run", "--profile", "tiny-cpu", "--store", str(store),
              "--until", "train", "--json", "-v", *OVERRIDES, f"train.max_steps={steps}"],
             env=env, stdout=subprocess.PIPE, stderr=open(self.log_path, "w"), text=True, start_new_session=True)
 

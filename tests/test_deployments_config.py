@@ -139,7 +139,7 @@ def test_pool_setup_script_is_executable() -> None:
 def test_pool_training_refuses_an_object_store_before_anything_is_downloaded(tmp_path: Path) -> None:
     from finetune.stage import PermanentError
     from finetune.store import Store
-    from tasks.train.pool import check_shared_store
+    from flows.node_runs import check_shared_store
 
     profile = load_profile("maverick-lora")
     check_shared_store(profile, Store(tmp_path))  # a shared volume: fine

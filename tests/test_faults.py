@@ -390,7 +390,7 @@ def test_malformed_profile_is_refused_before_anything_runs(tmp_path: Path) -> No
     store = tmp_path / "store"
     env = {**fault_env(tmp_path / "scratch"), "FINETUNE_STORE": str(store)}
     for profile, expected in ((wrong_type, ["train.epochs"]), (unknown_key, ["surprise"]), (broken, ["line 2"])):
-        proc = subprocess.run([sys.executable, "-m", "finetune.cli", "run", "--profile", str(profile)], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "entrypoints.cli", "run", "--profile", str(profile)], cwd=REPO,
                               env=env, capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
         assert str(profile) in proc.stderr and "Traceback" not in proc.stderr

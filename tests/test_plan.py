@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import cli
+from entrypoints import cli
 from finetune.plan import PlanDoesNotFit, PlanError, check_fits, markdown, table
 from finetune.plan.catalog import Constants
 from finetune.plan.planner import plan
@@ -212,7 +212,7 @@ def test_run_refuses_a_plan_that_does_not_fit_before_any_stage(tmp_path: Path) -
     store = tmp_path / "store"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "run", "--profile", "maverick-lora", "--store", str(store),
+        [sys.executable, "-m", "entrypoints.cli", "run", "--profile", "maverick-lora", "--store", str(store),
          *MAVERICK_ON_H100],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

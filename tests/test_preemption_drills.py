@@ -24,8 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from entrypoints.orchestrator import COOKIE_VAR
 from finetune import notice, spot_notice
-from finetune.orchestrator import COOKIE_VAR
 from finetune.stage import Preempted
 from tests.conftest import isolated_env, parse_summary, run_cli
 from tests.metadata_servers import SERVERS
@@ -70,7 +70,7 @@ def _cli_drill(root: Path, send: Callable[[subprocess.Popen[str]], None], prefix
     env = {**isolated_env(root), COOKIE_VAR: cookie}
     store = root / "store"
     start = _steps_done(store)
-    proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "finetune.cli", *CLI_RUN], cwd=REPO, env=env,
+    proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "entrypoints.cli", *CLI_RUN], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while _steps_done(store) < start + SIGNAL_AT_STEP and proc.poll() is None:
         time.sleep(0.05)

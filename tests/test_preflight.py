@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import main
+from entrypoints.cli import main
 from finetune.procs import free_port
 from tests.hub_stub import StubHub, stub_hub
 
@@ -99,7 +99,7 @@ def test_a_runnable_profile_passes(capsys, hub: StubHub) -> None:
 
 
 def test_a_run_no_worker_takes_fails_its_wait_naming_the_pool(monkeypatch) -> None:
-    from finetune import pickup
+    from flows import pickup
 
     clock = [0.0]
     monkeypatch.setattr(pickup.time, "monotonic", lambda: clock[0])

@@ -107,7 +107,7 @@ def test_torchrun_flags_carry_the_elastic_node_range_and_restarts() -> None:
 
 def test_cli_writes_the_rendered_file(tmp_path) -> None:
     out = tmp_path / "task.yaml"
-    proc = subprocess.run([sys.executable, "-m", "finetune.cli", "render", "--target", "skypilot", "--profile",
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.cli", "render", "--target", "skypilot", "--profile",
                            "scout-sft", "--spot", "-o", str(out), "train.max_steps=100"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import main
+from entrypoints.cli import main
 from finetune.profile import GateConfig, RequireRise
 from finetune.stage import PermanentError
 from finetune.store import Artifact, Store, atomic_file

@@ -9,7 +9,6 @@ with SIGSTOP) kills its children before the lease could expire.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -34,9 +33,10 @@ _CONTENDER = textwrap.dedent("""
     from finetune.procs import run_streaming
     from finetune.stage_lock import stage_lock
     from finetune.store import Store
+    from flows.server_lease import server_lock
     store, owner, hold = Store(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     with stage_lock(store, "slow", "k" * 64, owner=owner, timeout_s=300, log=lambda line: print(line, flush=True),
-                    progress=lambda f, m: None, poll_s=0.5, server_lease_s=float(sys.argv[4])) as lease:
+                    progress=lambda f, m: None, poll_s=0.5, server_lock=server_lock(float(sys.argv[4]))) as lease:
         print(f"ACQUIRED {time.time()} {json.dumps(dataclasses.asdict(lease.server))}", flush=True)
         try:  # the stage: a child process, stopped at once when the lease is lost
             run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost)
@@ -46,11 +46,12 @@ _CONTENDER = textwrap.dedent("""
 """)
 
 
-# A pool node run's part (tasks/train/pool.run_node): renew the stage's lease (argv[1], JSON) while its trainer runs.
+# A pool node run's part (flows/node_runs.run_node): renew the stage's lease (argv[1], JSON) while its trainer runs.
 _NODE = textwrap.dedent("""
     import json, sys, time
     from finetune.procs import run_streaming
-    from finetune.stage_lock import LeaseLost, ServerLease, renew_server_lease
+    from finetune.stage_lock import LeaseLost, ServerLease
+    from flows.server_lease import renew_server_lease
     try:
         with renew_server_lease(ServerLease(**json.loads(sys.argv[1])), "node", print) as lost:
             print(f"TRAINING {time.time()}", flush=True)

@@ -49,7 +49,7 @@ def test_run_on_a_read_only_store_fails_in_one_line(tmp_path: Path) -> None:
     store.mkdir()
     if not _can_mount_read_only(store):
         pytest.skip("needs a private mount namespace (unshare -m) to mount a read-only filesystem")
-    command = (f"mount -t tmpfs -o ro tmpfs {store} && exec {sys.executable} -m finetune.cli run --store {store} "
+    command = (f"mount -t tmpfs -o ro tmpfs {store} && exec {sys.executable} -m entrypoints.cli run --store {store} "
                "--until download")
     result = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "FINETUNE_SCRATCH": str(tmp_path / "scratch")})

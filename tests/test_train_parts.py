@@ -195,7 +195,6 @@ def test_launch_commands_per_launcher(tmp_path: Path) -> None:
     joined = " ".join(nodes[0])
     assert "--nnodes 2 " in joined and "--rdzv_backend c10d --rdzv_endpoint 127.0.0.1:" in joined
     assert "--rdzv_id run1" in joined
-    assert launch.launch_commands(tiny("train.launcher=prefect-pool", "train.nnodes=2").train, config, "run1") == []
 
 
 @pytest.mark.parametrize("launcher", ["skypilot", "jobset"])

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 CONFIG_FILE = "torchtune_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -36,6 +37,26 @@ META_FILE = "train_meta.json"
 METADATA = ".metadata"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log the recipe appends to (metrics.jsonl, checkpoints.jsonl), oldest first; none
+    if it is absent. A last line still being written (a reader following a live run) is left out."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise
+    return records
 
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
@@ -67,8 +88,7 @@ def saved_on_notice(output_dir: str | os.PathLike[str]) -> tuple[int | None, boo
     latest = latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIR)
     if latest is None:
         return None, False
-    log = Path(output_dir) / CHECKPOINT_LOG
-    reasons = {r["step"]: r["reason"] for r in map(json.loads, log.read_text().splitlines())} if log.is_file() else {}
+    reasons = {r["step"]: r["reason"] for r in read_records(Path(output_dir) / CHECKPOINT_LOG)}
     return latest[0], reasons.get(latest[0]) == "notice"
 
 

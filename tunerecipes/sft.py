@@ -589,10 +589,9 @@ class SFTRecipe:
         path = self.output_dir / layout.METRICS_FILE
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = [record for record in layout.read_records(path) if record["step"] <= self.step]
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in kept))
         os.replace(tmp, path)
 
     # -- helpers -------------------------------------------------------------------------------------------------

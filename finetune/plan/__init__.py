@@ -22,7 +22,7 @@ __all__ = ["PlanDoesNotFit", "PlanError", "check_fits", "markdown", "plan", "tab
 
 
 # What a plan is computed from besides the profile: a change to any of these plans again.
-_SOURCES = ("finetune/plan", "tunerecipes/sharding.py", "llama4tune", "profiles/recipes/sft.yaml", "embedded/tiny_model.py")
+_SOURCES = ("finetune/plan", "tunerecipes/sharding.py", "llama4tune", "profiles/recipes/sft.yaml")
 
 
 def plan(profile: Profile) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from finetune.plan import catalog
 from finetune.plan.activations import FORMULA, Shapes, activation_bytes
-from finetune.plan.catalog import GB, GIB, Accelerator, Constants
+from finetune.plan.catalog import CATALOG, GB, GIB, Accelerator, Constants, lookup, this_machine
+from finetune.plan.errors import PlanError
 from finetune.plan.estimate import estimate
 from finetune.plan.memory import TrainingMemory, optimizer_states, training_memory
 from finetune.plan.model import DTYPE_BYTES, MeasuredModel, ModelConfig, measure, model_config
@@ -75,12 +75,12 @@ class Planner:
         profile = self.profile
         if self.on_gpu:
             try:
-                gpu = catalog.lookup(profile.train.gpu_type)
+                gpu = lookup(profile.train.gpu_type)
             except ValueError as unknown:
                 raise PlanError(str(unknown)) from None
             host = profile.plan.host_ram_gib_per_node or gpu.host_ram_gib_per_node
         else:
-            gpu = catalog.this_machine()
+            gpu = this_machine()
             host = gpu.host_ram_gib_per_node
         return Setup(recipe_settings(profile), profile.data.max_seq_len, gpu, host)
 
@@ -140,7 +140,7 @@ class Planner:
                 candidates.append((f"data.max_seq_len={setup.seq_len // divisor}",
                                    dataclasses.replace(setup, seq_len=setup.seq_len // divisor), train.nnodes))
         if self.on_gpu:
-            for gpu in catalog.CATALOG.values():
+            for gpu in CATALOG.values():
                 if gpu.hbm_gib > setup.gpu.hbm_gib:
                     host = self.profile.plan.host_ram_gib_per_node or gpu.host_ram_gib_per_node
                     candidates.append((f"train.gpu_type={gpu.name}",

@@ -7,7 +7,8 @@ The ``finetune`` flow runs it as its first task (after the plan, before the down
 - hub.py: the hub is reachable, HF_TOKEN can read the (gated) repo, the revision exists; the file list sizes the
   download;
 - store_room.py: the store is writable and has room for the download and the stages after it (sizes from the plan);
-- pools.py: every GPU work pool the run submits to exists and has a ready worker (deploy.wait_for_workers_s waits).
+- the work pools: every GPU work pool the run submits to exists and has a ready worker (deploy.wait_for_workers_s
+  waits). That check asks the Prefect server: orchestration passes it in (flows/pool_workers.py ``check_pools``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class PreflightFailed(PermanentError):
 
 
 def pools_used(profile: Profile, stages: Iterable[str]) -> list[str]:
-    """The GPU pools a deployed run of these stages submits flow runs to (flows/dispatch.py, tasks/train/pool.py)."""
+    """The GPU pools a deployed run of these stages submits flow runs to (flows/dispatch.py, flows/node_runs.py)."""
     stages = set(stages)
     deploy = profile.deploy
     dispatched = bool(stages & set(deploy.gpu_stages)) and deploy.gpu_work_pool != deploy.work_pool
@@ -58,10 +59,14 @@ def written_bytes(profile: Profile, stages: Iterable[str], download_bytes: int, 
     return total
 
 
+PoolCheck = Callable[[list[str], float, Callable[[str], None]], list[str]]
+"""(pools, seconds to wait for a worker, log) -> one line per pool without a ready worker."""
+
+
 def preflight(profile: Profile, store: Store, stages: Iterable[str], planned: dict[str, Any], pools: list[str],
-              check_workers: bool = True, log: Callable[[str], None] = print) -> None:
+              check_pools: PoolCheck | None = None, log: Callable[[str], None] = print) -> None:
     """Raise PreflightFailed with every problem found; ``pools`` are the GPU pools the run submits to (their
-    workers are checked when ``check_workers``: a Prefect API is there)."""
+    workers are checked by ``check_pools`` when given: a Prefect API is there)."""
     stages = list(stages)
     problems = placeholders(profile, ("data", "model", "deploy") if pools else ("data", "model"))
     problems += check_data(profile)
@@ -73,9 +78,7 @@ def preflight(profile: Profile, store: Store, stages: Iterable[str], planned: di
         problems += [problem] if problem else []
     if room := check_store_room(store, written_bytes(profile, stages, download_bytes, planned)):
         problems.append(room)
-    if pools and check_workers:
-        from finetune.preflight.pools import check_pools
-
+    if pools and check_pools is not None:
         problems += check_pools(pools, profile.deploy.wait_for_workers_s, log)
     if problems:
         raise PreflightFailed(problems)

@@ -4,7 +4,7 @@ The stage renders a complete torchtune config from ``profiles/recipes/sft.yaml``
 section (``recipe_overrides`` last, tasks/train/recipe_config.py), saves it as ``torchtune_config.yaml``, and
 launches ``tune run`` (torchrun underneath for several processes or nodes, tasks/train/launch.py) in a subprocess
 whose log lines stream to ``ctx.log`` and whose metrics lines drive ``ctx.progress`` and the ``train_metrics`` table.
-Multi-node runs are placed by an engine: Prefect GPU-pool node runs (tasks/train/pool.py) or SkyPilot/JobSet
+Multi-node runs are placed by an engine: Prefect GPU-pool node runs (flows/node_runs.py) or SkyPilot/JobSet
 (tasks/train/render.py). The working directory is kept between attempts (``resumable``), so a retried run resumes
 from its newest complete checkpoint.
 

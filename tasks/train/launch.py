@@ -75,12 +75,10 @@ def external_node_command(train: TrainConfig, config_path: Path) -> list[str]:
 
 
 def launch_commands(train: TrainConfig, config_path: Path, run_id: str) -> list[list[str]]:
-    """One ``tune run`` command per node process this machine starts."""
+    """One ``tune run`` command per node process this machine starts (the launchers that train here)."""
     if train.launcher in EXTERNAL_LAUNCHERS:
         # SkyPilot / a JobSet placed the nodes (`finetune render`) and exported node 0's endpoint: this is one node.
         return [external_node_command(train, config_path)]
-    if train.launcher == "prefect-pool":
-        return []  # the nodes are flow runs in the GPU pool (tasks/train/pool.py), none runs here
     tune = [tune_executable()]
     recipe = [RECIPE, "--config", str(config_path)]
     if train.launcher == "process" and train.world_size == 1:

@@ -16,7 +16,7 @@ from finetune.profile import Profile
 from finetune.stage import StageContext
 from finetune.store import atomic_file
 from tasks.tracking import metric_loggers
-from tasks.train.launch import check_devices, launch_commands, launch_trainers
+from tasks.train.launchers import check_before_training
 from tasks.train.recipe_config import TEMPLATE, render_config
 from tunerecipes.checkpoint_layout import (
     CHECKPOINT_LOG,
@@ -26,6 +26,7 @@ from tunerecipes.checkpoint_layout import (
     META_FILE,
     METRICS_FILE,
     latest_checkpoint,
+    read_records,
 )
 
 PLOT_FILE = "loss_curve.png"
@@ -59,9 +60,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config_path = workdir / CONFIG_FILE
     rendered = render_config(train, ctx.profile.data.max_seq_len, workdir, Path(ctx.inputs["download"].path),
                              Path(ctx.inputs["pack"].path), estimated_save_s=estimated_save_s(ctx.profile))
-    commands = launch_commands(train, config_path, run_id=ctx.key[:16])
-    if commands:  # node runs in a GPU pool check their own devices
-        check_devices(train)
+    launcher = check_before_training(ctx)  # node runs in a GPU pool check their own devices
     if loggers := metric_loggers(ctx.profile, ctx.key, workdir):
         rendered["metric_loggers"] = loggers  # experiment trackers; tracking is not part of the key
     with atomic_file(config_path, "w") as handle:
@@ -74,15 +73,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         if resumed is not None:
             ctx.log(f"resuming from checkpoint step {resumed[0]} ({resumed[1]})")
-        if train.launcher == "prefect-pool":
-            from tasks.train.pool import train_on_pool  # Prefect client code, only for pool runs
-
-            train_on_pool(ctx, config_path)
-        else:
-            launch_trainers(ctx, commands)
+        launcher.start(ctx, config_path)
     wall = time.perf_counter() - started
 
-    records = _read_metrics(workdir / METRICS_FILE)
+    records = read_records(workdir / METRICS_FILE)
     meta = json.loads((workdir / FINAL_DIR / META_FILE).read_text())
     _drop_resume_state(ctx, workdir / CHECKPOINTS_DIR)
     ctx.tables["train_metrics"] = _table(records)
@@ -136,17 +130,10 @@ def estimated_save_s(profile: Profile) -> float | None:
 
 def _checkpoint_counts(path: Path) -> dict[str, Any]:
     """checkpoints_saved (every attempt's, as the recipe logged them) and how many each trigger caused."""
-    saves = _read_metrics(path)
+    saves = read_records(path)
     reasons = [record["reason"] for record in saves]
     return {"checkpoints_saved": len(saves),
             "checkpoints_by_reason": {reason: reasons.count(reason) for reason in sorted(set(reasons))}}
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of a file the recipe appends to (metrics.jsonl, checkpoints.jsonl); none if it is absent."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

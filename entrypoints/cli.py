@@ -30,7 +30,8 @@ def _prefect_defaults() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from finetune import notice, orchestrator
+    from entrypoints import orchestrator
+    from finetune import notice
 
     profile = load_profile(args.profile, args.overrides)  # fail fast, before Prefect starts
     if (code := _check_store(args.store)) is not None:
@@ -190,6 +191,7 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     from finetune.preflight import PreflightFailed, pools_used, preflight
     from finetune.store import Store, default_store_url
     from flows.pipeline import spec, steps_until
+    from flows.pool_workers import check_pools
 
     profile = load_profile(args.profile, args.overrides)
     stages = [step.stage for step in steps_until(args.until, profile) if not spec(step.stage).skipped(profile)]
@@ -197,8 +199,8 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     # Without a server the GPU pools' workers cannot be seen: said, not failed (a deployment run checks them).
     check_workers = bool(os.environ.get("PREFECT_API_URL"))
     try:
-        preflight(profile, Store(args.store or default_store_url()), stages, plan(profile), pools, check_workers,
-                  log=lambda line: print(line, file=sys.stderr))
+        preflight(profile, Store(args.store or default_store_url()), stages, plan(profile), pools,
+                  check_pools if check_workers else None, log=lambda line: print(line, file=sys.stderr))
     except (PreflightFailed, PlanError) as exc:
         for line in getattr(exc, "problems", [str(exc)]):
             print(f"error: {line}", file=sys.stderr)

@@ -1,14 +1,14 @@
 """Bounded waits for flow runs submitted to a work pool: a run no worker takes within the bound fails the wait, named
 with its pool and how to start a worker, instead of sitting in Scheduled/Late for ever (flows/dispatch.py for GPU
-stages, tasks/train/pool.py for training nodes)."""
+stages, flows/node_runs.py for training nodes)."""
 
 from __future__ import annotations
 
 import time
 
-from finetune.preflight.pools import start_hint
 from finetune.profile import Profile
 from finetune.stage import PermanentError
+from flows.pool_workers import start_hint
 
 PICKUP_S = 600.0
 """How long a submitted run may wait for a worker beyond deploy.wait_for_workers_s (a GPU pod's image pull and a

@@ -24,7 +24,6 @@ checkpoints into the train stage's directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
@@ -33,15 +32,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from finetune.pickup import CrashGrace, PickupWatch, pickup_bound_s
 from finetune.procs import free_port
 from finetune.profile import Profile
 from finetune.run_params import run_overrides
 from finetune.stage import PermanentError, StageContext
-from finetune.stage_lock import LeaseLost, ServerLease, renew_server_lease
+from finetune.stage_lock import LeaseLost, ServerLease
 from finetune.store import Store
+from flows.pickup import CrashGrace, PickupWatch, pickup_bound_s
+from flows.server_lease import renew_server_lease
 from tasks.train.launch import NODE_ADDR_ENV, check_devices, launch_trainers, node_command, report_step, tune_executable
-from tunerecipes.checkpoint_layout import CONFIG_FILE, METRICS_FILE
+from tasks.train.launchers import Launcher, register
+from tunerecipes.checkpoint_layout import CONFIG_FILE, METRICS_FILE, read_records
 
 NODE_FLOW = "finetune-train-node"
 # How long a node waits for node 0's endpoint (GPU nodes may have to be provisioned first).
@@ -110,6 +111,9 @@ def train_on_pool(ctx: StageContext, config_path: Path) -> None:
         Variable.unset(variable_name(rdzv_id))
 
 
+
+register(Launcher("prefect-pool", train_on_pool, trains_here=False))
+
 def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], workdir: Path,
                     pickup: PickupWatch) -> None:
     seen: dict[uuid.UUID, str] = {}
@@ -136,16 +140,8 @@ def _wait_for_nodes(ctx: StageContext, client: Any, run_ids: list[uuid.UUID], wo
 
 def _report_progress(ctx: StageContext, workdir: Path) -> None:
     """The coordinator has no trainer output of its own: follow rank 0's metrics file in the shared store."""
-    path = workdir / METRICS_FILE
-    try:
-        last = path.read_text().strip().rsplit("\n", 1)[-1]
-    except (FileNotFoundError, IndexError):
-        return
-    try:
-        record = json.loads(last)
-    except json.JSONDecodeError:
-        return  # a line being written
-    report_step(ctx, record)
+    if records := read_records(workdir / METRICS_FILE):
+        report_step(ctx, records[-1])
 
 
 def _cancel_unfinished(client: Any, run_ids: list[uuid.UUID]) -> None:
