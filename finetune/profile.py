@@ -632,14 +632,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, yaml.safe_load(value) if value.strip() else None
 
 
+def nested(parts: list[str], value: Any) -> dict[str, Any]:
+    """``(['train', 'lr'], 1e-4)`` -> ``{'train': {'lr': 1e-4}}``: a dotted override as a patch for deep_merge."""
+    patch: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        patch = {part: patch}
+    return patch
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     result = raw
     for text in overrides:
-        parts, value = parse_override(text)
-        patch: dict[str, Any] = {parts[-1]: value}
-        for part in reversed(parts[:-1]):
-            patch = {part: patch}
-        result = deep_merge(result, patch)
+        result = deep_merge(result, nested(*parse_override(text)))
     return result
 
 

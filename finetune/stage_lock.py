@@ -14,7 +14,9 @@ run sharing artifacts shares anyway:
   the last process holding it dies, however it dies, so a dead holder never blocks anyone. The trainers inherit the
   descriptor (``StageContext.lock_fds``), so the lock stays held until the last process that could still write the
   stage directory is gone (a trainer saving its checkpoint after its engine was killed). While its holder lives the
-  lock cannot be lost, so no fencing is needed here. (On NFS, flock needs a v4 mount or a lock manager.)
+  lock cannot be lost. A frozen holder (SIGSTOP, a paused container) would hold it forever: once the server gave
+  the key to a waiter (the frozen one stopped renewing its lease), the waiter kills the holder's stopped processes
+  on this host (``_fence_frozen_holders``). (On NFS, flock needs a v4 mount or a lock manager.)
 - **Remote store** (fsspec URL): a lease file ``<key>.lease`` that its holder renews every ``ttl/4``; a lease not renewed
   for ``ttl`` is free. A holder that cannot renew for ``ttl/2``, or finds another run's token there, sets
   ``Lease.lost``: the stage kills its trainers at once (``run_streaming``'s ``stop``), well before anyone else may take
@@ -47,6 +49,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import psutil
 
 from finetune.store import Store, now_iso
 
@@ -128,9 +132,9 @@ def stage_lock(
     def wait(attempt: Callable[[], dict[str, Any] | None]) -> None:  # one bound for the server's and the store's
         _wait(attempt, where, timeout_s, log, progress, poll_s, started)
 
-    def store_lock() -> contextlib.AbstractContextManager[Lease]:
+    def store_lock(fence: bool) -> contextlib.AbstractContextManager[Lease]:
         if store.is_local:
-            return _flock(Path(path), holder, wait, lost)
+            return _flock(Path(path), holder, wait, lost, (lambda line: log(f"{where}: {line}")) if fence else None)
         return _lease_file(store, path, holder, where, log, wait, ttl_s, settle_s, lost)
 
     backend = f"flock on {path}" if store.is_local else f"lease file {path} (ttl {ttl_s:g} s)"
@@ -139,7 +143,7 @@ def stage_lock(
         if server_lock is not None:
             server = stack.enter_context(server_lock(stage, key, where, log, wait, lost, read_holder))
             backend = f"{server.describe}, and {backend}"
-        lease = stack.enter_context(store_lock())
+        lease = stack.enter_context(store_lock(fence=server is not None))
         lease.server = server
         log(f"{where}: computing under {backend}")
         yield lease
@@ -165,7 +169,10 @@ def _wait(attempt: Callable[[], dict[str, Any] | None], where: str, timeout_s: f
 
 
 @contextlib.contextmanager
-def _flock(path: Path, holder: dict[str, Any], wait: Waiter, lost: threading.Event) -> Iterator[Lease]:
+def _flock(path: Path, holder: dict[str, Any], wait: Waiter, lost: threading.Event,
+           fence: Callable[[str], None] | None = None) -> Iterator[Lease]:
+    """``fence``: we hold the key's server lease, so the server revoked the last holder's; its processes on this host
+    that still hold the lock are frozen: kill them (logging through ``fence``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Never deleted: a waiter holding the old file open would lock a name nobody else uses any more.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -174,6 +181,8 @@ def _flock(path: Path, holder: dict[str, Any], wait: Waiter, lost: threading.Eve
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if fence is not None:
+                    _fence_frozen_holders(path, fence)
                 return _read_json(path.read_bytes()) or {}
             return None
 
@@ -186,6 +195,36 @@ def _flock(path: Path, holder: dict[str, Any], wait: Waiter, lost: threading.Eve
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock once the children that inherited it are gone too
+
+
+def _fence_frozen_holders(path: Path, log: Callable[[str], None]) -> None:
+    """Kill the processes of this host that hold ``path`` open when any of them is stopped (SIGSTOP, a frozen
+    container): a run that lost its server lease stops its own trainers within half a lease, so holders still there
+    once the server gave the key to us are frozen, and would hold the lock for as long as nobody kills them. A holder
+    that still runs (a killed run's trainer saving on its notice) is waited for instead."""
+    holders = []
+    for process in psutil.process_iter():
+        try:
+            if any(Path(f.path) == path for f in process.open_files()):
+                holders.append(process)
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+    frozen = [p for p in holders if _status(p) in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)]
+    if not frozen:
+        return
+    log(f"the holder of {path.name} lost its server lease and is frozen (pid {', '.join(str(p.pid) for p in frozen)} "
+        f"stopped): killing its {len(holders)} process(es) that hold the lock")
+    for process in holders:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # SIGKILL ends a stopped process too; the kernel then drops its lock
+    psutil.wait_procs(holders, timeout=10)
+
+
+def _status(process: psutil.Process) -> str:
+    try:
+        return process.status()
+    except psutil.Error:
+        return ""
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ stopped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -490,10 +491,14 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
 
 
 def test_a_lost_worker_s_run_is_marked_crashed_rescheduled_and_resumes_on_a_new_worker(cluster: LocalPrefect) -> None:
-    """kill -9 of the worker and every process it started, mid-training, as when its machine vanishes: nobody reports
-    the run, its heartbeats stop, the finetune-lost-worker automation (deployments/automations.yaml, installed by
-    create-pools.sh) marks it Crashed, finetune-reschedule-crashed reschedules it, a new worker takes it and training
-    resumes from the checkpoint. No person acts."""
+    """The worker and every process it started frozen with SIGSTOP mid-training, as when its machine hangs or its
+    container is paused: nobody reports the run, its heartbeats stop, the finetune-lost-worker automation
+    (deployments/automations.yaml, installed by create-pools.sh) marks it Crashed, finetune-reschedule-crashed
+    reschedules it, a new worker takes it, takes the stage key once the frozen run's server lease expired, kills the
+    frozen processes that still hold the store's lock (finetune/stage_lock.py), and training resumes from the
+    checkpoint. No person acts. (A frozen run is the harder case of a lost one: killed, its processes free the lock
+    by dying; kill -9 of every process of a run: test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker.)
+    """
     import psutil
 
     steps = 60  # a key of its own
@@ -506,24 +511,34 @@ def test_a_lost_worker_s_run_is_marked_crashed_rescheduled_and_resumes_on_a_new_
     workers = {proc.pid: name for name, proc in cluster.procs.items() if name.startswith("worker")}
     (lost,) = [workers[p.pid] for p in engine.parents() if p.pid in workers]
     killed_at = _last_step(workdir)
-    # The machine vanishes: the worker's session and every process of the run (its engine has a session of its own).
-    os.killpg(cluster.procs[lost].pid, signal.SIGKILL)
-    for process in psutil.process_iter():
-        if _env_of(process).get("PREFECT__FLOW_RUN_ID") == run_id:
-            process.kill()
+    # The machine hangs: the worker's session and every process of the run (its engine has a session of its own).
+    frozen = [p for p in psutil.process_iter() if _env_of(p).get("PREFECT__FLOW_RUN_ID") == run_id]
+    os.killpg(cluster.procs[lost].pid, signal.SIGSTOP)
+    for process in frozen:
+        process.suspend()
     killed = time.monotonic()
-    cluster.start("worker-3", "worker", "start", "--pool", "local-process", "--type", "process", "--name", "worker-3")
-    # Crashed is not the end here: the automation reschedules it.
-    run = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in ("COMPLETED", "FAILED")
-                and r, 600, "the lost run to come back and finish")
+    try:
+        cluster.start("worker-3", "worker", "start", "--pool", "local-process", "--type", "process", "--name",
+                      "worker-3")
+        # Crashed is not the end here: the automation reschedules it.
+        run = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in ("COMPLETED",
+                                                                                                   "FAILED") and r,
+                    600, "the lost run to come back and finish")
+    finally:
+        os.killpg(cluster.procs[lost].pid, signal.SIGKILL)  # the frozen worker, which nothing else stops
+        for process in frozen:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
     states = cluster.api("GET", f"/flow_run_states/?flow_run_id={run_id}")
     assert run["state"]["type"] == "COMPLETED", (run["state"], [(s["name"], s["message"]) for s in states])
     crashed = [s for s in states if s["type"] == "CRASHED"]
     assert crashed and crashed[0]["message"].startswith("worker lost: no heartbeat"), crashed
     resumed = json.loads((workdir / "artifact.json").read_text())["metrics"]["resumed_from_step"]
     assert resumed is not None and killed_at - EVERY <= resumed <= killed_at + 2, (killed_at, resumed)
-    print(f"\nworker {lost} killed at step {killed_at}: Crashed {_since(crashed[0], killed):.1f} s after the kill, "
-          f"completed {time.monotonic() - killed:.1f} s after it, resumed from step {resumed}")
+    fenced = [m for m in _messages(cluster, run_id) if "lost its server lease and is frozen" in m]
+    assert fenced, "the frozen run's processes were not killed by the run that took its stage over"
+    print(f"\nworker {lost} frozen at step {killed_at}: Crashed {_since(crashed[0], killed):.1f} s after, "
+          f"completed {time.monotonic() - killed:.1f} s after it, resumed from step {resumed}; {fenced[0]}")
 
 
 def _env_of(process) -> dict[str, str]:

@@ -1,13 +1,15 @@
 """One computation per stage key through a real Prefect server: a global concurrency limit per key with a lease.
 
 Processes contend for one key with a stage that sleeps (no trainer): they compute one after another even on stores
-that share nothing, the waiter names the holder, the limit is gone afterwards; a holder killed with kill -9 is taken
-over once the server's lease-expiry service revokes its lease; a holder that cannot renew its lease (server frozen
-with SIGSTOP) kills its children before the lease could expire.
+that share nothing, the waiter names the holder, the limit is gone afterwards; a frozen holder (SIGSTOP) is taken
+over once the server's lease-expiry service revokes its lease, its processes that still hold the store's lock killed
+(kill -9 of a holder: tests/test_deployments_server.py); a holder that cannot renew its lease (server frozen with
+SIGSTOP) kills its children before the lease could expire.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -39,7 +41,8 @@ _CONTENDER = textwrap.dedent("""
                     progress=lambda f, m: None, poll_s=0.5, server_lock=server_lock(float(sys.argv[4]))) as lease:
         print(f"ACQUIRED {time.time()} {json.dumps(dataclasses.asdict(lease.server))}", flush=True)
         try:  # the stage: a child process, stopped at once when the lease is lost
-            run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost)
+            run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost,
+                          pass_fds=lease.fds)
         except Exception as exc:
             print(f"STOPPED {time.time()} lost={lease.lost.is_set()} {exc}", flush=True)
         print(f"RELEASING {time.time()}", flush=True)
@@ -121,22 +124,35 @@ def test_runs_on_stores_that_share_nothing_compute_one_key_one_at_a_time(server:
     assert _key_limits(server) == []  # removed after
 
 
-def test_a_holder_killed_with_kill_9_is_taken_over_when_its_lease_expires(server: LocalPrefect,
-                                                                         tmp_path: Path) -> None:
+def test_a_frozen_holder_is_taken_over_when_its_lease_expires_and_its_processes_are_killed(server: LocalPrefect,
+                                                                                           tmp_path: Path) -> None:
+    """A holder frozen with SIGSTOP, its stage's child (which holds the store's lock like a trainer) too: it stops
+    renewing, the server gives the key to the waiter once the lease expires, and the waiter, on the same store, kills
+    the frozen processes that still hold the store's lock instead of waiting for them forever."""
+    import psutil
+
     holder = _contender(server, tmp_path / "a", "owner-a", 600)
     _wait_line(holder, "ACQUIRED", [])
-    taker = _contender(server, tmp_path / "b", "owner-b", 0.1)
+    taker = _contender(server, tmp_path / "a", "owner-b", 0.1)
     time.sleep(3)
-    holder.kill()
-    holder.wait()
-    killed = time.time()
+    frozen = [psutil.Process(holder.pid), *psutil.Process(holder.pid).children(recursive=True)]
+    for process in frozen:
+        process.suspend()
+    stopped = time.time()
     out: list[str] = []
-    waited = _wait_line(taker, "ACQUIRED", out) - killed
+    try:
+        waited = _wait_line(taker, "ACQUIRED", out) - stopped
+    finally:
+        for process in frozen:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
     # The lease runs LEASE_S from the holder's last renewal (every LEASE_S/4), then the repossessor (1 s) frees it.
     assert LEASE_S * 3 / 4 - 5 < waited < LEASE_S + 15, waited
-    assert any("waiting for it" in line for line in out), out
+    assert any("owner-a" in line and "waiting for it" in line for line in out), out
+    assert any("lost its server lease and is frozen" in line for line in out), out
+    holder.wait(10)
     assert taker.wait(60) == 0
-    print(f"\nkill -9 of the holder: taken over {waited:.1f} s later (lease {LEASE_S} s)")
+    print(f"\nSIGSTOP of the holder: taken over {waited:.1f} s later (lease {LEASE_S} s), its processes killed")
 
 
 def test_a_holder_that_cannot_renew_its_lease_stops_its_stage_before_it_expires(server: LocalPrefect,

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune.plan.errors import PlanError
-from finetune.profile import REPO_ROOT, Profile, TrainConfig, deep_merge
+from finetune.profile import REPO_ROOT, Profile, TrainConfig, deep_merge, nested
 
 TEMPLATE = REPO_ROOT / "profiles" / "recipes" / "sft.yaml"
 # Recipe config sections whose keys are a component's keyword arguments: overrides may add new ones.
@@ -58,7 +58,7 @@ def recipe_config(train: TrainConfig, extra: Mapping[str, Any] | None = None) ->
 
 def _nested_overrides(overrides: Mapping[str, Any], template: dict[str, Any]) -> dict[str, Any]:
     """``{"optimizer.lr": 1e-4}`` and ``{"optimizer": {"lr": 1e-4}}`` alike; unknown keys are typos."""
-    nested: dict[str, Any] = {}
+    found: dict[str, Any] = {}
     for dotted, value in _flatten(overrides).items():
         parts = dotted.split(".")
         if parts[0] not in template:
@@ -68,11 +68,8 @@ def _nested_overrides(overrides: Mapping[str, Any], template: dict[str, Any]) ->
             if parts[1] not in template[parts[0]]:
                 raise PlanError(f"train.recipe_overrides.{dotted}: '{parts[1]}' is not a key of '{parts[0]}' "
                                 f"(known: {', '.join(sorted(template[parts[0]]))})")
-        patch: Any = value
-        for part in reversed(parts[1:]):
-            patch = {part: patch}
-        nested = deep_merge(nested, {parts[0]: patch})
-    return nested
+        found = deep_merge(found, nested(parts, value))
+    return found
 
 
 def model_section(train: TrainConfig, config: Any, max_seq_len: int) -> dict[str, Any]:
