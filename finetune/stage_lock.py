@@ -198,26 +198,25 @@ def _flock(path: Path, holder: dict[str, Any], wait: Waiter, lost: threading.Eve
 
 
 def _fence_frozen_holders(path: Path, log: Callable[[str], None]) -> None:
-    """Kill the processes of this host that hold ``path`` open when any of them is stopped (SIGSTOP, a frozen
-    container): a run that lost its server lease stops its own trainers within half a lease, so holders still there
-    once the server gave the key to us are frozen, and would hold the lock for as long as nobody kills them. A holder
-    that still runs (a killed run's trainer saving on its notice) is waited for instead."""
-    holders = []
+    """Kill the stopped processes of this host (SIGSTOP, a frozen container) that hold ``path`` open: a run that lost
+    its server lease stops its own trainers within half a lease, so holders still there once the server gave the key
+    to us are frozen, and would hold the lock for as long as nobody kills them. Running ones are left alone: a killed
+    run's trainer saving on its notice (waited for), and other runs waiting for the lock like us."""
+    frozen = []
     for process in psutil.process_iter():
         try:
-            if any(Path(f.path) == path for f in process.open_files()):
-                holders.append(process)
+            if (process.pid != os.getpid() and _status(process) in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+                    and any(Path(f.path) == path for f in process.open_files())):
+                frozen.append(process)
         except (psutil.Error, OSError):  # gone, or not ours to read
             continue
-    frozen = [p for p in holders if _status(p) in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)]
     if not frozen:
         return
-    log(f"the holder of {path.name} lost its server lease and is frozen (pid {', '.join(str(p.pid) for p in frozen)} "
-        f"stopped): killing its {len(holders)} process(es) that hold the lock")
-    for process in holders:
+    log(f"the holder of {path.name} lost its server lease and is frozen: killing its stopped process(es) "
+        f"{', '.join(str(p.pid) for p in frozen)} that hold the lock")
+    for process in frozen:
         with contextlib.suppress(psutil.Error):
-            process.kill()  # SIGKILL ends a stopped process too; the kernel then drops its lock
-    psutil.wait_procs(holders, timeout=10)
+            process.kill()  # SIGKILL ends a stopped process too; the kernel drops the lock with its last holder
 
 
 def _status(process: psutil.Process) -> str:

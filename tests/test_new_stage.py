@@ -1,7 +1,7 @@
 """A new stage is one module exporting ``SPEC`` plus its line in ``flows/pipeline.py``'s PIPELINE (and the import of
 its module), as README "Architecture" says. This adds a dummy stage exactly that way, to a copy of the pipeline's
-source, and runs it through the real CLI and flow after the shared run's download: it is keyed, computed, cached
-and recorded like any other stage, and ``--until`` knows it."""
+source, and runs it through the real CLI and flow (on a store of its own: the shared run's store keeps its run
+records): it is keyed, computed, cached and recorded like any other stage, and ``--until`` knows it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PipelineRun
+from tests.conftest import isolated_env
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow  # two CLI runs: the embedded download and the probe, then a cached rerun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,13 +55,12 @@ RUN_WITH_PROBE = textwrap.dedent('''
 ''')
 
 
-def test_a_stage_added_as_one_module_and_one_pipeline_line_runs_cached_and_keyed(pipeline_run: PipelineRun,
-                                                                                tmp_path: Path) -> None:
+def test_a_stage_added_as_one_module_and_one_pipeline_line_runs_cached_and_keyed(tmp_path: Path) -> None:
     package = tmp_path / "probe_stage"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "stage.py").write_text(PROBE_STAGE)
-    env = {**pipeline_run.env, "PYTHONPATH": f"{REPO}:{tmp_path}"}
+    env = {**isolated_env(tmp_path / "run"), "PYTHONPATH": f"{REPO}:{tmp_path}"}
 
     def run() -> dict:
         proc = subprocess.run([sys.executable, "-c", RUN_WITH_PROBE, "run", "--profile", "tiny-cpu", "--until", "probe",
