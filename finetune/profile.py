@@ -186,14 +186,25 @@ class DpoConfig(Section):
     rpo_alpha: float = Field(0.0, ge=0, description="RPO: adds this times the chosen response's mean token NLL "
                                                     "to the loss (TRL's rpo_alpha), so the likelihood of what both "
                                                     "responses share does not drift; 0: plain DPO / IPO.")
-    reference: Literal["adapters_off"] = Field(
-        "adapters_off", description="The reference policy: adapters_off trains LoRA adapters (train.lora) and scores "
-                                    "the reference with them disabled, so no second model is held in memory.")
+    tuning: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="Which weights the policy trains, as train.method's SFT values: lora (adapters on the "
+                            "bf16 base), qlora (adapters on an NF4 base), full (every weight).")
+    reference: Literal["adapters_off", "frozen_copy"] = Field(
+        "adapters_off", description="The reference policy: adapters_off (tuning lora or qlora) scores it with the "
+                                    "adapters disabled, so no second model is held in memory; frozen_copy (tuning "
+                                    "full) holds a frozen second copy of the base, sharded like the policy "
+                                    "(expert-parallel too).")
 
     @model_validator(mode="after")
-    def _smoothing(self) -> DpoConfig:
+    def _combinations(self) -> DpoConfig:
         if self.loss == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing is a sigmoid-loss setting; IPO has none (set it to 0)")
+        if self.reference == "adapters_off" and self.tuning == "full":
+            raise ValueError("reference adapters_off needs tuning lora or qlora: the reference is the base with the "
+                             "adapters disabled, and full fine-tuning has no adapters (use reference frozen_copy)")
+        if self.reference == "frozen_copy" and self.tuning != "full":
+            raise ValueError(f"reference frozen_copy with tuning {self.tuning} holds a second copy of the base that "
+                             "adapters_off gives without one (the base under the adapters): use adapters_off")
         return self
 
 
@@ -273,7 +284,7 @@ class TrainConfig(Section):
         if self.tuning in ("lora", "qlora") and self.lora is None:
             raise ValueError(f"method '{self.method}' needs a 'lora:' section (rank, alpha, ...)"
                              + (" for its adapters_off reference" if self.method == "dpo" else ""))
-        if self.method == "qlora" and not self.enable_dcp:
+        if self.tuning == "qlora" and not self.enable_dcp:
             raise ValueError("method 'qlora' saves the adapters only, as DCP: set enable_dcp: true (convert merges "
                              "them into the download stage's bf16 base)")
         if self.nnodes > 1 and self.launcher not in MULTI_NODE_LAUNCHERS:
@@ -298,8 +309,8 @@ class TrainConfig(Section):
 
     @property
     def tuning(self) -> Literal["lora", "qlora", "full"]:
-        """Which weights train: the method's, and for DPO its reference's (adapters_off: LoRA adapters)."""
-        return "lora" if self.method == "dpo" else self.method
+        """Which weights train: the method's, and for DPO train.dpo.tuning."""
+        return self.dpo.tuning if self.method == "dpo" else self.method
 
     @property
     def adapters_only(self) -> bool:
@@ -534,7 +545,7 @@ class Profile(Section):
     def _cross_section(self) -> Profile:
         experts = ROUTED_EXPERTS[self.model.family]
         if refusal := expert_parallel_refusal(degree=self.train.expert_parallel, experts=experts,
-                                              world_size=self.train.world_size, method=self.train.method,
+                                              world_size=self.train.world_size, method=self.train.tuning,
                                               cpu_offload=self.train.fsdp_cpu_offload):
             raise ValueError(f"train.{refusal} (model.family {self.model.family})")
         master = self.train.recipe_overrides.get("master_dtype")

@@ -12,7 +12,7 @@ from torchtune import rlhf
 from torchtune.modules.peft import disable_adapter
 from torchtune.rlhf.loss import DPOLoss
 
-from finetune.packed import IGNORE_INDEX, write_meta, write_split
+from finetune.packed import IGNORE_INDEX, PackedSplit, write_meta, write_split
 from finetune.packed_dataset import PackedDataset
 from llama4tune.reference import random_text_config
 from tasks.pack.chat import Encoded
@@ -85,6 +85,17 @@ def _padded_concatenated(pairs: list[tuple[list[int], list[int], list[int]]]) ->
     return ids, labels
 
 
+def _pair_batch(tmp_path: Path, vocab: int) -> tuple[dict[str, torch.Tensor], list, PackedSplit]:
+    """7 random pairs packed and collated as the recipe gets them: (batch, the pairs, the packs)."""
+    pairs = _pairs(vocab, 7, seed=3)
+    packed = build_pair_packs(_encoded(pairs), max_seq_len=40, pad_id=0)
+    assert packed.tokens.shape[0] > 1 and (np.diff(packed.pack_offsets) % 2 == 0).all()  # no pair split
+    write_split(tmp_path, "train", packed)
+    write_meta(tmp_path, 40, 0, {"train": {}})
+    dataset = PackedDataset(tmp_path, "train")
+    return collate_pairs([dataset[i] for i in range(len(dataset))]), pairs, packed
+
+
 def _packed_and_padded(tmp_path: Path, section: dict) -> tuple[tuple[torch.Tensor, int, torch.Tensor], torch.Tensor,
                                                                   torch.Tensor, list[int]]:
     """A LoRA model's DPOObjective on 7 random pairs packed, and torchtune's LoRA DPO recipe's summed log-probs of
@@ -93,13 +104,7 @@ def _packed_and_padded(tmp_path: Path, section: dict) -> tuple[tuple[torch.Tenso
     cfg = random_text_config("scout", 5)
     model, _ = _lora_model(cfg, 5, lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True,
                            apply_lora_to_output=True)
-    pairs = _pairs(cfg["vocab_size"], 7, seed=3)
-    packed = build_pair_packs(_encoded(pairs), max_seq_len=40, pad_id=0)
-    assert packed.tokens.shape[0] > 1 and (np.diff(packed.pack_offsets) % 2 == 0).all()  # no pair split
-    write_split(tmp_path, "train", packed)
-    write_meta(tmp_path, 40, 0, {"train": {}})
-    dataset = PackedDataset(tmp_path, "train")
-    batch = collate_pairs([dataset[i] for i in range(len(dataset))])
+    batch, pairs, packed = _pair_batch(tmp_path, cfg["vocab_size"])
     result = DPOObjective(section, model).micro_batch(batch)
 
     ordered = [pairs[i] for i in packed.doc_order.tolist()]
@@ -147,6 +152,65 @@ def test_adapters_off_reference_is_the_base_model_experts_included() -> None:
     assert not torch.allclose(adapted, off, atol=1e-3)
 
 
+def test_frozen_copy_reference_scores_the_copy_while_the_whole_policy_trains(tmp_path: Path) -> None:
+    """Full fine-tuning's reference: a frozen copy of the base. At the start policy and reference agree (every
+    sigmoid loss is log 2); every policy weight gets a gradient, the copy none, and after a step only the policy's
+    log-probabilities moved."""
+    from llama4tune import llama4_from_hf_config
+
+    cfg = random_text_config("scout", 5)
+    torch.manual_seed(5)
+    policy = llama4_from_hf_config(cfg)
+    reference = llama4_from_hf_config(cfg).requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    section = {"loss": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "reference": "frozen_copy"}
+    objective = DPOObjective(section, policy, reference)
+    batch, _, _ = _pair_batch(tmp_path, cfg["vocab_size"])
+    before = objective.reference_logps(batch)
+    loss, count, _ = objective.micro_batch(batch)
+    assert abs(float(loss) - count * float(np.log(2))) < 1e-5
+    loss.backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in reference.parameters())
+    torch.optim.SGD(policy.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        moved = objective.forward_logps(batch)
+    for still, then, now in zip(objective.reference_logps(batch), before, moved):
+        torch.testing.assert_close(still, then)
+        assert not torch.allclose(now, then, atol=1e-3)
+
+
 def test_dpo_objective_refuses_a_reference_it_does_not_have() -> None:
-    with pytest.raises(ValueError, match="dpo.reference must be one of adapters_off"):
+    with pytest.raises(ValueError, match="dpo.reference must be one of adapters_off, frozen_copy"):
+        DPOObjective({"loss": "sigmoid", "beta": 0.1, "reference": "precomputed"}, torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="frozen_copy, and only it"):
         DPOObjective({"loss": "sigmoid", "beta": 0.1, "reference": "frozen_copy"}, torch.nn.Linear(1, 1))
+
+
+DPO_PROFILE = ["train.method=dpo", "data.source=embedded/preferences", "data.format=preference"]
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["train.dpo.tuning=full"], "reference adapters_off needs tuning lora or qlora"),
+    (["train.dpo.tuning=full", "train.dpo.reference=adapters_off"], "full fine-tuning has no adapters"),
+    (["train.dpo.reference=frozen_copy"], "frozen_copy with tuning lora holds a second copy"),
+    (["train.dpo.tuning=qlora", "train.dpo.reference=frozen_copy"], "use adapters_off"),
+    (["train.dpo.tuning=qlora", "train.nproc_per_node=2", "train.expert_parallel=2"], "with method 'qlora'"),
+    (["train.dpo.reference=precomputed"], "Input should be 'adapters_off' or 'frozen_copy'"),
+])
+def test_a_reference_the_tuning_cannot_have_is_refused_at_profile_load(overrides: list[str], reason: str) -> None:
+    from finetune.profile import ProfileError, load_profile
+
+    with pytest.raises(ProfileError, match=reason):
+        load_profile("tiny-cpu", [*DPO_PROFILE, *overrides])
+
+
+def test_dpo_tuning_picks_which_weights_train() -> None:
+    from finetune.plan.recipe import train_section
+    from finetune.profile import load_profile
+
+    full = load_profile("tiny-cpu", [*DPO_PROFILE, "train.dpo.tuning=full", "train.dpo.reference=frozen_copy"]).train
+    qlora = load_profile("tiny-cpu", [*DPO_PROFILE, "train.dpo.tuning=qlora"]).train
+    assert (full.tuning, full.adapters_only, qlora.tuning, qlora.adapters_only) == ("full", False, "qlora", True)
+    assert train_section(full)["method"] == "full" and train_section(full)["dpo"]["reference"] == "frozen_copy"
+    assert train_section(qlora)["method"] == "qlora"

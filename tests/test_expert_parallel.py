@@ -5,6 +5,7 @@ model, fp32) EP=2 trains exactly as plain FSDP does on the same processes: same 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,20 @@ def test_expert_parallel_trains_as_plain_fsdp(tiny: Path, tmp_path: Path, world:
     assert set(plain) == set(parallel)
     assert parallel["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 128, 512)
     assert [key for key, value in plain.items() if not torch.equal(parallel[key], value)] == []
+
+
+@pytest.mark.slow  # starts 2 gloo processes
+def test_dpo_with_expert_parallelism_takes_the_plain_fsdp_step(tiny: Path, tmp_path: Path) -> None:
+    """DPO's first step, EP=2 over 2 processes vs plain FSDP: the same loss and every gradient, with LoRA's
+    adapters_off reference (expert adapters included) and with full fine-tuning's frozen copy placed like the policy."""
+    run_ranks(REPO / "tests" / "ep_dpo_rank.py", [str(tiny), str(tmp_path), "2"], 2, tmp_path / "logs")
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    for method, expert_grads in (("lora", 4 * 4), ("full", 4 * 2)):
+        losses, grad_rel = report[method]["losses"], report[method]["grad_rel"]
+        assert losses["ep"] == pytest.approx(losses["fsdp"], rel=1e-6), method
+        assert abs(losses["fsdp"] - math.log(2)) > 1e-2, method  # reference and policy differ: a real DPO step
+        assert len(report[method]["expert_grads"]) == expert_grads, method
+        assert max(grad_rel.values()) <= 1e-5, (method, sorted(grad_rel.items(), key=lambda kv: -kv[1])[:3])
 
 
 def test_gradient_clipping_over_meshes_clips_like_torch() -> None:

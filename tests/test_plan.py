@@ -153,6 +153,17 @@ def test_tiny_plan_with_replicated_experts_counts_two_whole_experts_per_rank() -
     assert result["params_gib_per_gpu"] > plain["params_gib_per_gpu"]
 
 
+def test_a_dpo_frozen_copy_is_sized_as_a_second_set_of_the_policys_shards() -> None:
+    """Full-parameter DPO's reference (train.dpo.reference frozen_copy) holds the policy's parameter shards again,
+    expert-parallel placement included; adapters_off holds nothing more."""
+    dpo = ["train.method=dpo", "data.source=embedded/preferences", "data.format=preference",
+           "train.nproc_per_node=2", "train.expert_parallel=2"]
+    full = plan(load_profile("tiny-cpu", [*dpo, "train.dpo.tuning=full", "train.dpo.reference=frozen_copy"]))
+    assert full["breakdown"]["reference_copy_params"] == full["breakdown"]["params"] > 0
+    assert full["base_weight_load_peak_gib"] >= 2 * full["params_gib_per_gpu"]
+    assert plan(load_profile("tiny-cpu", dpo))["breakdown"]["reference_copy_params"] == 0
+
+
 def test_plan_refuses_an_expert_parallel_degree_the_model_cannot_take() -> None:
     # A recipe override passes the profile's check; the plan checks it against the built model, as the trainer does.
     with pytest.raises(PlanError, match=r"expert_parallel 3 does not divide the model's routed-expert count 4"):

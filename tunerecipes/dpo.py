@@ -14,8 +14,10 @@ RPO (``rpo_alpha`` > 0): DPO plus alpha times the chosen response's NLL (mean ov
 gradient to tokens the chosen and rejected responses share, so their likelihood drifts; the NLL term holds it. Per
 pair, then averaged over pairs (TRL averages over the batch's chosen tokens; the same with equal lengths).
 
-Reference (``reference: adapters_off``): the policy's own forward with its LoRA adapters disabled (torchtune's
-``disable_adapter``), under no_grad: the frozen base is the reference, and no second model is held.
+Reference, scored under no_grad before each policy pass: ``adapters_off`` is the policy's own forward with its
+LoRA adapters disabled (torchtune's ``disable_adapter``; NF4 base included), so no second model is held;
+``frozen_copy`` (full fine-tuning) is a second model the recipe built and loaded like the policy (same FSDP and
+expert-parallel placement) and froze.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torchtune.modules.peft import disable_adapter
 from torchtune.rlhf.loss import DPOLoss
 
 IGNORE_INDEX = -100
-REFERENCES = ("adapters_off",)
+REFERENCES = ("adapters_off", "frozen_copy")
 # Per-step sums the recipe all-reduces and averages over the pairs of the step, in this order.
 STATS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
 
@@ -101,23 +103,30 @@ def sequence_tokens(labels: torch.Tensor, seq_ids: torch.Tensor, sequences: int)
 class DPOObjective:
     """One micro-batch's DPO loss (summed over its pairs) and statistics, for the recipe's step."""
 
-    def __init__(self, section: Any, model: nn.Module) -> None:
+    def __init__(self, section: Any, model: nn.Module, reference: nn.Module | None = None) -> None:
         if section["reference"] not in REFERENCES:
             raise ValueError(f"dpo.reference must be one of {', '.join(REFERENCES)}, got {section['reference']!r}")
+        if (section["reference"] == "frozen_copy") != (reference is not None):
+            raise ValueError("dpo.reference frozen_copy, and only it, scores with a reference model of its own")
         self.loss = make_loss(section)
         self.rpo_alpha = float(section.get("rpo_alpha") or 0.0)
         self.model = model
+        self.reference = reference
 
-    def forward_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) summed log-probs [pairs] of the model as it is now."""
+    def forward_logps(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) summed log-probs [pairs] of ``model`` (the policy unless given) as it is now."""
         sequences = int(batch["seq_ids"].max()) + 1
-        logits = self.model(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+        logits = (model or self.model)(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
         logps = sequence_logps(logits, batch["labels"], batch["seq_ids"], sequences)
         return logps[0::2], logps[1::2]
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), disable_adapter(self.model):
-            return self.forward_logps(batch)
+        with torch.no_grad():
+            if self.reference is not None:
+                return self.forward_logps(batch, self.reference)
+            with disable_adapter(self.model):
+                return self.forward_logps(batch)
 
     def micro_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(loss summed over the pairs, pairs, STATS sums) of one micro-batch; the reference runs first."""

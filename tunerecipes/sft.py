@@ -134,14 +134,21 @@ class SFTRecipe:
         section = self.cfg.get("dpo")
         if not section:
             return None
-        if section.get("reference") == "adapters_off" and self.method != "lora":
-            raise RecipeError("config", f"dpo.reference adapters_off needs method 'lora' (the reference is the base "
-                                        f"with the adapters disabled); got method '{self.method}'")
+        reference = section.get("reference")
+        if reference == "adapters_off" and not self.adapters_only:
+            raise RecipeError("config", f"dpo.reference adapters_off needs method 'lora' or 'qlora' (the reference is "
+                                        f"the base with the adapters disabled); got method '{self.method}'")
+        if reference == "frozen_copy" and self.method != "full":
+            raise RecipeError("config", f"dpo.reference frozen_copy needs method 'full' (with adapters, adapters_off "
+                                        f"gives the base without a copy); got method '{self.method}'")
         if self.cfg.collate_fn != "tunerecipes.dpo.collate_pairs":
             raise RecipeError("config", f"dpo needs collate_fn tunerecipes.dpo.collate_pairs (pairs in packs), got "
                                         f"{self.cfg.collate_fn}")
         try:
-            return dpo.DPOObjective(section, self.model)
+            # The frozen copy is built, sharded and loaded as the policy was, from the same base checkpoint (also on
+            # resume: the reference is the base, never the resumed policy).
+            return dpo.DPOObjective(section, self.model,
+                                    self._build_model(frozen=True) if reference == "frozen_copy" else None)
         except ValueError as exc:
             raise RecipeError("config", str(exc)) from exc
 
@@ -169,11 +176,12 @@ class SFTRecipe:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(int(self.cfg.get("num_threads") or max(1, (os.cpu_count() or 1) // local_world)))
 
-    def _build_model(self) -> torch.nn.Module:
+    def _build_model(self, frozen: bool = False) -> torch.nn.Module:
         """Build on the meta device, shard (FSDP2) when distributed, then materialise from the base checkpoint.
 
         Only adapters (absent from the base checkpoint) are initialised here; every other weight must come from the
-        checkpoint, so a checkpoint that does not match the model fails with the keys that differ.
+        checkpoint, so a checkpoint that does not match the model fails with the keys that differ. ``frozen``: DPO's
+        frozen_copy reference, built the same way with nothing trainable.
         """
         cfg = self.cfg
         mixed = self.master_dtype != self.dtype
@@ -222,7 +230,9 @@ class SFTRecipe:
                 if hasattr(module, "rope_init"):
                     module.rope_init()
         training.validate_no_params_on_meta_device(model)
-        if self.adapters_only:
+        if frozen:  # DPO's frozen_copy reference
+            model.requires_grad_(False)
+        elif self.adapters_only:
             # Names again: activation checkpointing wrappers changed the parameter names (not the state-dict keys).
             set_trainable_params(model, get_adapter_params(model))
         self.vocab_size = _vocab_size(model)
@@ -230,7 +240,8 @@ class SFTRecipe:
         # numel() of a sharded (DTensor) parameter is its full size, so these are whole-model counts.
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        self.log(f"model {cfg.model._component_}: {total:,} parameters, {trainable:,} trainable, dtype {cfg.dtype}"
+        self.log(f"{'reference (frozen copy) ' if frozen else ''}model {cfg.model._component_}: {total:,} parameters, "
+                 f"{trainable:,} trainable, dtype {cfg.dtype}"
                  f"{f', FSDP over {self.world_size} processes' if self.distributed else ''}"
                  f"{f', experts parallel over groups of {self.ep_degree}' if experts else ''}")
         return model

@@ -6,7 +6,8 @@ the prefetched next one; the unit's unsharded gradients before their reduce-scat
 foreach temporaries; NCCL buffers and the CUDA context; allocator fragmentation on top. Loading the base weights is
 its own, earlier peak: each process reads only its shard's slice of one tensor at a time from the memory-mapped
 checkpoint (tunerecipes/base_weights.py), so it holds the shards loaded so far plus one slice, and host RAM holds one
-slice per process (the file's pages sit in the page cache, which the kernel evicts as needed).
+slice per process (the file's pages sit in the page cache, which the kernel evicts as needed). DPO's frozen_copy
+reference is a second set of the policy's parameter shards (no gradients, no optimizer states), loaded after it.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ class TrainingMemory:
 
 def training_memory(model: MeasuredModel, activations: Activations, *, states: int, cpu_offload: bool,
                     reshard_after_forward: bool, lora: bool, async_save: bool, nproc_per_node: int,
-                    on_gpu: bool, constants: Constants, compute_ratio: float = 1.0) -> TrainingMemory:
+                    on_gpu: bool, constants: Constants, compute_ratio: float = 1.0,
+                    reference_copy: bool = False) -> TrainingMemory:
     params, trainable = model.local_param_bytes, model.local_trainable_bytes
     optimizer = states * trainable
-    sharded_state = params + trainable + optimizer  # parameters, gradients, optimizer states of this rank
+    reference = params if reference_copy else 0  # sharded like the policy; its units gather between the policy's
+    # parameters, gradients, optimizer states of this rank, and the frozen reference's parameters
+    sharded_state = params + trainable + optimizer + reference
     units = model.units
     largest_unit = max(units, key=lambda unit: unit.full_bytes, default=None)
     if not model.sharded or largest_unit is None:
@@ -68,6 +72,7 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
     working = max(gathered + unsharded_grads + activations.total + dequantized, step_temp)
     breakdown = {
         "params": 0 if cpu_offload else params,
+        "reference_copy_params": 0 if cpu_offload else reference,
         "grads": 0 if cpu_offload else trainable,
         "optimizer_states": 0 if cpu_offload else optimizer,
         "gathered_units_and_prefetch": gathered,
@@ -91,7 +96,7 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
     peak = allocated + fixed + fragmentation
     # The largest local slice sits beside the shards loaded so far while it is copied in.
     # QLoRA quantizes each base tensor on the device as it is read: torchao's to_nf4 temporaries come on top.
-    load_peak = ((0 if cpu_offload else params) + model.largest_local_tensor_bytes + model.nf4_quantize_bytes) / GIB \
+    load_peak = ((0 if cpu_offload else params + reference) + model.largest_local_tensor_bytes + model.nf4_quantize_bytes) / GIB \
         + fixed
 
     checkpoint_per_rank = (trainable if lora else params) + optimizer

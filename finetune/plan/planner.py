@@ -108,6 +108,7 @@ class Planner:
             reshard_after_forward=settings.reshard_after_forward, lora=train.adapters_only,
             async_save=settings.async_save, nproc_per_node=train.nproc_per_node, on_gpu=self.on_gpu,
             constants=self.constants, compute_ratio=compute_ratio(settings),
+            reference_copy=train.method == "dpo" and train.dpo.reference == "frozen_copy",
         )
         return model, memory
 
@@ -126,7 +127,7 @@ class Planner:
         if self.on_gpu and not settings.cpu_offload and settings.expert_parallel == 1:
             candidates.append(("train.fsdp_cpu_offload=true", dataclasses.replace(
                 setup, settings=dataclasses.replace(settings, cpu_offload=True)), train.nnodes))
-        if (settings.expert_parallel == 1 and not settings.cpu_offload and train.method != "qlora"
+        if (settings.expert_parallel == 1 and not settings.cpu_offload and train.tuning != "qlora"
                 and settings.master_dtype == settings.dtype):  # what the recipe accepts with expert parallelism
             experts = self.args.num_local_experts
             for degree in (d for d in (2, 4, 8, 16, 32, 64) if experts % d == 0 and train.world_size % d == 0):
@@ -171,7 +172,7 @@ def plan(profile: Profile) -> dict[str, Any]:
     states, optimizer_note = optimizer_states(settings.optimizer)
     fits = planner.fits(setup, memory)
     notes = [f"model config: {planner.config.origin}"] + ([optimizer_note] if optimizer_note else [])
-    if settings.dtype == "bf16" and settings.master_dtype == "bf16" and train.method == "full":
+    if settings.dtype == "bf16" and settings.master_dtype == "bf16" and train.tuning == "full":
         # The documented choice's cost: what fp32 master weights would take instead.
         master = dataclasses.replace(setup, settings=dataclasses.replace(settings, master_dtype="fp32"))
         _, alternative = planner.training(master, train.nnodes)

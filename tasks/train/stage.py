@@ -43,8 +43,11 @@ NOT_IN_KEY = {"checkpoint_every_minutes", "preemption_grace_s", "spot_notice", "
 def config(profile: Profile) -> dict[str, Any]:
     # A full run ignores a lora: section (tiny-cpu carries one for train.method=lora/qlora overrides).
     # Only a DPO run reads train.dpo: the others' keys stay what they were before it existed.
-    ignored = (NOT_IN_KEY | ({"lora"} if profile.train.tuning == "full" else set())
-               | ({"dpo"} if profile.train.method != "dpo" else set()))
+    ignored: dict[str, Any] = dict.fromkeys(NOT_IN_KEY | ({"lora"} if profile.train.tuning == "full" else set())
+                                            | ({"dpo"} if profile.train.method != "dpo" else set()), True)
+    if profile.train.method == "dpo" and profile.train.dpo.tuning == "lora":
+        # Every DPO run trained LoRA adapters before train.dpo.tuning existed: their keys stay what they were.
+        ignored["dpo"] = {"tuning"}
     return {"train": profile.train.model_dump(mode="json", exclude=ignored),
             "max_seq_len": profile.data.max_seq_len}
 
