@@ -1,0 +1,238 @@
+"""The traced plan: one real training step of the profile at full size, on fake tensors, under a memory tracker.
+
+The recipe's own pieces (the model builder, NF4 quantization, expert placement, activation checkpointing, FSDP2
+units, the chunked loss, the optimizer and its parameter groups) run on ``FakeTensorMode`` tensors, which carry
+shapes and dtypes but no data, over torch's fake process group at the profile's world size, this process being
+rank 0; torch's ``FSDPMemTracker`` (``MemTracker`` for one process) counts every tensor alive at each moment by
+category. Routing has no data to decide on, so every MoE layer takes its tokens per expert from ``plan.routing``
+(llama4tune.moe.planned_routing): with expert parallelism rank 0's experts get ``routing_imbalance`` times the mean,
+so the traced rank is the hottest one.
+
+What the CPU trace cannot see is listed with the result as GPU-only terms (GPU_ONLY); the expert matmuls take
+torch._grouped_mm as on CUDA (bf16 here), attention runs the CPU kernel (see GPU_ONLY).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from finetune.plan.catalog import GIB
+from finetune.plan.model import ModelConfig, fake_world
+from finetune.plan.recipe import RecipeSettings, model_section, recipe_config
+from finetune.profile import Profile
+
+# What a GPU run allocates that the CPU trace does not show; the plan adds the constants' figures for them.
+GPU_ONLY = (
+    "CUDA context and cuBLAS workspaces (catalog.Constants.cuda_context_gib)",
+    "NCCL channel buffers per communicator (catalog.Constants.nccl_buffers_gib)",
+    "caching-allocator rounding and fragmentation (catalog.Constants.fragmentation of what the step allocates)",
+    "FSDP2's all-gather/reduce-scatter streams: on CUDA the next unit's all-gather output can exist while this unit "
+    "runs (the trace gathers one unit at a time on the fake process group)",
+    "attention: the CPU trace runs scaled_dot_product_attention's CPU kernel; flash attention on CUDA keeps the "
+    "log-sum-exp, not the attention weights",
+)
+
+
+def routing_counts(imbalance: float, hot: int) -> Any:
+    """Tokens per expert: the first ``hot`` experts (rank 0's under expert parallelism; fewer than all) get
+    ``imbalance`` times the mean each (rounded up, at most all rows), the rest share what is left evenly."""
+
+    def counts(experts: int, rows: int) -> list[int]:
+        each = min(rows // hot, math.ceil(rows / experts * imbalance))
+        rest, others = rows - each * hot, experts - hot
+        return [each] * hot + [rest // others + (1 if i < rest % others else 0) for i in range(others)]
+
+    return counts
+
+
+def trace(profile: Profile, config: ModelConfig, settings: RecipeSettings, seq_len: int) -> dict[str, Any]:
+    """Peak bytes of rank 0 per phase (forward, backward, optimizer) and per top module, in GiB."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    world = profile.train.world_size
+    with _world(world, settings.expert_parallel) as meshes, FakeTensorMode(allow_non_fake_inputs=True):
+        model, loss_fn, optimizer, params = _build(profile, config, settings, *meshes)
+        vocab = config.text_config["vocab_size"]
+        tokens = torch.randint(0, vocab, (settings.batch_size, seq_len))
+        labels = torch.randint(0, vocab, (settings.batch_size, seq_len))
+        experts = max((m.num_experts for m in model.modules() if hasattr(m, "num_experts")), default=1)
+        hot = experts // settings.expert_parallel if settings.expert_parallel > 1 else 1
+        return _step(model, loss_fn, optimizer, params, tokens, labels, world=world,
+                     counts=routing_counts(profile.plan.imbalance, hot))
+
+
+@contextlib.contextmanager
+def _world(world: int, expert_parallel: int) -> Iterator[tuple[Any, Any]]:
+    """FSDP's mesh and the expert-parallel one (None where unused), made before the fake tensors (a mesh is
+    built from real tensors)."""
+    if world == 1:
+        yield None, None
+        return
+    from tunerecipes.expert_parallel import mesh as ep_mesh
+
+    with fake_world(world) as mesh:
+        yield mesh, ep_mesh("cpu", world, expert_parallel) if expert_parallel > 1 else None
+
+
+def _build(profile: Profile, config: ModelConfig, settings: RecipeSettings, mesh: Any,
+           ep_mesh: Any) -> tuple[Any, ...]:
+    """The recipe's model, loss and optimizer (tunerecipes/sft.py's setup, on fake tensors)."""
+    import importlib
+
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import config as tune_config
+    from torchtune import training
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    from tunerecipes import expert_parallel, sharding
+
+    train = profile.train
+    section = {**model_section(train, config.text_config, profile.data.max_seq_len), **settings.model_overrides}
+    module, _, name = section.pop("_component_").rpartition(".")
+    builder = getattr(importlib.import_module(module), name)
+    master = torch.bfloat16 if settings.master_dtype == "bf16" else torch.float32
+    with training.set_default_dtype(master):
+        model = builder(**section)
+    if train.adapters_only:
+        set_trainable_params(model, get_adapter_params(model))
+    ignored = None
+    if ep_mesh is not None:
+        ignored = expert_parallel.place_experts(model, ep_mesh)
+    if settings.activation_checkpointing:
+        sharding.checkpoint_activations(model)
+    if mesh is not None:
+        compute = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
+        sharding.shard(model, cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
+                       mesh=mesh, ignored=ignored,
+                       mp_policy=sharding.mixed_precision(compute) if settings.master_dtype != settings.dtype else None)
+    if train.adapters_only:
+        set_trainable_params(model, get_adapter_params(model))
+    rendered = OmegaConf.create(recipe_config(train))
+    loss_fn = tune_config.instantiate(rendered["loss"])
+    if hasattr(loss_fn, "num_output_chunks"):
+        model.set_num_output_chunks(loss_fn.num_output_chunks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = tune_config.instantiate(rendered["optimizer"], expert_parallel.param_groups(params))
+    return model, loss_fn, optimizer, params
+
+
+def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: Any, labels: Any, *, world: int,
+          counts: Any) -> dict[str, Any]:
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from llama4tune.moe import planned_routing
+    from tunerecipes import expert_parallel
+
+    if world > 1:
+        tracker = FSDPMemTracker(model, optimizer)
+        tracker.track_inputs((tokens, labels))
+    else:
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer, tokens, labels)
+    phases: dict[str, dict[str, int]] = {}
+    with tracker, planned_routing(counts):
+        loss = loss_fn(model(tokens), labels)
+        phases["forward"] = _peak(tracker)
+        loss.backward()
+        del loss
+        phases["backward"] = _peak(tracker)
+        expert_parallel.clip_grad_norm_(params, 1.0)  # the recipe's clip_grad_norm
+        optimizer.step()
+        phases["optimizer"] = _peak(tracker)
+        optimizer.zero_grad(set_to_none=True)
+    return {"phases": phases, "top_modules_gib": _modules(tracker, model)}
+
+
+# The trackers' categories (FSDPMemTracker's, MemTracker's) as the plan's terms.
+TERMS = {
+    "Sharded Param": "params", "Parameter": "params", "Buffer": "params",
+    "Unsharded Param": "gathered_units", "All Gather": "gathered_units",
+    "Sharded Grad": "grads", "Gradient": "grads",
+    "Unsharded Grad": "unsharded_grads", "Reduce Scatter": "unsharded_grads",
+    "OptState": "optimizer_states", "Optstate": "optimizer_states",
+    "Activation": "activations_and_temporaries", "Temp": "activations_and_temporaries",
+    "Inputs": "activations_and_temporaries", "Other": "activations_and_temporaries",
+}
+
+
+def _peak(tracker: Any) -> dict[str, int]:
+    """Bytes by plan term at the tracker's peak since the last call, which then starts again (MemTracker keeps one
+    running peak per device and has no public reset)."""
+    snapshot = tracker.get_tracker_snapshot("peak")
+    terms: dict[str, int] = {}
+    for device in snapshot.values():
+        for category, value in device.items():
+            if category in TERMS:
+                terms[TERMS[category]] = terms.get(TERMS[category], 0) + value
+    tracker._peak_mem.clear()
+    tracker._peak_mem_snap.clear()
+    return terms
+
+
+def _modules(tracker: Any, model: Any) -> dict[str, float]:
+    """GiB at the peak while each top module ran (forward or backward); decoder layers: the largest one."""
+    out: dict[str, float] = {}
+    for name, module in model.named_children():
+        children = list(module.named_children()) if name == "layers" else [(name, module)]
+        for child_name, child in children:
+            stats = tracker.memory_tracking.get(child)
+            if stats is None:
+                continue
+            label = "layers (largest)" if name == "layers" else child_name
+            out[label] = max(out.get(label, 0.0), round(max(stats.local_peak.values(), default=0) / GIB, 3))
+    return out
+
+
+# The formula's terms (memory.training_memory's breakdown) that each traced term is compared with.
+FORMULA_TERMS = {
+    "params": ("params",), "grads": ("grads",), "optimizer_states": ("optimizer_states",),
+    "gathered_units": ("gathered_units_and_prefetch",),
+    "unsharded_grads": ("unsharded_grads_before_reduce_scatter",),
+    "activations_and_temporaries": ("activations_kept", "activations_backward_working_set", "logits_and_loss",
+                                    "nf4_dequantized_weight", "optimizer_step_temporaries"),
+}
+
+
+def traced_plan(profile: Profile, config: ModelConfig, settings: RecipeSettings, seq_len: int, *,
+                formula: dict[str, float], sharded: bool, constants: Any) -> dict[str, Any]:
+    """The plan's ``traced`` section: the trace's peak per phase on the GPU (FSDP CPU offload keeps parameters,
+    gradients and optimizer states in host RAM), the GPU-only terms on top, and where the formula differs by more
+    than 10% of the traced term."""
+    import time
+
+    clock = time.perf_counter()
+    raw = trace(profile, config, settings, seq_len)
+    host = {"params", "grads", "optimizer_states"} if settings.cpu_offload else set()
+    on_gpu = {phase: {term: value for term, value in terms.items() if term not in host}
+              for phase, terms in raw["phases"].items()}
+    totals = {phase: sum(terms.values()) for phase, terms in on_gpu.items()}
+    peak_phase = max(totals, key=lambda phase: totals[phase])
+    allocated = totals[peak_phase] / GIB
+    gpu_only = {"cuda_context": constants.cuda_context_gib,
+                "comm_buffers_nccl": constants.nccl_buffers_gib if sharded else 0.0,
+                "allocator_fragmentation": allocated * constants.fragmentation}
+    at_peak = {term: value / GIB for term, value in on_gpu[peak_phase].items()}
+    differences = []
+    for term, names in FORMULA_TERMS.items():
+        traced_gib, formula_gib = at_peak.get(term, 0.0), sum(formula.get(name, 0.0) for name in names)
+        if abs(traced_gib - formula_gib) > 0.1 * max(traced_gib, formula_gib) and max(traced_gib, formula_gib) > 0.05:
+            differences.append(f"{term}: traced {traced_gib:.2f} GiB, formula {formula_gib:.2f} GiB "
+                               f"({' + '.join(names)})")
+    return {
+        "per_gpu_peak_gib": round(allocated + sum(gpu_only.values()), 2),
+        "phases_gib": {phase: round(total / GIB, 2) for phase, total in totals.items()},
+        "peak_phase": peak_phase,
+        "terms_gib_at_peak": {term: round(value, 3) for term, value in at_peak.items()},
+        "top_modules_gib": raw["top_modules_gib"],
+        "gpu_only_gib": {name: round(value, 3) for name, value in gpu_only.items()},
+        "gpu_only_not_traced": list(GPU_ONLY),
+        "differences_over_10pct": differences,
+        "routing": f"{profile.plan.routing}, hottest experts at {profile.plan.imbalance:g}x the mean",
+        "trace_s": round(time.perf_counter() - clock, 1),
+    }
