@@ -49,3 +49,9 @@ def test_the_trace_follows_the_hottest_expert_parallel_rank() -> None:
             for name, result in (("uniform", uniform), ("skewed", skewed))}
     assert peak["skewed"] > peak["uniform"]
     assert "layers (largest)" in uniform["top_modules_gib"]
+
+
+@pytest.mark.slow  # one traced QLoRA step of the tiny model in one process (~30 s on 2 loaded cores)
+def test_a_single_process_qlora_step_traces_with_its_frozen_nf4_base() -> None:
+    result = _traced(["train.method=qlora"])
+    assert all(sum(terms.values()) > 0 for terms in result["phases"].values())

@@ -124,7 +124,6 @@ def _build(profile: Profile, config: ModelConfig, settings: RecipeSettings, mesh
 def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: Any, labels: Any, *, world: int,
           counts: Any) -> dict[str, Any]:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from llama4tune.moe import planned_routing
     from tunerecipes import expert_parallel
@@ -133,7 +132,7 @@ def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: A
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs((tokens, labels))
     else:
-        tracker = MemTracker()
+        tracker = _tracker_class()()
         tracker.track_external(model, optimizer, tokens, labels)
     phases: dict[str, dict[str, int]] = {}
     with tracker, planned_routing(counts):
@@ -147,6 +146,27 @@ def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: A
         phases["optimizer"] = _peak(tracker)
         optimizer.zero_grad(set_to_none=True)
     return {"phases": phases, "top_modules_gib": _modules(tracker, model)}
+
+
+def _tracker_class() -> Any:
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        """torch's MemTracker hooks the gradient of every parameter of a module it enters, and torch refuses a hook
+        on a frozen one (the LoRA and QLoRA bases): only trainable parameters get the hooks here."""
+
+        def _track_module_params_and_buffers(self, module: Any, install_grad_hooks: bool = True) -> tuple[int, int]:
+            memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            for param in module.parameters() if install_grad_hooks else ():
+                if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    def hook(grad: Any) -> None:
+                        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(hook), param.register_post_accumulate_grad_hook(lambda p: hook(p.grad)))
+            return memory
+
+    return FrozenAwareMemTracker
 
 
 # The trackers' categories (FSDPMemTracker's, MemTracker's) as the plan's terms.
