@@ -265,7 +265,7 @@ def test_the_reclaim_table_names_each_platforms_delivery_and_whether_the_save_fi
 
 
 def test_the_plan_states_one_checkpoint_interval_the_step_or_time_trigger_whichever_first() -> None:
-    planned = plan(load_profile("maverick-lora"))  # 200 steps of ~24 s, or 1.5 min: the minutes fire first
+    planned = plan(load_profile("maverick-lora", FORMULAS))  # 200 steps of ~24 s, or 1.5 min: the minutes fire first
     interval = planned["estimate"]["checkpoint_interval_min"]
     assert interval == planned["preemption"]["interval_min"] < 200 * planned["estimate"]["step_s"] / 60
     text = markdown(planned)

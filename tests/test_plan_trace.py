@@ -8,8 +8,10 @@ import torch
 
 from finetune.plan.model import model_config
 from finetune.plan.recipe import recipe_settings
-from finetune.plan.trace import routing_counts, trace
+from finetune.plan.trace import layered_trace, routing_counts, trace
 from finetune.profile import load_profile
+from llama4tune.config import first_layers, layer_period, load_text_args
+from llama4tune.models import MAVERICK_TEXT_CONFIG, SCOUT_TEXT_CONFIG, TINY_TEXT_CONFIG
 from llama4tune.moe import GroupedExperts, Llama4MoE, planned_routing
 
 
@@ -35,7 +37,7 @@ def test_a_moe_layer_with_its_own_counts_planned_computes_what_it_computes_unpla
 
 def _traced(overrides: list[str]) -> dict:
     profile = load_profile("tiny-cpu", overrides)
-    return trace(profile, model_config(profile), recipe_settings(profile), profile.data.max_seq_len)
+    return trace(profile, model_config(profile).text_config, recipe_settings(profile), profile.data.max_seq_len)
 
 
 @pytest.mark.slow  # two traced steps of the tiny model over a fake world of 4 (~20 s on 2 loaded cores)
@@ -55,3 +57,25 @@ def test_the_trace_follows_the_hottest_expert_parallel_rank() -> None:
 def test_a_single_process_qlora_step_traces_with_its_frozen_nf4_base() -> None:
     result = _traced(["train.method=qlora"])
     assert all(sum(terms.values()) > 0 for terms in result["phases"].values())
+
+
+def test_the_repeating_unit_is_four_layers_in_scout_and_maverick_and_a_cut_keeps_each_layers_kind() -> None:
+    scout, maverick = load_text_args(SCOUT_TEXT_CONFIG), load_text_args(MAVERICK_TEXT_CONFIG)
+    assert layer_period(scout) == layer_period(maverick) == 4  # NoPE every 4th layer; Maverick: MoE every 2nd
+    cut = load_text_args(first_layers(MAVERICK_TEXT_CONFIG, 8))
+    assert (cut.num_hidden_layers, cut.moe_layers) == (8, (1, 3, 5, 7))
+    assert cut.no_rope_layers == maverick.no_rope_layers[:8] and cut.layer_types == maverick.layer_types[:8]
+    with pytest.raises(ValueError, match="layers must lie in 1..48"):
+        first_layers(SCOUT_TEXT_CONFIG, 49)
+
+
+@pytest.mark.slow  # three traced LoRA steps of a 12-layer tiny model over a fake world of 2 (~15 s on 2 loaded cores)
+def test_the_trace_of_two_units_extrapolated_is_the_trace_of_the_whole_model() -> None:
+    profile = load_profile("tiny-cpu", ["train.method=lora", "train.nproc_per_node=2"])
+    twelve = {**TINY_TEXT_CONFIG, "num_hidden_layers": 12, "no_rope_layers": TINY_TEXT_CONFIG["no_rope_layers"] * 3}
+    settings = recipe_settings(profile)
+    layered = layered_trace(profile, twelve, settings, profile.data.max_seq_len)
+    whole = trace(profile, twelve, settings, profile.data.max_seq_len)
+    assert layered["layers_traced"].startswith("4 and 8 of 12")
+    for phase, terms in whole["phases"].items():
+        assert sum(layered["phases"][phase].values()) == pytest.approx(sum(terms.values()), rel=0.005), phase

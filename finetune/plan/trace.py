@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from finetune.plan.catalog import GIB
@@ -48,15 +48,17 @@ def routing_counts(imbalance: float, hot: int) -> Any:
     return counts
 
 
-def trace(profile: Profile, config: ModelConfig, settings: RecipeSettings, seq_len: int) -> dict[str, Any]:
-    """Peak bytes of rank 0 per phase (forward, backward, optimizer) and per top module, in GiB."""
+def trace(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSettings,
+          seq_len: int) -> dict[str, Any]:
+    """Peak bytes of rank 0 per phase (forward, backward, optimizer) and term, and GiB per top module, for the
+    model ``text_config`` describes (every layer of it)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     world = profile.train.world_size
     with _world(world, settings.expert_parallel) as meshes, FakeTensorMode(allow_non_fake_inputs=True):
-        model, loss_fn, optimizer, params = _build(profile, config, settings, *meshes)
-        vocab = config.text_config["vocab_size"]
+        model, loss_fn, optimizer, params = _build(profile, text_config, settings, *meshes)
+        vocab = text_config["vocab_size"]
         tokens = torch.randint(0, vocab, (settings.batch_size, seq_len))
         labels = torch.randint(0, vocab, (settings.batch_size, seq_len))
         experts = max((m.num_experts for m in model.modules() if hasattr(m, "num_experts")), default=1)
@@ -78,7 +80,23 @@ def _world(world: int, expert_parallel: int) -> Iterator[tuple[Any, Any]]:
         yield mesh, ep_mesh("cpu", world, expert_parallel) if expert_parallel > 1 else None
 
 
-def _build(profile: Profile, config: ModelConfig, settings: RecipeSettings, mesh: Any,
+@contextlib.contextmanager
+def _one_nf4_chunk() -> Iterator[None]:
+    """torchao's to_nf4 searches the nearest code in chunks of CHUNK_SIZE weights to bound its temporaries; on fake
+    tensors there are none, and the chunks' ops were most of a QLoRA trace's time (Scout: 2,000 per layer). The
+    model is built before the tracker starts, so its codes' shapes are all the step sees."""
+    import sys
+
+    from torchao.dtypes import nf4tensor
+
+    saved, nf4tensor.CHUNK_SIZE = nf4tensor.CHUNK_SIZE, sys.maxsize
+    try:
+        yield
+    finally:
+        nf4tensor.CHUNK_SIZE = saved
+
+
+def _build(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSettings, mesh: Any,
            ep_mesh: Any) -> tuple[Any, ...]:
     """The recipe's model, loss and optimizer (tunerecipes/sft.py's setup, on fake tensors)."""
     import importlib
@@ -92,11 +110,11 @@ def _build(profile: Profile, config: ModelConfig, settings: RecipeSettings, mesh
     from tunerecipes import expert_parallel, sharding
 
     train = profile.train
-    section = {**model_section(train, config.text_config, profile.data.max_seq_len), **settings.model_overrides}
+    section = {**model_section(train, text_config, profile.data.max_seq_len), **settings.model_overrides}
     module, _, name = section.pop("_component_").rpartition(".")
     builder = getattr(importlib.import_module(module), name)
     master = torch.bfloat16 if settings.master_dtype == "bf16" else torch.float32
-    with training.set_default_dtype(master):
+    with training.set_default_dtype(master), _one_nf4_chunk() if section.get("quantize_base") else contextlib.nullcontext():
         model = builder(**section)
     if train.adapters_only:
         set_trainable_params(model, get_adapter_params(model))
@@ -123,16 +141,13 @@ def _build(profile: Profile, config: ModelConfig, settings: RecipeSettings, mesh
 
 def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: Any, labels: Any, *, world: int,
           counts: Any) -> dict[str, Any]:
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
     from llama4tune.moe import planned_routing
     from tunerecipes import expert_parallel
 
+    tracker = _tracker(model, optimizer, world)
     if world > 1:
-        tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs((tokens, labels))
     else:
-        tracker = _tracker_class()()
         tracker.track_external(model, optimizer, tokens, labels)
     phases: dict[str, dict[str, int]] = {}
     with tracker, planned_routing(counts):
@@ -148,10 +163,48 @@ def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: A
     return {"phases": phases, "top_modules_gib": _modules(tracker, model)}
 
 
-def _tracker_class() -> Any:
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+def _top_modules(model: Any) -> dict[Any, str]:
+    """The modules the trace reports a peak for, by label: the decoder's children, each decoder layer."""
+    return {child: "layers (largest)" if name == "layers" else child_name
+            for name, module in model.named_children()
+            for child_name, child in (module.named_children() if name == "layers" else [(name, module)])}
 
-    class FrozenAwareMemTracker(MemTracker):
+
+def _tracker(model: Any, optimizer: Any, world: int) -> Any:
+    """torch's FSDPMemTracker (MemTracker in one process), keeping a peak only for the modules reported."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+
+    reported = list(_top_modules(model))
+
+    class ReportedPeaks:
+        """torch's trackers walk every module they have seen at every op to update the peaks of those running
+        (two thirds of a trace's time at Scout's size); only the reported modules' peaks are read here, so only
+        they are walked, their stats looked up again only when the tracker has met a new module (a lookup in its
+        weak dictionary costs more than the op). The tracker's own (global) peak is kept as torch keeps it."""
+
+        _reported_stats: dict[int, Any]
+        _modules_seen = -1
+
+        def _update_peak_stats(self: Any, peak_state: Any) -> None:
+            if self._modules_seen != len(self.memory_tracking):
+                self._modules_seen = len(self.memory_tracking)
+                self._reported_stats = {i: stats for i, module in enumerate(reported)
+                                        if (stats := self.memory_tracking.get(module)) is not None}
+            snap = self._curr_mem_snap
+            for stats in self._reported_stats.values():
+                if stats.mod_fqn in self._mod_tracker.parents and peak_state in stats.snapshots:
+                    for dev, dev_snap in snap.items():
+                        stats.local_peak[dev] = max(stats.local_peak.get(dev, 0), dev_snap[_TOTAL_KEY])
+            for dev, dev_snap in snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = dev_snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+
+    if world > 1:
+        return type("ReportedFSDPMemTracker", (ReportedPeaks, FSDPMemTracker), {})(model, optimizer)
+
+    class FrozenAwareMemTracker(ReportedPeaks, MemTracker):
         """torch's MemTracker hooks the gradient of every parameter of a module it enters, and torch refuses a hook
         on a frozen one (the LoRA and QLoRA bases): only trainable parameters get the hooks here."""
 
@@ -166,7 +219,7 @@ def _tracker_class() -> Any:
                         param.register_hook(hook), param.register_post_accumulate_grad_hook(lambda p: hook(p.grad)))
             return memory
 
-    return FrozenAwareMemTracker
+    return FrozenAwareMemTracker()
 
 
 # The trackers' categories (FSDPMemTracker's, MemTracker's) as the plan's terms.
@@ -198,15 +251,41 @@ def _peak(tracker: Any) -> dict[str, int]:
 def _modules(tracker: Any, model: Any) -> dict[str, float]:
     """GiB at the peak while each top module ran (forward or backward); decoder layers: the largest one."""
     out: dict[str, float] = {}
-    for name, module in model.named_children():
-        children = list(module.named_children()) if name == "layers" else [(name, module)]
-        for child_name, child in children:
-            stats = tracker.memory_tracking.get(child)
-            if stats is None:
-                continue
-            label = "layers (largest)" if name == "layers" else child_name
+    for module, label in _top_modules(model).items():
+        stats = tracker.memory_tracking.get(module)
+        if stats is not None:
             out[label] = max(out.get(label, 0.0), round(max(stats.local_peak.values(), default=0) / GIB, 3))
     return out
+
+
+def layered_trace(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSettings,
+                  seq_len: int) -> dict[str, Any]:
+    """``trace`` of the whole model, from traces of its first one and two repeating units of layers (see
+    llama4tune.config.layer_period), extrapolated linearly to its layer count.
+
+    Why linear: every figure at a given moment of the step is a fixed part (embeddings, output, loss, one gathered
+    unit, one layer's recompute) plus one share per unit (its parameters, gradients, optimizer states, the
+    checkpointed input it keeps); a trace of the whole model costs minutes, mostly the tracker's walk over every
+    live tensor at every op. A model of at most two units is traced whole."""
+    from llama4tune.config import first_layers, layer_period, load_text_args
+
+    args = load_text_args(text_config)
+    period = layer_period(args)
+    units = args.num_hidden_layers // period
+    if units <= 2:
+        return {**trace(profile, text_config, settings, seq_len), "layers_traced": f"all {args.num_hidden_layers}"}
+    one, two = (trace(profile, first_layers(text_config, n * period), settings, seq_len) for n in (1, 2))
+    return {"phases": {phase: {term: max(0, round(extrapolate(one["phases"][phase].get(term, 0), bytes_, units)))
+                               for term, bytes_ in terms.items()} for phase, terms in two["phases"].items()},
+            "top_modules_gib": {name: round(max(0.0, extrapolate(one["top_modules_gib"].get(name, 0.0), gib, units)), 3)
+                                for name, gib in two["top_modules_gib"].items()},
+            "layers_traced": f"{period} and {2 * period} of {args.num_hidden_layers} (units of {period} layers), "
+                             "extrapolated linearly"}
+
+
+def extrapolate(one_unit: float, two_units: float, units: int) -> float:
+    """A figure that grows by the same amount with every repeating unit, at ``units`` units."""
+    return two_units + (units - 2) * (two_units - one_unit)
 
 
 # The formula's terms (memory.training_memory's breakdown) that each traced term is compared with.
@@ -227,7 +306,7 @@ def traced_plan(profile: Profile, config: ModelConfig, settings: RecipeSettings,
     import time
 
     clock = time.perf_counter()
-    raw = trace(profile, config, settings, seq_len)
+    raw = layered_trace(profile, config.text_config, settings, seq_len)
     host = {"params", "grads", "optimizer_states"} if settings.cpu_offload else set()
     on_gpu = {phase: {term: value for term, value in terms.items() if term not in host}
               for phase, terms in raw["phases"].items()}
@@ -253,6 +332,7 @@ def traced_plan(profile: Profile, config: ModelConfig, settings: RecipeSettings,
         "gpu_only_gib": {name: round(value, 3) for name, value in gpu_only.items()},
         "gpu_only_not_traced": list(GPU_ONLY),
         "differences_over_10pct": differences,
+        "layers_traced": raw["layers_traced"],
         "routing": f"{profile.plan.routing}, hottest experts at {profile.plan.imbalance:g}x the mean",
         "trace_s": round(time.perf_counter() - clock, 1),
     }
