@@ -33,6 +33,7 @@ PRODUCTION = ["scout-lora", "scout-sft", "scout-dpo", "maverick-lora", "maverick
 # maverick-lora as the issue-14 plan had it: 16 H100 without offload or expert parallelism (it cannot fit).
 MAVERICK_ON_H100 = ["train.gpu_type=H100-80GB", "train.fsdp_cpu_offload=false", "train.expert_parallel=1",
                     "plan.trace=false"]
+FORMULA_DECIDES = {"maverick-sft"}  # plan.trace: false in the profile, which says why
 FORMULAS = ["plan.trace=false"]  # tests of the formulas' terms: seconds, not a traced step
 
 
@@ -46,14 +47,17 @@ def production() -> dict[str, dict]:
     return {name: plan(load_profile(name, FORMULAS)) for name in PRODUCTION}
 
 
-@pytest.mark.slow  # traces one full-size training step per profile (~1 min each on 2 idle cores)
+@pytest.mark.slow  # traces one full-size training step per profile on 2 units of layers (10-35 s each, loaded)
 @pytest.mark.parametrize("name", PRODUCTION)
 def test_every_production_profile_fits_with_five_percent_headroom_by_its_traced_step(name: str) -> None:
     result = plan(load_profile(name))
     traced = result["traced"]
-    assert result["per_gpu_peak_gib"] == traced["per_gpu_peak_gib"] != result["formula_peak_gib"]
-    assert set(traced["phases_gib"]) == {"forward", "backward", "optimizer"}
-    assert "layers (largest)" in traced["top_modules_gib"]
+    if name in FORMULA_DECIDES:
+        assert traced is None
+    else:
+        assert result["per_gpu_peak_gib"] == traced["per_gpu_peak_gib"] != result["formula_peak_gib"]
+        assert set(traced["phases_gib"]) == {"forward", "backward", "optimizer"}
+        assert "layers (largest)" in traced["top_modules_gib"]
     assert result["fits"] and result["serving_fits"], result["knobs"]
     assert result["headroom_pct"] >= 5, result["per_gpu_peak_gib"]
     assert result["host_memory_gib_per_node"] <= 0.95 * result["host_ram_gib_per_node"]

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from finetune.plan.catalog import GIB
-from finetune.plan.model import ModelConfig, fake_world
-from finetune.plan.recipe import RecipeSettings, model_section, recipe_config
+from finetune.plan.model import ModelConfig, fake_world, recipe_builder
+from finetune.plan.recipe import RecipeSettings, recipe_config
 from finetune.profile import Profile
 
 # What a GPU run allocates that the CPU trace does not show; the plan adds the constants' figures for them.
@@ -80,27 +80,9 @@ def _world(world: int, expert_parallel: int) -> Iterator[tuple[Any, Any]]:
         yield mesh, ep_mesh("cpu", world, expert_parallel) if expert_parallel > 1 else None
 
 
-@contextlib.contextmanager
-def _one_nf4_chunk() -> Iterator[None]:
-    """torchao's to_nf4 searches the nearest code in chunks of CHUNK_SIZE weights to bound its temporaries; on fake
-    tensors there are none, and the chunks' ops were most of a QLoRA trace's time (Scout: 2,000 per layer). The
-    model is built before the tracker starts, so its codes' shapes are all the step sees."""
-    import sys
-
-    from torchao.dtypes import nf4tensor
-
-    saved, nf4tensor.CHUNK_SIZE = nf4tensor.CHUNK_SIZE, sys.maxsize
-    try:
-        yield
-    finally:
-        nf4tensor.CHUNK_SIZE = saved
-
-
 def _build(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSettings, mesh: Any,
            ep_mesh: Any) -> tuple[Any, ...]:
     """The recipe's model, loss and optimizer (tunerecipes/sft.py's setup, on fake tensors)."""
-    import importlib
-
     import torch
     from omegaconf import OmegaConf
     from torchtune import config as tune_config
@@ -110,12 +92,9 @@ def _build(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSet
     from tunerecipes import expert_parallel, sharding
 
     train = profile.train
-    section = {**model_section(train, text_config, profile.data.max_seq_len), **settings.model_overrides}
-    module, _, name = section.pop("_component_").rpartition(".")
-    builder = getattr(importlib.import_module(module), name)
-    master = torch.bfloat16 if settings.master_dtype == "bf16" else torch.float32
-    with training.set_default_dtype(master), _one_nf4_chunk() if section.get("quantize_base") else contextlib.nullcontext():
-        model = builder(**section)
+    build, master = recipe_builder(profile, text_config, settings)
+    with training.set_default_dtype(master):
+        model = build()
     if train.adapters_only:
         set_trainable_params(model, get_adapter_params(model))
     ignored = None
@@ -126,7 +105,7 @@ def _build(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSet
     if mesh is not None:
         compute = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
         sharding.shard(model, cpu_offload=settings.cpu_offload, reshard_after_forward=settings.reshard_after_forward,
-                       mesh=mesh, ignored=ignored,
+                       mesh=mesh, ignored=ignored, pin_memory=False,
                        mp_policy=sharding.mixed_precision(compute) if settings.master_dtype != settings.dtype else None)
     if train.adapters_only:
         set_trainable_params(model, get_adapter_params(model))
@@ -275,9 +254,11 @@ def layered_trace(profile: Profile, text_config: Mapping[str, Any], settings: Re
     if units <= 2:
         return {**trace(profile, text_config, settings, seq_len), "layers_traced": f"all {args.num_hidden_layers}"}
     one, two = (trace(profile, first_layers(text_config, n * period), settings, seq_len) for n in (1, 2))
-    return {"phases": {phase: {term: max(0, round(extrapolate(one["phases"][phase].get(term, 0), bytes_, units)))
+    # Term by term: the sums stay the extrapolated totals (a tracker may file a tensor under another term in the
+    # two traces, e.g. optimizer states as temporaries, so a term alone can even come out negative).
+    return {"phases": {phase: {term: round(extrapolate(one["phases"][phase].get(term, 0), bytes_, units))
                                for term, bytes_ in terms.items()} for phase, terms in two["phases"].items()},
-            "top_modules_gib": {name: round(max(0.0, extrapolate(one["top_modules_gib"].get(name, 0.0), gib, units)), 3)
+            "top_modules_gib": {name: round(extrapolate(one["top_modules_gib"].get(name, 0.0), gib, units), 3)
                                 for name, gib in two["top_modules_gib"].items()},
             "layers_traced": f"{period} and {2 * period} of {args.num_hidden_layers} (units of {period} layers), "
                              "extrapolated linearly"}
@@ -307,8 +288,11 @@ def traced_plan(profile: Profile, config: ModelConfig, settings: RecipeSettings,
 
     clock = time.perf_counter()
     raw = layered_trace(profile, config.text_config, settings, seq_len)
+    # FSDP's CPU offload keeps parameters, gradients and optimizer states in host RAM, and the optimizer step runs
+    # there, its temporaries too.
     host = {"params", "grads", "optimizer_states"} if settings.cpu_offload else set()
-    on_gpu = {phase: {term: value for term, value in terms.items() if term not in host}
+    on_gpu = {phase: {term: value for term, value in terms.items()
+                      if term not in host and not (settings.cpu_offload and phase == "optimizer")}
               for phase, terms in raw["phases"].items()}
     totals = {phase: sum(terms.values()) for phase, terms in on_gpu.items()}
     peak_phase = max(totals, key=lambda phase: totals[phase])
