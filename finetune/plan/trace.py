@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from finetune.plan.catalog import GIB
@@ -52,19 +53,57 @@ def trace(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSett
           seq_len: int) -> dict[str, Any]:
     """Peak bytes of rank 0 per phase (forward, backward, optimizer) and term, and GiB per top module, for the
     model ``text_config`` describes (every layer of it)."""
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     world = profile.train.world_size
     with _world(world, settings.expert_parallel) as meshes, FakeTensorMode(allow_non_fake_inputs=True):
-        model, loss_fn, optimizer, params = _build(profile, text_config, settings, *meshes)
-        vocab = text_config["vocab_size"]
-        tokens = torch.randint(0, vocab, (settings.batch_size, seq_len))
-        labels = torch.randint(0, vocab, (settings.batch_size, seq_len))
-        experts = max((m.num_experts for m in model.modules() if hasattr(m, "num_experts")), default=1)
-        hot = experts // settings.expert_parallel if settings.expert_parallel > 1 else 1
-        return _step(model, loss_fn, optimizer, params, tokens, labels, world=world,
-                     counts=routing_counts(profile.plan.imbalance, hot))
+        return _traced_step(step_parts(profile, text_config, settings, seq_len, *meshes), world)
+
+
+@dataclass
+class StepParts:
+    """What one training step of the recipe takes: its model, loss, optimizer, inputs and planned routing."""
+
+    model: Any
+    loss_fn: Any
+    optimizer: Any
+    params: list[Any]
+    tokens: Any
+    labels: Any
+    counts: Any
+
+
+def step_parts(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSettings, seq_len: int,
+               mesh: Any, ep_mesh: Any) -> StepParts:
+    """The recipe's step for this process on ``mesh`` (FSDP's; None: one process) and ``ep_mesh`` (the experts';
+    None: no expert parallelism): fake tensors under a FakeTensorMode, real ones otherwise (bench/bench_plan.py)."""
+    import torch
+
+    model, loss_fn, optimizer, params = _build(profile, text_config, settings, mesh, ep_mesh)
+    vocab = text_config["vocab_size"]
+    tokens = torch.randint(0, vocab, (settings.batch_size, seq_len))
+    labels = torch.randint(0, vocab, (settings.batch_size, seq_len))
+    experts = max((m.num_experts for m in model.modules() if hasattr(m, "num_experts")), default=1)
+    hot = experts // settings.expert_parallel if settings.expert_parallel > 1 else 1
+    return StepParts(model, loss_fn, optimizer, params, tokens, labels, routing_counts(profile.plan.imbalance, hot))
+
+
+def run_step(parts: StepParts, mark: Callable[[str], None]) -> None:
+    """One step as the recipe runs it (forward and chunked loss, backward, clipping, AdamW), ``mark(phase)``
+    after each phase."""
+    from llama4tune.moe import planned_routing
+    from tunerecipes import expert_parallel
+
+    with planned_routing(parts.counts):
+        loss = parts.loss_fn(parts.model(parts.tokens), parts.labels)
+        mark("forward")
+        loss.backward()
+        del loss
+        mark("backward")
+        expert_parallel.clip_grad_norm_(parts.params, 1.0)  # the recipe's clip_grad_norm
+        parts.optimizer.step()
+        mark("optimizer")
+        parts.optimizer.zero_grad(set_to_none=True)
 
 
 @contextlib.contextmanager
@@ -118,28 +157,16 @@ def _build(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSet
     return model, loss_fn, optimizer, params
 
 
-def _step(model: Any, loss_fn: Any, optimizer: Any, params: list[Any], tokens: Any, labels: Any, *, world: int,
-          counts: Any) -> dict[str, Any]:
-    from llama4tune.moe import planned_routing
-    from tunerecipes import expert_parallel
-
-    tracker = _tracker(model, optimizer, world)
+def _traced_step(parts: StepParts, world: int) -> dict[str, Any]:
+    tracker = _tracker(parts.model, parts.optimizer, world)
     if world > 1:
-        tracker.track_inputs((tokens, labels))
+        tracker.track_inputs((parts.tokens, parts.labels))
     else:
-        tracker.track_external(model, optimizer, tokens, labels)
+        tracker.track_external(parts.model, parts.optimizer, parts.tokens, parts.labels)
     phases: dict[str, dict[str, int]] = {}
-    with tracker, planned_routing(counts):
-        loss = loss_fn(model(tokens), labels)
-        phases["forward"] = _peak(tracker)
-        loss.backward()
-        del loss
-        phases["backward"] = _peak(tracker)
-        expert_parallel.clip_grad_norm_(params, 1.0)  # the recipe's clip_grad_norm
-        optimizer.step()
-        phases["optimizer"] = _peak(tracker)
-        optimizer.zero_grad(set_to_none=True)
-    return {"phases": phases, "top_modules_gib": _modules(tracker, model)}
+    with tracker:
+        run_step(parts, lambda phase: phases.__setitem__(phase, _peak(tracker)))
+    return {"phases": phases, "top_modules_gib": _modules(tracker, parts.model)}
 
 
 def _top_modules(model: Any) -> dict[Any, str]:
