@@ -473,6 +473,22 @@ class PlanConfig(Section):
                                                                         "catalog's usual node when unset.")
     spot_reclaim_mtbf_h: float = Field(24.0, gt=0, description="Mean hours between spot reclaims of one node, "
                                        "for the plan's checkpoint interval (see finetune/plan/catalog.py Constants).")
+    trace: bool = Field(True, description="Trace one training step at full size on fake tensors for the peak per "
+                                          "GPU (finetune/plan/trace.py, cuda profiles; about a minute); false: the "
+                                          "formulas alone decide (seconds).")
+    routing: Literal["uniform", "skewed"] = Field(
+        "skewed", description="Tokens per expert in the traced step (finetune/plan/trace.py): uniform, or skewed: "
+                              "the traced rank's experts get routing_imbalance times the mean.")
+    routing_imbalance: float = Field(
+        1.25, ge=1, description="Load of the hottest experts over the mean under routing 'skewed'. Default: the "
+                                "capacity factor Switch Transformer trained with (Fedus et al. 2021, section 2.2), "
+                                "the load an expert is commonly sized for; our routing drops no token, so a hotter "
+                                "router needs a larger value (a GPU run's router statistics should replace it).")
+
+    @property
+    def imbalance(self) -> float:
+        """The hottest experts' load over the mean that the trace uses."""
+        return self.routing_imbalance if self.routing == "skewed" else 1.0
 
 
 class PublishConfig(Section):

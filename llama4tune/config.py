@@ -247,3 +247,25 @@ def load_text_args(config: str | Path | Mapping[str, Any] | Llama4TextArgs) -> L
     if not math.isfinite(float(values["floor_scale"])) or float(values["floor_scale"]) <= 0:
         raise ValueError(f"{source}: floor_scale must be a positive number")
     return Llama4TextArgs(**values)
+
+
+def _layer_kind(args: Llama4TextArgs, layer_idx: int) -> tuple[bool, bool, str]:
+    return args.is_moe_layer(layer_idx), args.uses_rope(layer_idx), args.layer_types[layer_idx]
+
+
+def layer_period(args: Llama4TextArgs) -> int:
+    """The fewest layers whose kinds (MoE or dense, RoPE or NoPE, chunked or global attention) repeat through the
+    decoder: 4 for Scout (every layer MoE, every 4th NoPE) and Maverick (MoE every 2nd layer)."""
+    n = args.num_hidden_layers
+    return next(p for p in range(1, n + 1) if n % p == 0
+                and all(_layer_kind(args, i) == _layer_kind(args, i % p) for i in range(n)))
+
+
+def first_layers(config: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    """The HF text config of the same model cut to its first ``layers`` decoder layers, each of the same kind as in
+    the whole model (the per-layer lists written out, so no default re-derives them differently)."""
+    args = load_text_args(config)
+    if not 0 < layers <= args.num_hidden_layers:
+        raise ValueError(f"layers must lie in 1..{args.num_hidden_layers}, got {layers}")
+    return {**config, "num_hidden_layers": layers, "moe_layers": [i for i in args.moe_layers if i < layers],
+            "no_rope_layers": list(args.no_rope_layers[:layers]), "layer_types": list(args.layer_types[:layers])}

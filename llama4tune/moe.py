@@ -15,15 +15,47 @@ owners and back with two autograd-capable ``all_to_all_single`` exchanges (uneve
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor
 from torchtune.modules.peft import AdapterModule
+
+
+# Tokens per expert for a layer routing ``rows`` (token, expert) pairs over E experts, in place of counting them:
+# `finetune plan` traces the step on fake tensors, which carry shapes, not routing decisions (finetune/plan/trace.py).
+RoutingCounts = Callable[[int, int], list[int]]
+_PLANNED_ROUTING: contextvars.ContextVar[RoutingCounts | None] = contextvars.ContextVar("routing", default=None)
+
+
+@contextlib.contextmanager
+def planned_routing(counts: RoutingCounts) -> Iterator[None]:
+    """Every MoE layer run inside takes its tokens per expert from ``counts`` (E, rows) instead of its router's
+    choices (the router still runs); under expert parallelism every rank is taken to route alike."""
+    token = _PLANNED_ROUTING.set(counts)
+    try:
+        yield
+    finally:
+        _PLANNED_ROUTING.reset(token)
+
+
+def split_sizes(counts: torch.Tensor) -> list[int]:
+    """counts as Python ints: the planned ones a planned_routing layer attached (fake tensors hold no data)."""
+    return getattr(counts, "planned", None) or counts.tolist()
+
+
+def _planned(values: list[int], device: torch.device) -> torch.Tensor:
+    counts = torch.tensor(values, device=device)
+    counts.planned = values  # type: ignore[attr-defined]
+    return counts
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -35,7 +67,8 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
-        dtype_ok = x.dtype in (torch.float32, torch.bfloat16)
+        # fp32 too, but not on fake tensors (finetune plan's trace): their shape rule is CUDA's, bf16 only.
+        dtype_ok = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not is_fake(x))
     elif x.device.type == "cuda":
         dtype_ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     else:
@@ -49,7 +82,7 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_gr
     if use_grouped_mm and grouped_mm_supported(x, w):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         return torch._grouped_mm(x, w, offs=offs)
-    blocks = torch.split(x, counts.tolist())
+    blocks = torch.split(x, split_sizes(counts))
     return torch.cat([block @ w[e] for e, block in enumerate(blocks)], dim=0)
 
 
@@ -173,12 +206,15 @@ class Llama4MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_idx = torch.div(order, self.top_k, rounding_mode="floor")
         routed_in = x[token_idx] * scores.reshape(-1)[order, None]
+        planned = _PLANNED_ROUTING.get()
+        split = planned(self.experts.num_experts, flat_experts.numel()) if planned else None
         # bincount, not histc: histc has no CPU kernel for integer tensors.
-        counts = torch.bincount(flat_experts, minlength=self.experts.num_experts)
+        counts = torch.bincount(flat_experts, minlength=self.experts.num_experts) if split is None \
+            else _planned(split, x.device)
         if self.experts.ep_group is None:
             routed_out = self.experts(routed_in, counts)
         else:
-            routed_out = run_on_owners(self.experts, routed_in, counts, self.experts.ep_group)
+            routed_out = run_on_owners(self.experts, routed_in, counts, self.experts.ep_group, split)
         out = self.shared_expert(x).index_add(0, token_idx, routed_out)
         return out.reshape(shape)
 
@@ -191,21 +227,32 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 
 def run_on_owners(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor,
-                  group: dist.ProcessGroup) -> torch.Tensor:
+                  group: dist.ProcessGroup, planned: list[int] | None = None) -> torch.Tensor:
     """Expert parallelism: x [T, D] sorted by global expert with counts [E] -> the experts' outputs, same order.
 
     Rank r of the group owns experts [r*E/N, (r+1)*E/N): x's rows are already in destination order. The counts go
     first (each owner learns how many rows of each of its experts every rank sends), then the rows; the owner runs
-    them grouped by expert (stable, so rows keep their source order) and sends the outputs back."""
+    them grouped by expert (stable, so rows keep their source order) and sends the outputs back.
+
+    ``planned``: counts as planned_routing gave them; every source is taken to route alike, so this rank receives
+    its own experts' planned counts from each source."""
     n = dist.get_world_size(group)
     local = experts.num_experts // n
-    received_counts = torch.empty_like(counts)  # [source, own expert], flattened
-    dist.all_to_all_single(received_counts, counts, group=group)
-    send = counts.view(n, local).sum(dim=1).tolist()
+    if planned is None:
+        received_counts = torch.empty_like(counts)  # [source, own expert], flattened
+        dist.all_to_all_single(received_counts, counts, group=group)
+        send = counts.view(n, local).sum(dim=1).tolist()
+        receive = received_counts.view(n, local).sum(dim=1).tolist()
+    else:
+        own = planned[dist.get_rank(group) * local:][:local]
+        received_counts = _planned(own * n, x.device)
+        send = [sum(planned[source * local:(source + 1) * local]) for source in range(n)]
+        receive = [sum(own)] * n
     by_source = received_counts.view(n, local)
-    receive = by_source.sum(dim=1).tolist()
     rows = _exchange(x, receive, send, group)
-    expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(n), received_counts)
+    expert_of_row = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(n), received_counts,
+                                            output_size=sum(receive))
     order = torch.argsort(expert_of_row, stable=True)
-    out = experts(rows[order], by_source.sum(dim=0))
+    mine = by_source.sum(dim=0) if planned is None else _planned([count * n for count in own], x.device)
+    out = experts(rows[order], mine)
     return _exchange(out[torch.argsort(order)], send, receive, group)

@@ -31,14 +31,17 @@ def mixed_precision(compute: torch.dtype) -> MixedPrecisionPolicy:
 
 
 def shard(model: nn.Module, *, cpu_offload: bool, reshard_after_forward: bool, mesh: DeviceMesh | None = None,
-          mp_policy: MixedPrecisionPolicy | None = None, ignored: set[nn.Parameter] | None = None) -> None:
+          mp_policy: MixedPrecisionPolicy | None = None, ignored: set[nn.Parameter] | None = None,
+          pin_memory: bool = True) -> None:
     """FSDP2: one unit per decoder layer (its checkpoint wrapper, when present), one each for the token embeddings
     and the output projection, then the root unit with what is left (the final norm).
 
     Why separate embedding and output units: in the root they stay gathered from the first forward to the end of
     backward (~3.9 GiB for Llama 4's 202k x 5120 pair); as units they are gathered only while they run.
 
-    ``ignored``: parameters FSDP leaves alone (the expert-parallel experts, tunerecipes/expert_parallel.py)."""
+    ``ignored``: parameters FSDP leaves alone (the expert-parallel experts, tunerecipes/expert_parallel.py).
+    ``pin_memory``: offloaded states in page-locked host memory (the planner's trace turns it off: fake tensors have
+    no pages to lock)."""
     units = set(map(id, getattr(model, "layers", [])))
     for name in OWN_UNITS:
         module = getattr(model, name, None)
@@ -47,7 +50,7 @@ def shard(model: nn.Module, *, cpu_offload: bool, reshard_after_forward: bool, m
     # torchtune's shard_model, plus the mixed-precision policy it does not take: innermost units first, the root last.
     kwargs: dict = {"reshard_after_forward": reshard_after_forward, "mesh": mesh, "ignored_params": ignored}
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin_memory)
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     for module in reversed(list(model.modules())):

@@ -22,7 +22,8 @@ __all__ = ["PlanDoesNotFit", "PlanError", "check_fits", "markdown", "plan", "tab
 
 
 # What a plan is computed from besides the profile: a change to any of these plans again.
-_SOURCES = ("finetune/plan", "tunerecipes/sharding.py", "llama4tune", "profiles/recipes/sft.yaml")
+_SOURCES = ("finetune/plan", "tunerecipes/sharding.py", "tunerecipes/expert_parallel.py", "llama4tune",
+            "profiles/recipes/sft.yaml")
 
 
 def plan(profile: Profile) -> dict[str, Any]:

@@ -9,7 +9,7 @@ dimension does not divide evenly, so its bytes are the per-GPU figure.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,23 +134,39 @@ def fake_world(world_size: int) -> Iterator[Any]:
         dist.destroy_process_group()
 
 
-def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings) -> Any:
-    """The recipe's model on the meta device, in the recipe's dtype, activation checkpointing applied."""
+def recipe_builder(profile: Profile, text_config: Mapping[str, Any], settings: RecipeSettings) -> tuple[Any, Any]:
+    """The recipe's model builder bound to this profile's arguments, for tensors without data (meta or fake), and
+    the master dtype to build in."""
     import importlib
 
+    import torch
+
+    section = {**model_section(profile.train, text_config, profile.data.max_seq_len), **settings.model_overrides}
+    module, _, name = section.pop("_component_").rpartition(".")
+    builder = getattr(importlib.import_module(module), name)
+
+    def build() -> Any:
+        if not section.get("quantize_base"):
+            return builder(**section)
+        from llama4tune.nf4 import shape_only_quantization
+
+        with shape_only_quantization():
+            return builder(**section)
+
+    return build, torch.bfloat16 if settings.master_dtype == "bf16" else torch.float32
+
+
+def build_model(profile: Profile, config: ModelConfig, settings: RecipeSettings) -> Any:
+    """The recipe's model on the meta device, in the recipe's dtype, activation checkpointing applied."""
     import torch
     from torchtune import training
 
     from tunerecipes import sharding
 
-    section = {**model_section(profile.train, config.text_config, profile.data.max_seq_len),
-               **settings.model_overrides}
-    module, _, name = section.pop("_component_").rpartition(".")
-    builder = getattr(importlib.import_module(module), name)
-    dtype = torch.bfloat16 if settings.master_dtype == "bf16" else torch.float32
+    build, dtype = recipe_builder(profile, config.text_config, settings)
     with training.set_default_dtype(dtype), torch.device("meta"):
         try:
-            model = builder(**section)
+            model = build()
         except ValueError as exc:  # e.g. a model QLoRA's NF4 blocks cannot hold: refused before any stage
             raise PlanError(f"train.method {profile.train.method}: {exc}") from exc
     if settings.activation_checkpointing:

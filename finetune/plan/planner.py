@@ -15,6 +15,7 @@ from finetune.plan.model import DTYPE_BYTES, MeasuredModel, ModelConfig, measure
 from finetune.plan.preemption import preemption
 from finetune.plan.recipe import RecipeSettings, recipe_settings
 from finetune.plan.serving import quantization, serving
+from finetune.plan.trace import traced_plan
 from finetune.profile import Profile
 
 
@@ -112,8 +113,10 @@ class Planner:
         )
         return model, memory
 
-    def fits(self, setup: Setup, memory: TrainingMemory) -> bool:
-        device_ok = max(memory.peak_gib, memory.load_peak_gib) <= setup.gpu.hbm_gib if self.on_gpu else True
+    def fits(self, setup: Setup, memory: TrainingMemory, peak_gib: float | None = None) -> bool:
+        """``peak_gib``: the traced training peak, which replaces the formula's."""
+        peak = memory.peak_gib if peak_gib is None else peak_gib
+        device_ok = max(peak, memory.load_peak_gib) <= setup.gpu.hbm_gib if self.on_gpu else True
         return device_ok and memory.host_gib_per_node <= setup.host_ram_gib
 
     def knobs(self, setup: Setup) -> list[str]:
@@ -170,7 +173,13 @@ def plan(profile: Profile) -> dict[str, Any]:
     model, memory = planner.training(setup, train.nnodes)
     settings = setup.settings
     states, optimizer_note = optimizer_states(settings.optimizer)
-    fits = planner.fits(setup, memory)
+    traced = None
+    peak = memory.peak_gib
+    if planner.on_gpu and profile.plan.trace:  # the traced step decides; CPU profiles: the formula (this RAM)
+        traced = traced_plan(profile, planner.config, settings, setup.seq_len, formula=memory.breakdown,
+                             sharded=model.sharded, constants=planner.constants)
+        peak = traced["per_gpu_peak_gib"]
+    fits = planner.fits(setup, memory, peak)
     notes = [f"model config: {planner.config.origin}"] + ([optimizer_note] if optimizer_note else [])
     if settings.dtype == "bf16" and settings.master_dtype == "bf16" and train.tuning == "full":
         # The documented choice's cost: what fp32 master weights would take instead.
@@ -194,9 +203,11 @@ def plan(profile: Profile) -> dict[str, Any]:
         "nproc_per_node": train.nproc_per_node,
         "world_size": train.world_size,
         "gpu_memory_gib": setup.gpu.hbm_gib,
-        "per_gpu_peak_gib": round(memory.peak_gib, 2),
+        "per_gpu_peak_gib": round(peak, 2),
+        "formula_peak_gib": round(memory.peak_gib, 2),
+        "traced": traced,
         "base_weight_load_peak_gib": round(memory.load_peak_gib, 2),
-        "headroom_pct": round(100 * (1 - max(memory.peak_gib, memory.load_peak_gib) / setup.gpu.hbm_gib), 1),
+        "headroom_pct": round(100 * (1 - max(peak, memory.load_peak_gib) / setup.gpu.hbm_gib), 1),
         "breakdown": {name: round(value, 3) for name, value in memory.breakdown.items()},
         "host_memory_gib_per_node": round(memory.host_gib_per_node, 1),
         "host_ram_gib_per_node": setup.host_ram_gib,

@@ -33,9 +33,23 @@ def rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if "cuda_context" in b:
         out.append(("per GPU: NCCL + CUDA context + fragmentation",
                     f"{_gib(b['comm_buffers_nccl'])} + {_gib(b['cuda_context'])} + {_gib(b['allocator_fragmentation'])}"))
+    if traced := plan.get("traced"):
+        out.append(("traced step per GPU", ", ".join(f"{phase} {_gib(value)}" for phase, value in
+                                                    traced["phases_gib"].items())
+                    + f" (peak in {traced['peak_phase']}: " + ", ".join(
+                        f"{term} {_gib(value)}" for term, value in traced["terms_gib_at_peak"].items() if value)
+                    + "; + GPU-only " + ", ".join(f"{name} {_gib(value)}" for name, value in
+                                                 traced["gpu_only_gib"].items())
+                    + f"; routing {traced['routing']}; traced in {traced['trace_s']:g} s)"))
+        out.append(("traced top modules", ", ".join(f"{name} {_gib(value)}"
+                                                   for name, value in traced["top_modules_gib"].items())))
+        out.append(("formula beside the trace", f"{_gib(plan['formula_peak_gib'])}"
+                    + ("; differences over 10%: " + "; ".join(traced["differences_over_10pct"])
+                       if traced["differences_over_10pct"] else "")))
     out += [
         ("peak per GPU (training)", f"{_gib(plan['per_gpu_peak_gib'])} of {plan['gpu_memory_gib']:g} GiB "
-                                    f"(headroom {plan['headroom_pct']:g}%)"),
+                                    f"(headroom {plan['headroom_pct']:g}%)"
+                                    + (", traced" if plan.get("traced") else ", formula")),
         ("peak per GPU (loading base weights)", _gib(plan["base_weight_load_peak_gib"])),
         ("host RAM per node", f"{_gib(plan['host_memory_gib_per_node'])} of {plan['host_ram_gib_per_node']:g} GiB: "
          + ", ".join(f"{name} {_gib(value)}" for name, value in plan["host_breakdown"].items() if value)),
@@ -124,6 +138,8 @@ def table(plan: dict[str, Any]) -> str:
     lines.append("  constants: " + ", ".join(f"{k}={v}" for k, v in plan["constants"].items()))
     lines.append(f"  GPU: {plan['gpu_catalog_entry']['source']}")
     lines.append(f"  activations: {plan['activation_formula']}")
+    if plan.get("traced"):
+        lines.append("  not in the CPU trace (GPU-only): " + "; ".join(plan["traced"]["gpu_only_not_traced"]))
     return "\n".join(lines)
 
 
