@@ -19,7 +19,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
 
 import torch
 from transformers import GenerationConfig, Llama4ForCausalLM, Llama4TextConfig

@@ -86,8 +86,9 @@ class LeaseLost(RuntimeError):
 @dataclass(frozen=True)
 class ServerLease:
     """A server lease on a stage key's limit, as a stage hands it to processes on other machines that compute for it
-    (pool node runs, flows/node_runs.py): they renew it while they work (``renew_server_lease``), so the key stays
-    taken as long as any of them lives, even when the run that took it was killed."""
+    (pool node runs, flows/node_runs.py): they renew it while they work (flows/server_lease.py
+    ``renew_server_lease``), so the key stays taken as long as any of them lives, even when the run that took it was
+    killed."""
 
     name: str
     lease_id: str

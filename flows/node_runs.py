@@ -14,7 +14,7 @@ endpoint and joins, and the recipe resumes from the newest checkpoint in the sha
 rendezvous store, so its loss fails the other nodes and the stage is retried as a whole.
 
 The node runs are the ``finetune-train-node`` flow (flows/stage_flow.py), which calls ``run_node`` here. Each gets
-the stage's server lease on its key and renews it while it trains (finetune/stage_lock.py), so the key stays taken
+the stage's server lease on its key and renews it while it trains (flows/server_lease.py), so the key stays taken
 while any node trains, even after the orchestrating run was killed.
 
 The store must be a directory every node mounts at the same path (a shared volume): the trainers write their
