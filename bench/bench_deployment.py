@@ -2,7 +2,7 @@
 against `finetune run --profile tiny-cpu` (ephemeral API), fresh and fully cached.
 
 Setup (not timed): `prefect server start` on a free loopback port, `bash deployments/create-pools.sh`, one process
-worker on `local-process`, `prefect --no-prompt deploy --all` (tests/local_prefect.py, the tests' harness). The
+worker on `local-process`, `prefect --no-prompt deploy --all` (flows/local_cluster.py, also what `finetune rehearse` runs on). The
 deployment runs use store A, the direct runs store B, so each side's first run is a fresh seven-stage run. Then ``--repeats`` cached
 reruns of each, alternating (what a schedule tick does when nothing changed); medians reported.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from finetune.profile import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # the loopback cluster harness lives with the tests
-from tests.local_prefect import LocalPrefect, start_cluster  # noqa: E402
+from flows.local_cluster import LocalPrefect, start_cluster  # noqa: E402
 
 
 def deployment_run(cluster: LocalPrefect) -> float:

@@ -210,6 +210,31 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.rehearse import RehearsalFailed, rehearse
+
+    load_profile(args.profile, args.overrides)  # a typo fails here, before a server starts
+    store = Path(args.store or REPO_ROOT / ".rehearsals" / f"{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if store.exists() and any(store.iterdir()):
+        print(f"error: --store {store} is not empty: a rehearsal starts from an empty store", file=sys.stderr)
+        return 2
+    try:
+        report = rehearse(args.profile, args.overrides, store, log=lambda line: print(line, file=sys.stderr))
+    except RehearsalFailed as exc:
+        print(json.dumps(exc.report, indent=2, default=str) if args.json else "", end="")
+        print(f"error: rehearsal of {args.profile} failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from flows.rehearse import summary
+
+        print(summary(report))
+    return 0
+
+
 def _cmd_profiles(args: argparse.Namespace) -> int:
     profiles = list_profiles()
     width = max(map(len, profiles), default=0)
@@ -269,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
     plan.set_defaults(func=_cmd_plan)
+
+    rehearse = sub.add_parser("rehearse", help="run a profile as written on this machine's CPUs, only the model "
+                                               "shrunk, through a local Prefect server, with a spot-notice and a "
+                                               "lost-worker drill: what would break, found before renting")
+    rehearse.add_argument("--profile", default="tiny-cpu", help="profile name (one deployed by prefect.yaml)")
+    rehearse.add_argument("--store", default=None,
+                          help="an empty artifact store directory (default: .rehearsals/<profile>-<time>)")
+    rehearse.add_argument("--json", action="store_true", help="print the report as JSON")
+    rehearse.add_argument("overrides", nargs="*", metavar="key.path=value", help="profile overrides")
+    rehearse.set_defaults(func=_cmd_rehearse)
 
     preflight = sub.add_parser("preflight", help="what would stop a run (data, hub access, store room, GPU pool "
                                                  "workers), found before anything is downloaded or rented")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_prefect import start_cluster
 from finetune.procs import free_port
+from flows.local_cluster import start_cluster
 
 pytestmark = pytest.mark.e2e
 

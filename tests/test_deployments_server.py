@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.local_prefect import LocalPrefect, start_cluster
 from finetune.profile import REPO_ROOT
+from flows.local_cluster import LocalPrefect, start_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -343,39 +343,29 @@ def test_the_kubernetes_worker_renders_a_gpu_node_run_into_a_valid_job(cluster: 
     stage passes; the Job's spec is checked against Kubernetes' JobSpec schema (from the JobSet CRD, strict)."""
     import asyncio
 
-    import jsonschema
     from prefect.client.orchestration import PrefectClient
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     from finetune.profile import load_profile
+    from flows.k8s_jobs import job_problems, render_job
 
     profile = load_profile("maverick-lora")
 
-    async def resolve() -> tuple[Any, str]:
+    async def resolve() -> tuple[dict[str, Any], str]:
         async with PrefectClient(api=cluster.api_url) as client:
             deployment = await client.read_deployment_by_name(f"finetune-train-node/{profile.deploy.gpu_work_pool}")
             run = await client.create_flow_run_from_deployment(
                 deployment.id, parameters={"profile": profile.name, "overrides": [], "workdir": "/store/train/k",
                                            "node_rank": 1, "rendezvous": "r"},
-                job_variables=profile.deploy.gpu_job_variables)
+                job_variables=profile.gpu_job_variables)
             try:
                 pool = await client.read_work_pool(profile.deploy.gpu_work_pool)
-                config = await KubernetesWorkerJobConfiguration.resolve_for_flow_run(
-                    run, client=client, work_pool=pool, worker_name="k8s-render-check")
+                job = await render_job(client, run.id, profile.gpu_job_variables, pool.base_job_template)
             finally:
                 await client.delete_flow_run(run.id)  # no Kubernetes worker will ever pick it up
-            return config, str(run.id)
+            return job, str(run.id)
 
-    config, run_id = asyncio.run(resolve())
-    job = config.job_manifest
-    crd = json.loads((REPO_ROOT / "deployments" / "schemas" / "jobset.schema.json").read_text())
-    job_spec_schema = crd["properties"]["spec"]["properties"]["replicatedJobs"]["items"]["properties"]["template"][
-        "properties"]["spec"]
-    # prefect-kubernetes 0.8 refuses a template without `parallelism: 1` and `completions: 1` in the pod spec
-    # (its _get_base_job_manifest); they are not PodSpec fields, and the API server drops them.
-    pod_spec = {k: v for k, v in job["spec"]["template"]["spec"].items() if k not in ("parallelism", "completions")}
-    jsonschema.validate({**job["spec"], "template": {**job["spec"]["template"], "spec": pod_spec}}, job_spec_schema)
-    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    job, run_id = asyncio.run(resolve())
+    assert job_problems(job) == []
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["args"] == ["prefect", "flow-run", "execute"] or \

@@ -24,7 +24,7 @@ import pytest
 
 from finetune.procs import free_port
 from finetune.profile import REPO_ROOT
-from tests.local_prefect import LocalPrefect, prefect_env, wait_healthy
+from flows.local_cluster import LocalPrefect, prefect_env, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

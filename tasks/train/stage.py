@@ -92,6 +92,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "format": meta["format"],
         "steps": meta["step"],
         "world_size": train.world_size,
+        "expert_parallel": train.expert_parallel,
         "first_loss": records[0]["loss"] if records else None,
         "last_loss": records[-1]["loss"] if records else None,
         "tokens_per_s": (sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / train_seconds

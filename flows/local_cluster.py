@@ -1,7 +1,7 @@
 """A real Prefect server on loopback with this project's work pools, deployments and process workers.
 
-What the deployment tests and bench/bench_deployment.py drive the pipeline through, exactly as a user would:
-`prefect server start` on a free port, `bash deployments/create-pools.sh`, process workers on `local-process`, and
+What `finetune rehearse`, the deployment tests and bench/bench_deployment.py drive the pipeline through, exactly as a
+user would: `prefect server start` on a free port, `bash deployments/create-pools.sh`, process workers, and
 `prefect --no-prompt deploy --all` from the checkout. Every process it starts is stopped by ``LocalPrefect.stop``.
 """
 
@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from finetune.profile import REPO_ROOT
 BIN = Path(sys.executable).parent
 
 
-def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of every process: this server's API, a Prefect home and artifact store under ``root``, and
-    nothing inherited from the caller's PREFECT_/FINETUNE_ settings."""
+def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None,
+                store: Path | None = None) -> dict[str, str]:
+    """Environment of every process: this server's API, a Prefect home under ``root``, the artifact store (default
+    ``root``/store), and nothing inherited from the caller's PREFECT_/FINETUNE_ settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FINETUNE_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -36,7 +38,7 @@ def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None) -
         PREFECT_UI_ENABLED="false",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="1",
-        FINETUNE_STORE=str(root / "store"),
+        FINETUNE_STORE=str(store or root / "store"),
         FINETUNE_SCRATCH=str(root / "scratch"),
         FINETUNE_NODE_ADDR="127.0.0.1",
         PYTHONUNBUFFERED="1",
@@ -62,6 +64,9 @@ class LocalPrefect:
             raise RuntimeError(f"prefect {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
                                  f"{proc.stderr[-3000:]}\n--- worker logs ---\n{self.logs('worker-1')[-4000:]}")
         return proc
+
+    def start_worker(self, name: str, pool: str) -> None:
+        self.start(name, "worker", "start", "--pool", pool, "--type", "process", "--name", name)
 
     def start(self, name: str, *args: str) -> None:
         log = open(self.root / f"{name}.log", "wb")
@@ -142,18 +147,24 @@ def wait_healthy(cluster: LocalPrefect, timeout_s: float = 180) -> None:
     raise RuntimeError(f"prefect server not healthy after {timeout_s}s:\n{cluster.logs('server')[-4000:]}")
 
 
-def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: int = 2) -> LocalPrefect:
+def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: int = 2,
+                  store: Path | None = None, stand_in_pools: Sequence[str] = ()) -> LocalPrefect:
+    """Server, pools and deployments, ``workers`` process workers on `local-process`; ``stand_in_pools`` are created
+    as process pools (from deployments/process-pool.json) under their own names, so that deployments and dispatch
+    meant for them run unchanged on this machine."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    cluster = LocalPrefect(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env))
+    cluster = LocalPrefect(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env, store))
     try:
         cluster.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
         wait_healthy(cluster)
-        subprocess.run(["bash", str(REPO_ROOT / "deployments" / "create-pools.sh")], cwd=REPO_ROOT, env=cluster.env,
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run(["bash", str(REPO_ROOT / "deployments" / "create-pools.sh"), "all" if not stand_in_pools
+                        else "local"], cwd=REPO_ROOT, env=cluster.env, check=True, capture_output=True, timeout=300)
+        for pool in stand_in_pools:
+            cluster.prefect("work-pool", "create", pool, "--type", "process", "--base-job-template",
+                            str(REPO_ROOT / "deployments" / "process-pool.json"), "--overwrite")
         for index in range(1, workers + 1):
-            cluster.start(f"worker-{index}", "worker", "start", "--pool", "local-process", "--type", "process",
-                          "--name", f"worker-{index}")
+            cluster.start_worker(f"worker-{index}", "local-process")
         deployed = cluster.prefect("deploy", "--all")
         cluster.deploy_output = deployed.stdout + deployed.stderr
     except BaseException:
