@@ -106,6 +106,8 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
     if profile.benchmark.tensor_parallel_size > 1:
         rules.append(("benchmark.tensor_parallel_size", 1, f"tensor parallel {profile.benchmark.tensor_parallel_size}"
                                                            " over the tiny model's 4 attention heads"))
+    if profile.train.async_checkpoint:
+        rules.append(("train.async_checkpoint", False, "asynchronous saves overlap GPU work: no GPU here"))
     if profile.train.checkpoint_every_minutes is not None:
         rules.append(("train.checkpoint_every_minutes", CHECKPOINT_MINUTES,
                       "scaled so that at least two time-based checkpoints happen in the rehearsal"))
