@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import yaml
 
 from finetune.profile import REPO_ROOT, Profile, load_profile
+from flows.cloud_metadata import SERVERS, MetadataServer
 from flows.local_cluster import LocalPrefect, start_cluster
 
 T = TypeVar("T")
@@ -146,8 +147,10 @@ def _wait(what: str, probe: Callable[[], T | None], timeout_s: float, cluster: L
         if (value := probe()) is not None:
             return value
         run = cluster.api("GET", f"/flow_runs/{pipeline}")
-        if run["state"]["type"] in ("FAILED", "CRASHED", "CANCELLED"):
-            raise RuntimeError(f"the pipeline run ended {run['state']['name']} while waiting for {what}: "
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            hint = " (training too short for the drills: raise train.max_steps)" \
+                if run["state"]["type"] == "COMPLETED" else ""
+            raise RuntimeError(f"the pipeline run ended {run['state']['name']} while waiting for {what}{hint}: "
                                f"{run['state'].get('message')}")
         time.sleep(1)
     raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
@@ -163,14 +166,14 @@ def _flow_runs(cluster: LocalPrefect) -> list[dict[str, Any]]:
     return [{**run, "flow_name": flows[run["flow_id"]]} for run in runs]
 
 
-def _trainer_run(cluster: LocalPrefect, profile: Profile) -> dict[str, Any] | None:
-    """The running flow run whose process is the trainer's container's PID 1: node 0's run (prefect-pool launcher),
-    else the train stage's run."""
+def _trainer_run(cluster: LocalPrefect, profile: Profile, node_rank: int = 0) -> dict[str, Any] | None:
+    """The running flow run whose process is the trainer's container's PID 1: that node's run (prefect-pool
+    launcher), else the train stage's run."""
     for run in _flow_runs(cluster):
         if run["state"]["type"] != "RUNNING":
             continue
         if profile.train.launcher == "prefect-pool":
-            if run["flow_name"] == "finetune-train-node" and run["parameters"].get("node_rank") == 0:
+            if run["flow_name"] == "finetune-train-node" and run["parameters"].get("node_rank") == node_rank:
                 return run
         elif run["flow_name"] == "finetune-stage" and run["parameters"].get("stage") == "train":
             return run
@@ -193,8 +196,12 @@ def _run_process(flow_run_id: str) -> Any:
 
 @dataclass
 class Drill:
+    """One drill; step_at_notice is the step the trainers acted at (their notice save's), step_at_delivery the
+    last step finished when the notice was delivered (a polled notice is seen up to a poll interval later)."""
+
     kind: str
-    step_at_notice: int
+    step_at_delivery: int
+    step_at_notice: int | None = None
     resumed_from_step: int | None = None
     steps_lost: int | None = None
     recovered: bool = False
@@ -204,8 +211,10 @@ class Drill:
 class Rehearsal:
     """One rehearsal: its cluster, the pipeline's flow run, the store, the drills."""
 
-    def __init__(self, cluster: LocalPrefect, profile: Profile, pipeline: str, store: Path, log: Callable[[str], None]):
+    def __init__(self, cluster: LocalPrefect, profile: Profile, pipeline: str, store: Path, log: Callable[[str], None],
+                 metadata: MetadataServer | None = None):
         self.cluster, self.profile, self.pipeline, self.store, self.log = cluster, profile, pipeline, store, log
+        self.metadata = metadata
         self.drills: list[Drill] = []
         self.peak_rss_gib: float = 0.0
         self.resumes_before_kill = 0
@@ -240,31 +249,37 @@ class Rehearsal:
         return self._wait(f"training at step {step}", reached)
 
     def notice_drill(self) -> Drill:
-        """The platform's spot notice to the trainer's container, after two time-based checkpoints."""
+        """The platform's spot notice to the last node's trainer container (of N nodes, N-1 reclaims in N are not
+        the rendezvous host's), after two time-based checkpoints where the profile saves by time."""
         def saved_on_time() -> bool | None:
             workdir = self._workdir()
             saves = [r for r in _records(workdir / "checkpoints.jsonl") if r["reason"] == "minutes"] if workdir else []
             return True if len(saves) >= TIME_SAVES_BEFORE_NOTICE else None
 
-        self._wait(f"{TIME_SAVES_BEFORE_NOTICE} time-based checkpoints", saved_on_time)
+        if self.profile.train.checkpoint_every_minutes is not None:
+            self._wait(f"{TIME_SAVES_BEFORE_NOTICE} time-based checkpoints", saved_on_time)
         step = self._at_step(STEPS // 3)
-        run = _trainer_run(self.cluster, self.profile)
+        run = _trainer_run(self.cluster, self.profile, node_rank=self.profile.train.nnodes - 1)
         assert run is not None
-        if self.profile.train.spot_notice != "none":
-            raise RehearsalFailed(f"train.spot_notice {self.profile.train.spot_notice}: the metadata-notice drill "
-                                  "is not part of rehearsals yet (tests/test_preemption_drills.py drills it)", {})
-        process = _run_process(run["id"])
-        if process is None:
-            raise RuntimeError(f"no `prefect flow-run execute` process for flow run {run['name']}")
-        process.send_signal(signal.SIGTERM)
-        drill = Drill("spot notice: SIGTERM to PID 1 (prefect flow-run execute) of the trainer's container",
-                      step_at_notice=step, detail=f"flow run {run['name']}")
-        self.log(f"drill: spot notice to {run['name']} at step {step}")
+        if self.metadata is not None:
+            self.metadata.notify()
+            drill = Drill(f"spot notice: the {self.metadata.cloud} instance metadata's notice", step_at_delivery=step,
+                          detail=f"polled by the trainers from {self.metadata.url}")
+        else:
+            process = _run_process(run["id"])
+            if process is None:
+                raise RuntimeError(f"no `prefect flow-run execute` process for flow run {run['name']}")
+            process.send_signal(signal.SIGTERM)
+            drill = Drill("spot notice: SIGTERM to PID 1 (prefect flow-run execute) of the trainer's container",
+                          step_at_delivery=step, detail=f"flow run {run['name']}")
+        self.log(f"drill: {drill.kind} at step {step} ({run['name']})")
         workdir = self._workdir()
         assert workdir is not None
         notice = self._wait("the notice checkpoint", lambda: next(
             (r for r in _records(workdir / "checkpoints.jsonl") if r["reason"] == "notice"), None))
-        drill.step_at_notice = notice["step"] if notice["step"] >= step else step
+        drill.step_at_notice = notice["step"]
+        if self.metadata is not None:
+            self.metadata.clear()  # the machine that takes over has no notice
         resumed = self._wait("training to resume", lambda: self._resumed_steps() or None)
         drill.resumed_from_step = resumed[-1]
         drill.steps_lost = max(0, drill.step_at_notice - drill.resumed_from_step)
@@ -296,7 +311,7 @@ class Rehearsal:
         replacement = f"{owner}-replacement"
         self.cluster.start_worker(replacement, pool)
         drill = Drill(f"worker killed: kill -9 of {owner}, which started {run['name']}; {replacement} started",
-                      step_at_notice=step, detail=f"pool {pool}")
+                      step_at_delivery=step, step_at_notice=step, detail=f"pool {pool}")
         self.drills.append(drill)
         return drill
 
@@ -319,7 +334,7 @@ class Rehearsal:
             if drill.kind.startswith("worker killed"):
                 drill.resumed_from_step = resumes[-1] if len(resumes) > self.resumes_before_kill else None
                 drill.steps_lost = 0 if drill.resumed_from_step is None else \
-                    max(0, drill.step_at_notice - drill.resumed_from_step)
+                    max(0, drill.step_at_delivery - drill.resumed_from_step)
                 drill.recovered = run["state"]["type"] == "COMPLETED"
         return run
 
@@ -330,7 +345,12 @@ def rehearse(profile_name: str, overrides: list[str], store: Path, log: Callable
     written = load_profile(profile_name, overrides)
     deployment = _deployment(written)
     store = store.resolve()
-    changes = shrink(written, store.parent / f"{store.name}-published")
+    chosen = {override.split("=", 1)[0] for override in overrides}  # what the user set is not shrunk again
+    changes = [c for c in shrink(written, store.parent / f"{store.name}-published") if c.field not in chosen]
+    metadata = SERVERS[written.train.spot_notice]() if written.train.spot_notice != "none" else None
+    if metadata is not None:
+        changes.append(Change("train.spot_notice_url", written.train.spot_notice_url, metadata.url,
+                              f"the {metadata.cloud} instance metadata, stood in on loopback (flows/cloud_metadata.py)"))
     rehearsal_overrides = [*overrides, *change_overrides(changes)]
     rehearsed = load_profile(profile_name, rehearsal_overrides)
     root = Path(tempfile.mkdtemp(prefix=f"rehearse-{written.name}-"))
@@ -359,7 +379,7 @@ def rehearse(profile_name: str, overrides: list[str], store: Path, log: Callable
         proc = cluster.prefect("deployment", "run", f"finetune/{written.name}", "--params", json.dumps(params))
         pipeline = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
         log(f"pipeline flow run {pipeline} (finetune/{written.name})")
-        rehearsal = Rehearsal(cluster, rehearsed, pipeline, store, log)
+        rehearsal = Rehearsal(cluster, rehearsed, pipeline, store, log, metadata)
         try:
             rehearsal.notice_drill()
             rehearsal.worker_drill()
@@ -370,6 +390,8 @@ def rehearse(profile_name: str, overrides: list[str], store: Path, log: Callable
         report.update(_results(cluster, written, rehearsed, store, rehearsal, run))
     finally:
         cluster.stop()
+        if metadata is not None:
+            metadata.close()
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     if problems := _problems(report, run):
         raise RehearsalFailed("; ".join(problems), report)
@@ -477,7 +499,7 @@ def summary(report: Mapping[str, Any]) -> str:
              f"parallel {report['expert_parallel']}), launcher {report['launcher']}, store {report['store']}"]
     for label, stage in report.get("stages", {}).items():
         lines.append(f"  {label:<18} {stage}")
-    lines += [f"  drill: {d['kind']}: step {d['step_at_notice']}, resumed from {d['resumed_from_step']}, "
+    lines += [f"  drill: {d['kind']}: delivered at step {d['step_at_delivery']}, acted on at {d['step_at_notice']}, resumed from {d['resumed_from_step']}, "
               f"{d['steps_lost']} steps lost, {'recovered' if d['recovered'] else 'NOT recovered'}"
               for d in report.get("drills", [])]
     if memory := report.get("memory"):

@@ -27,8 +27,8 @@ import pytest
 from entrypoints.orchestrator import COOKIE_VAR
 from finetune import notice, spot_notice
 from finetune.stage import Preempted
+from flows.cloud_metadata import SERVERS
 from tests.conftest import isolated_env, parse_summary, run_cli
-from tests.metadata_servers import SERVERS
 from tests.test_faults import leftovers
 from tests.test_train import Run, inputs  # noqa: F401  (inputs: the module fixture with download and pack)
 from tunerecipes.checkpoint_layout import CHECKPOINTS_DIR, saved_on_notice

@@ -1,5 +1,5 @@
 """The spot notice, without a trainer: each cloud's metadata poller against a local emulation of its service
-(tests/metadata_servers.py), one notice handled once, and SIGTERM reaching a child started from a non-main thread."""
+(flows/cloud_metadata.py), one notice handled once, and SIGTERM reaching a child started from a non-main thread."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from finetune import notice
 from finetune.spot_notice import polling
-from tests.metadata_servers import SERVERS, MetadataServer
+from flows.cloud_metadata import SERVERS, MetadataServer
 from tunerecipes.checkpoint_layout import CHECKPOINT_LOG, CHECKPOINTS_DIR, METADATA
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
-"""Local emulations of the clouds' instance-metadata services, real HTTP servers on 127.0.0.1 speaking each protocol
-as far as the spot notice goes (finetune/spot_notice.py), and refusing requests that the real service refuses:
+"""Stand-ins of the clouds' instance-metadata services, real HTTP servers on 127.0.0.1 speaking each protocol as far
+as the spot notice goes (finetune/spot_notice.py), and refusing requests that the real service refuses (what the
+spot-notice tests and `finetune rehearse` of a train.spot_notice aws|gcp|azure profile deliver their notices through):
 
 - AWS IMDSv2: ``PUT /latest/api/token`` (needs X-aws-ec2-metadata-token-ttl-seconds) gives a token;
   ``GET /latest/meta-data/spot/instance-action`` needs it (401 otherwise), 404 until the notice, then JSON.
@@ -7,7 +8,8 @@ as far as the spot notice goes (finetune/spot_notice.py), and refusing requests 
   TRUE with an ETag; ``wait_for_change=true`` (with ``last_etag``) hangs until the value changes or ``timeout_sec``.
 - Azure: ``GET /metadata/scheduledevents?api-version=...`` needs ``Metadata: true`` (400 otherwise); a ``Preempt``
   event appears with the notice.
-``notify()`` starts the notice; ``requests`` records what was asked, to check the protocol was followed.
+``notify()`` starts the notice, ``clear()`` ends it (the replacement machine has none); ``requests`` records what was
+asked, to check the protocol was followed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class MetadataServer:
     def notify(self) -> None:
         self.noticed_at = time.monotonic()
         self.noticed.set()
+
+    def clear(self) -> None:
+        self.noticed.clear()
 
     def close(self) -> None:
         self.httpd.shutdown()
