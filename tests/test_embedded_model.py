@@ -116,7 +116,12 @@ def test_embedded_model_in_a_family_shape_keeps_the_tiny_dims_loads_and_is_plann
     """A rehearsal's model: tiny dims, the family's experts / MoE interleave / qk-norm (what EP and AWQ must handle)."""
     from finetune.plan.model import model_config
     from finetune.profile import load_profile
-    from llama4tune.models import FAMILY_SHAPE_FIELDS, MAVERICK_TEXT_CONFIG, SCOUT_TEXT_CONFIG, embedded_text_config
+    from llama4tune.models import (
+        FAMILY_SHAPE_FIELDS,
+        MAVERICK_TEXT_CONFIG,
+        SCOUT_TEXT_CONFIG,
+        embedded_text_config,
+    )
 
     published = {"scout": SCOUT_TEXT_CONFIG, "maverick": MAVERICK_TEXT_CONFIG}[family]
     tiny_model.init_tiny_model(seed=0, family=family).save_pretrained(tmp_path)
