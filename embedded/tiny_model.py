@@ -9,7 +9,9 @@ Sizes were picked by measurement (2.30M parameters; plain AdamW loop on this HF 
 threads, lr 3e-3 cosine, 64 chats per step, loss on assistant tokens): train loss 6.25 -> 0.003
 in 200 steps (~167 s of 2-core CPU time) and greedy exact match on the test split 0% -> 100%.
 
-`python -m embedded.tiny_model OUT_DIR [--seed N]` writes a Hugging Face checkpoint directory.
+`python -m embedded.tiny_model OUT_DIR [--seed N] [--family scout|maverick]` writes a Hugging Face checkpoint
+directory; a family other than tiny keeps these dims in that family's shape (its routed-expert count, MoE interleave
+and qk-norm: llama4tune.models.embedded_text_config), what a rehearsal of a Scout or Maverick profile trains.
 """
 
 from __future__ import annotations
@@ -24,27 +26,27 @@ import torch
 from transformers import GenerationConfig, Llama4ForCausalLM, Llama4TextConfig
 
 from embedded import tokenizer as tiny_tokenizer
-from llama4tune.models import TINY_TEXT_CONFIG
+from llama4tune.models import TINY_TEXT_CONFIG, embedded_text_config
 
 _BPE_IDS = {name: i for i, name in enumerate(tiny_tokenizer.NAMED_SPECIAL_TOKENS)}
 BOS_ID = _BPE_IDS[tiny_tokenizer.BOS]
 EOS_ID = _BPE_IDS[tiny_tokenizer.EOS]
 EOT_ID = _BPE_IDS[tiny_tokenizer.EOT]
 PAD_ID = _BPE_IDS[tiny_tokenizer.PAD]
+FAMILIES = ("tiny", "scout", "maverick")
 
 
-
-def tiny_text_config() -> Llama4TextConfig:
-    """The tiny architecture as a transformers config (fp32 weights)."""
-    config = Llama4TextConfig(**TINY_TEXT_CONFIG)
+def tiny_text_config(family: str = "tiny") -> Llama4TextConfig:
+    """The tiny architecture in `family`'s shape as a transformers config (fp32 weights)."""
+    config = Llama4TextConfig(**embedded_text_config(family))
     config.architectures = ["Llama4ForCausalLM"]
     config.dtype = torch.float32
     return config
 
 
-def init_tiny_model(seed: int = 0) -> Llama4ForCausalLM:
+def init_tiny_model(seed: int = 0, family: str = "tiny") -> Llama4ForCausalLM:
     """A freshly initialised tiny model; every parameter is drawn from `seed` (no torch.empty left over)."""
-    config = tiny_text_config()
+    config = tiny_text_config(family)
     with torch.device("cpu"):  # CPU RNG: identical weights on any machine, GPU or not
         torch.manual_seed(seed)
         model = Llama4ForCausalLM(config)
@@ -73,7 +75,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_tiny_model(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+def build_tiny_model(out_dir: pathlib.Path, seed: int = 0, family: str = "tiny") -> pathlib.Path:
     """Write the tiny model (config, safetensors, tokenizer, generation config) to `out_dir`.
 
     The directory appears atomically (built beside it, then renamed); an existing `out_dir` is
@@ -94,7 +96,7 @@ def build_tiny_model(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
         )
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        model = init_tiny_model(seed)
+        model = init_tiny_model(seed, family)
         model.generation_config = generation_config()
         model.save_pretrained(tmp)
         tiny_tokenizer.save_tokenizer(tmp, bpe)
@@ -113,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m embedded.tiny_model", description=__doc__)
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="tiny", help="whose shape (experts, MoE interleave)")
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.out_dir, seed=args.seed)
-    print(f"wrote {path} ({count_parameters(init_tiny_model(args.seed)):,} parameters)")
+    path = build_tiny_model(args.out_dir, seed=args.seed, family=args.family)
+    print(f"wrote {path} ({count_parameters(init_tiny_model(args.seed, args.family)):,} parameters)")
 
 
 if __name__ == "__main__":

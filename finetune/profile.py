@@ -112,7 +112,10 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    source: Literal["hub", "local", "embedded", "artifact"]
+    source: Literal["hub", "local", "embedded", "artifact"] = Field(
+        description="Where the base model comes from. 'embedded' builds the tiny model locally from seed; source "
+                    "embedded with family scout/maverick builds the tiny model in that family's shape (experts, MoE "
+                    "interleave) for rehearsals.")
     repo_id: str | None = None
     revision: str | None = Field(None, description="A 40-hex commit sha, or a branch/tag resolved to one at key time.")
     path: str | None = Field(None, description="Local directory or fsspec URL (source: local); <stage>/<key> of "

@@ -123,8 +123,9 @@ STEP_LABELS = tuple(dict.fromkeys(step.label for steps in (PIPELINE, FOUR_BIT_PI
 
 def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
     """The steps a run of ``profile`` that stops after ``until`` takes. A stage: the steps whose stage and upstream
-    stages all come no later than it. A step label: that step, the steps of its stage before it (``evaluate-tuned``
-    brings ``evaluate-base``, its comparison) and what they read, transitively."""
+    stages all come no later than it, and the gate's evaluations with what they read. A step label: that step, the
+    steps of its stage before it (``evaluate-tuned`` brings ``evaluate-base``, its comparison) and what they read,
+    transitively."""
     if until in STEP_LABELS:
         steps = pipeline(profile)
         labels = [step.label for step in steps]
@@ -139,12 +140,15 @@ def steps_until(until: str, profile: Profile | None = None) -> list[Step]:
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES + STEP_LABELS)}, got {until!r}")
     last = STAGES.index(until)
-    chosen: list[Step] = []
-    for step in pipeline(profile):
-        upstream_ok = all(src in {s.label for s in chosen} for src in step.inputs.values())
-        if STAGES.index(step.stage) <= last and upstream_ok:
-            chosen.append(step)
-    return chosen
+    steps = pipeline(profile)
+    chosen: list[str] = []
+    for step in steps:
+        upstream_ok = all(src in chosen for src in step.inputs.values())
+        # The gate's two evaluations are what `until evaluate` asks for, also where they read later stages (4-bit
+        # evaluation reads quantize-base and quantize): without them it ran no evaluation and reported success.
+        if STAGES.index(step.stage) <= last and (upstream_ok or step.label in (GATE_BASE, GATE_TUNED)):
+            chosen.append(step.label)
+    return needed(chosen, steps)
 
 
 def needed(targets: Iterable[str], steps: tuple[Step, ...] = PIPELINE) -> list[Step]:

@@ -98,6 +98,25 @@ TINY_TEXT_CONFIG: dict[str, Any] = {  # a dict: transformers configs take no oth
 }
 
 
+# What makes a model family's shape rather than its size: the fields a rehearsal's tiny model takes from the family.
+FAMILY_SHAPE_FIELDS = ("num_local_experts", "interleave_moe_layer_step", "use_qk_norm")
+_FAMILY_TEXT_CONFIGS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {"scout": SCOUT_TEXT_CONFIG, "maverick": MAVERICK_TEXT_CONFIG}
+)
+
+
+def embedded_text_config(family: str) -> dict[str, Any]:
+    """The embedded model's config in `family`'s shape: TINY_TEXT_CONFIG's dims with the family's routed-expert count,
+    MoE interleave and qk-norm, so a rehearsal of a Scout/Maverick profile trains, shards and quantizes the same
+    layer layout on CPU. Family 'tiny' is TINY_TEXT_CONFIG itself (a copy)."""
+    if family == "tiny":
+        return dict(TINY_TEXT_CONFIG)
+    if family not in _FAMILY_TEXT_CONFIGS:
+        raise ValueError(f"unknown model family {family!r} (known: tiny, {', '.join(_FAMILY_TEXT_CONFIGS)})")
+    shape = {name: _FAMILY_TEXT_CONFIGS[family][name] for name in FAMILY_SHAPE_FIELDS}
+    return {**TINY_TEXT_CONFIG, **shape}
+
+
 def _tiny_config(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The embedded tiny model's architecture (TINY_TEXT_CONFIG) with HF-named overrides."""
     math_fields = {f.name for f in dataclasses.fields(Llama4TextArgs)} | EXTRA_HF_KEYS

@@ -53,21 +53,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 
 
-def embedded_model_dir(seed: int) -> Path:
-    """Build (once per seed and builder source) the embedded tiny model and return its directory."""
+def embedded_model_dir(seed: int, family: str = "tiny") -> Path:
+    """Build (once per seed, family shape and builder source) the embedded tiny model and return its directory."""
     import embedded
+    import llama4tune
 
-    # The build is deterministic in the builder's code and the data its tokenizer is trained on.
+    # The build is deterministic in the builder's code, its config's (llama4tune/models.py) and the data its tokenizer
+    # is trained on.
     sources = Path(embedded.__file__).parent
     builder = hash_json([sha256_file(sources / name) for name in (
-        "tiny_model.py", "tokenizer.py", "dataset.py", "data/train.jsonl")])
-    target = scratch_root() / "embedded" / f"tiny-llama4-{builder[:12]}-seed{seed}"
+        "tiny_model.py", "tokenizer.py", "dataset.py", "data/train.jsonl")]
+        + [sha256_file(Path(llama4tune.__file__).parent / "models.py")])
+    shape = "" if family == "tiny" else f"{family}-shaped-"
+    target = scratch_root() / "embedded" / f"{shape}tiny-llama4-{builder[:12]}-seed{seed}"
     if not (target / "config.json").is_file():
         # Imported only to build: it pulls in torch and transformers, ~10 s a cached rerun need not pay.
         from embedded.tiny_model import build_tiny_model
 
         try:
-            build_tiny_model(target, seed=seed)
+            build_tiny_model(target, seed=seed, family=family)
         except OSError:
             # Another run built it at the same moment and renamed first (two runs starting on an empty scratch
             # dir): the build is deterministic in its key, so theirs is the one this run would have written.
@@ -87,7 +91,7 @@ def resolve_revision(model: ModelConfig) -> str:
 
 def _local_source(model: ModelConfig) -> str:
     if model.source == "embedded":
-        return str(embedded_model_dir(model.seed))
+        return str(embedded_model_dir(model.seed, model.family))
     if model.source == "artifact":
         assert model.path is not None
         return model_artifact.resolve(model.path)[0]

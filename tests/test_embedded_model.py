@@ -108,3 +108,41 @@ def test_tiny_model_save_and_reload_gives_identical_logits(model_dir: pathlib.Pa
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+
+@pytest.mark.parametrize(("family", "experts", "moe_layers"), [("scout", 16, [0, 1, 2, 3]), ("maverick", 128, [1, 3])])
+def test_embedded_model_in_a_family_shape_keeps_the_tiny_dims_loads_and_is_planned_so(
+        family: str, experts: int, moe_layers: list[int], tmp_path: pathlib.Path) -> None:
+    """A rehearsal's model: tiny dims, the family's experts / MoE interleave / qk-norm (what EP and AWQ must handle)."""
+    from finetune.plan.model import model_config
+    from finetune.profile import load_profile
+    from llama4tune.models import (
+        FAMILY_SHAPE_FIELDS,
+        MAVERICK_TEXT_CONFIG,
+        SCOUT_TEXT_CONFIG,
+        embedded_text_config,
+    )
+
+    published = {"scout": SCOUT_TEXT_CONFIG, "maverick": MAVERICK_TEXT_CONFIG}[family]
+    tiny_model.init_tiny_model(seed=0, family=family).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value in tiny_model.TINY_TEXT_CONFIG.items():
+        assert config[key] == (published[key] if key in FAMILY_SHAPE_FIELDS else value), key
+    assert config["num_local_experts"] == experts and config["moe_layers"] == moe_layers
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    for index, layer in enumerate(model.model.layers):
+        moe = hasattr(layer.feed_forward, "experts")
+        assert moe == (index in moe_layers), index
+        if moe:
+            assert layer.feed_forward.experts.gate_up_proj.shape[0] == experts
+    assert hasattr(model.model.layers[0].self_attn, "qk_norm") == published["use_qk_norm"]
+    planned = model_config(load_profile("tiny-cpu", [f"model.family={family}"]))
+    assert planned.text_config == embedded_text_config(family) and family in planned.origin
+    assert embedded_text_config("tiny") == tiny_model.TINY_TEXT_CONFIG
+
+
+def test_embedded_text_config_names_the_families_it_knows() -> None:
+    from llama4tune.models import embedded_text_config
+
+    with pytest.raises(ValueError, match="unknown model family 'behemoth' \\(known: tiny, scout, maverick\\)"):
+        embedded_text_config("behemoth")

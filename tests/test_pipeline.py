@@ -54,3 +54,13 @@ def test_an_optional_input_is_part_of_the_key_when_the_run_has_it() -> None:
                             pipeline(load_profile("tiny-cpu", ["benchmark.weights=[w4a16]"])))
     # publish's settings are the same in both profiles: only the bf16 benchmark's presence differs.
     assert full["publish"] != only_4_bit["publish"]
+
+
+def test_until_evaluate_at_four_bits_runs_both_quantizations_and_the_gates_evaluations() -> None:
+    # They read quantize-base and quantize, a later stage: left out, the run stopped after convert and "succeeded".
+    profile = load_profile("tiny-cpu", ["train.method=qlora", "evaluate.weights=w4a16"])
+    assert [s.label for s in steps_until("evaluate", profile)] == ["download", "pack", "train", "convert",
+                                                                   "quantize-base", "evaluate-base", "quantize",
+                                                                   "evaluate-tuned"]
+    assert [s.label for s in steps_until("evaluate", load_profile("tiny-cpu"))] == [
+        "download", "pack", "train", "convert", "evaluate-base", "evaluate-tuned"]

@@ -187,6 +187,29 @@ def test_awq_mappings_pair_every_norm_with_its_own_layer_on_interleaved_dense_an
     assert len(moe) == 1 + 2 * 5  # router + gate/up of 4 routed experts and the shared expert
 
 
+def test_calibrating_every_expert_feeds_each_token_once_and_keeps_the_layers_output(tmp_path: Path) -> None:
+    """transformers hands the experts E copies of the tokens; upstream's calibrate-all mode ran every expert on all of
+    them (E x the compute and the hooked activations: 95 s per AWQ grid point with 128 experts). Here every expert
+    sees each token once, and the MoE layer's output is the upstream module's."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+    from llmcompressor.modeling.moe.llama4 import Llama4LinearExperts
+    from transformers import Llama4Config, Llama4ForCausalLM
+
+    path = build_model(tmp_path / "m", multimodal=False)
+    ours, upstream = (Llama4ForCausalLM.from_pretrained(path).eval() for _ in range(2))
+    assert linearize_experts(ours) == 1
+    experts = upstream.model.layers[1].feed_forward.experts
+    upstream.model.layers[1].feed_forward.experts = Llama4LinearExperts.from_experts_module(
+        experts, Llama4Config(text_config=upstream.config))
+    rows: list[int] = []
+    ours.model.layers[1].feed_forward.experts[2].gate_proj.register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[0]))
+    ids = torch.randint(16, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), moe_calibration_context():
+        torch.testing.assert_close(ours(input_ids=ids).logits, upstream(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert rows == [2 * 24]  # each token once; upstream: 4 experts x 48 rows
+
+
 # -- text-only model end to end ----------------------------------------------------------------------------------
 
 

@@ -90,6 +90,9 @@ class Constants:
     """Caching-allocator fragmentation, as a share of what the step allocates."""
     host_process_gib: float = 4.0
     """Host RAM of one trainer process besides tensors (Python, torch, CUDA host runtime, dataloader)."""
+    host_process_gib_cpu: float = 1.0
+    """The same for a CPU trainer process (no CUDA runtime): a 16-process gloo run of the maverick-shaped embedded
+    model (LoRA, expert parallel 16) peaked at 11.7 GiB RSS in all, ~0.7 GiB per process with its tensors."""
     host_optimizer_gbps: float = 20.0
     """Bytes/s one trainer process streams through the CPU optimizer step under FSDP CPU offload. The recipe gives
     each process cores / processes torch threads (torchrun's OMP_NUM_THREADS=1 would leave it one core, ~8 GB/s);

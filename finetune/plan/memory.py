@@ -108,7 +108,7 @@ def training_memory(model: MeasuredModel, activations: Activations, *, states: i
         "optimizer_step_temporaries_offloaded": nproc_per_node * trainable if cpu_offload else 0,
         "async_checkpoint_staging": nproc_per_node * checkpoint_per_rank if async_save else 0,
     }
-    process = nproc_per_node * constants.host_process_gib * GIB
+    process = nproc_per_node * (constants.host_process_gib if on_gpu else constants.host_process_gib_cpu) * GIB
     if not on_gpu:  # CPU runs keep the training state itself in host RAM
         host["training_state_and_activations"] = nproc_per_node * (on_device + working)
     load_phase = host["base_weights_while_loading"] + host["offloaded_params_grads_optimizer"]

@@ -84,9 +84,11 @@ def model_config(profile: Profile) -> ModelConfig:
     model = profile.model
     vision = VISION_PARAMS if model.multimodal else 0.0
     if model.source == "embedded":
-        from llama4tune.models import TINY_TEXT_CONFIG
+        from llama4tune.models import embedded_text_config
 
-        return ModelConfig(dict(TINY_TEXT_CONFIG), "embedded tiny model (llama4tune/models.py TINY_TEXT_CONFIG)", 0.0)
+        shape = "" if model.family == "tiny" else f" in {model.family}'s shape"
+        return ModelConfig(embedded_text_config(model.family),
+                           f"embedded tiny model{shape} (llama4tune/models.py embedded_text_config)", 0.0)
     local = _local_config_file(profile)
     if local is not None:
         text, multimodal = text_config_dict(local)
