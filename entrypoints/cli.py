@@ -215,7 +215,11 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
 
     from flows.rehearse import RehearsalFailed, rehearse
 
+    import signal
+
     load_profile(args.profile, args.overrides)  # a typo fails here, before a server starts
+    # Stopped (SIGTERM, as `timeout` or a CI job does), the rehearsal still stops its server and workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     store = Path(args.store or REPO_ROOT / ".rehearsals" / f"{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     if store.exists() and any(store.iterdir()):
         print(f"error: --store {store} is not empty: a rehearsal starts from an empty store", file=sys.stderr)

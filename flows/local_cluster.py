@@ -7,6 +7,7 @@ user would: `prefect server start` on a free port, `bash deployments/create-pool
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None,
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FINETUNE_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PWD=str(REPO_ROOT),  # what prefect.yaml's `{{ $PWD }}` reads when `prefect deploy` runs there
         PREFECT_HOME=str(root / "prefect-home"),
         PREFECT_API_URL=api_url,
         PREFECT_UI_ENABLED="false",
@@ -65,13 +67,15 @@ class LocalPrefect:
                                  f"{proc.stderr[-3000:]}\n--- worker logs ---\n{self.logs('worker-1')[-4000:]}")
         return proc
 
-    def start_worker(self, name: str, pool: str) -> None:
-        self.start(name, "worker", "start", "--pool", pool, "--type", "process", "--name", name)
+    def start_worker(self, name: str, pool: str, niceness: int = 0) -> None:
+        """A process worker; with ``niceness`` it and every flow run it starts run at that lower priority."""
+        self.start(name, "worker", "start", "--pool", pool, "--type", "process", "--name", name, niceness=niceness)
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, niceness: int = 0) -> None:
         log = open(self.root / f"{name}.log", "wb")
         self.procs[name] = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
 
     def logs(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -115,13 +119,15 @@ class LocalPrefect:
         return [r for r in runs if flows[r["flow_id"]] == flow_name]
 
     def stop(self) -> None:
-        """Workers get SIGINT twice (an idle worker needs both), then the server SIGTERM; stragglers are killed."""
+        """Workers get SIGINT twice (an idle worker needs both), then the flow runs they started (each in a session of
+        its own) and what those started SIGTERM, then the server SIGTERM; stragglers are killed."""
         workers = [p for n, p in self.procs.items() if n.startswith("worker")]
         for sig in (signal.SIGINT, signal.SIGINT):
             for proc in workers:
                 if proc.poll() is None:
                     os.killpg(proc.pid, sig)
             time.sleep(1)
+        self._stop_flow_runs()
         for name, proc in self.procs.items():
             if proc.poll() is None and not name.startswith("worker"):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -131,6 +137,30 @@ class LocalPrefect:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+    def _stop_flow_runs(self) -> None:
+        """Every process still running against this server (flow runs interrupted mid-way, their trainers and
+        inference servers: they inherit PREFECT_API_URL), SIGTERM then SIGKILL after 30 s."""
+        import psutil
+
+        started_here = {os.getpid(), *(proc.pid for proc in self.procs.values())}
+
+        def ours() -> list[psutil.Process]:
+            found = []
+            for process in psutil.process_iter():
+                try:
+                    if process.pid not in started_here and process.environ().get("PREFECT_API_URL") == self.api_url:
+                        found.append(process)
+                except psutil.Error:
+                    continue
+            return found
+
+        for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+            for process in (running := ours()):
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(sig)
+            psutil.wait_procs(running, timeout=wait_s)
 
 
 def wait_healthy(cluster: LocalPrefect, timeout_s: float = 180) -> None:
@@ -148,10 +178,11 @@ def wait_healthy(cluster: LocalPrefect, timeout_s: float = 180) -> None:
 
 
 def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: int = 2,
-                  store: Path | None = None, stand_in_pools: Sequence[str] = ()) -> LocalPrefect:
-    """Server, pools and deployments, ``workers`` process workers on `local-process`; ``stand_in_pools`` are created
-    as process pools (from deployments/process-pool.json) under their own names, so that deployments and dispatch
-    meant for them run unchanged on this machine."""
+                  store: Path | None = None, stand_in_pools: Sequence[str] = (),
+                  prefect_file: Path | None = None) -> LocalPrefect:
+    """Server, pools and deployments (of ``prefect_file``, default prefect.yaml), ``workers`` process workers on
+    `local-process`; ``stand_in_pools`` are created as process pools (from deployments/process-pool.json) under their
+    own names, so that deployments and dispatch meant for them run unchanged on this machine."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     cluster = LocalPrefect(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env, store))
@@ -165,7 +196,7 @@ def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: 
                             str(REPO_ROOT / "deployments" / "process-pool.json"), "--overwrite")
         for index in range(1, workers + 1):
             cluster.start_worker(f"worker-{index}", "local-process")
-        deployed = cluster.prefect("deploy", "--all")
+        deployed = cluster.prefect("deploy", "--all", *(["--prefect-file", str(prefect_file)] if prefect_file else []))
         cluster.deploy_output = deployed.stdout + deployed.stderr
     except BaseException:
         cluster.stop()

@@ -30,9 +30,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from finetune.preflight.data import placeholders
 from finetune.profile import REPO_ROOT, Profile, load_profile
 from flows.cloud_metadata import SERVERS, MetadataServer
 from flows.local_cluster import LocalPrefect, start_cluster
+from tunerecipes.ep_degree import ROUTED_EXPERTS
 
 T = TypeVar("T")
 
@@ -41,9 +43,15 @@ STEPS = 30
 CHECKPOINT_MINUTES = 0.05
 """The rehearsal's time-based checkpoint interval (3 s): two saves before the notice drill, more after."""
 TIME_SAVES_BEFORE_NOTICE = 2
+LOCAL_IMAGE = "llama4-finetune"
+"""What `docker build --target ROLE -t llama4-finetune:ROLE .` of this checkout names each role's image."""
 EMBEDDED_DEFAULT = "tiny-cpu"
 """The profile whose sizes a rehearsal takes where the real model's would not run here."""
 TIMEOUT_S = 1800.0
+WORKLOAD_NICENESS = 10
+"""The workers and what they start (trainers, inference servers) run at this lower priority than the Prefect server:
+on a cluster the control plane has machines of its own; sharing this one's cores at equal priority, 16 trainers and a
+vLLM starved SQLite's writes for a minute and the stage leases could not be renewed (measured on 2 cores)."""
 
 
 class RehearsalFailed(RuntimeError):
@@ -74,7 +82,7 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
     """What a rehearsal of ``profile`` changes, field by field; everything else is run as written."""
     written = profile.model_dump(mode="json")
     small = load_profile(EMBEDDED_DEFAULT).model_dump(mode="json")
-    experts = {"tiny": 4, "scout": 16, "maverick": 128}[profile.model.family]
+    experts = ROUTED_EXPERTS[profile.model.family]
     rules: list[tuple[str, Any, str]] = [
         ("model.source", "embedded", f"no hub here: the embedded tiny model built in the {profile.model.family} "
                                      f"shape ({experts} routed experts)"),
@@ -85,6 +93,7 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
         ("data.max_seq_len", small["data"]["max_seq_len"], "the tiny model's context"),
         *((f"{section}.device", "cpu", "no GPU here") for section in ("train", "evaluate", "quantize")),
         ("train.max_steps", STEPS, "a rehearsal trains long enough for its drills"),
+        ("train.epochs", STEPS, f"passes enough over the small set for {STEPS} steps (max_steps ends it)"),
         ("train.recipe_overrides", {**profile.train.recipe_overrides, "num_threads": 1},
          "one thread per trainer: the trainers share this machine's cores"),
         *((f"evaluate.{name}", small["evaluate"][name], "the embedded default's tasks: the real benchmarks need "
@@ -97,7 +106,9 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
         *((f"benchmark.{name}", small["benchmark"][name], "the tiny model's sizes")
           for name in ("max_model_len", "num_prompts", "max_tokens")),
         ("deploy.image", None, "process stand-ins run this checkout, not the images"),
-        ("deploy.images", {}, "process stand-ins run this checkout, not the images"),
+        *((f"deploy.images.{role}", f"{LOCAL_IMAGE}:{role}", "process stand-ins run this checkout: the images are "
+                                                              "not pulled here (their names are checked: before_renting)")
+          for role in profile.deploy.images),
         ("deploy.job_variables", {"command": "prefect flow-run execute",
                                   "env": {"PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}},
          "process stand-ins of the GPU pools: PID 1 of the pods and its SIGTERM behaviour, as the Kubernetes pools "
@@ -139,6 +150,21 @@ def kubernetes_pools() -> set[str]:
 def _stand_in_pools() -> list[str]:
     config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     return sorted({d["work_pool"]["name"] for d in config["deployments"] if d.get("work_pool")} - {"local-process"})
+
+
+def stand_in_prefect_file(root: Path) -> tuple[Path, list[Change]]:
+    """prefect.yaml with the GPU deployments' pull steps (into the image's checkout) replaced by the local ones (into
+    this checkout), where the process stand-ins run them; every other line as written."""
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    changes = []
+    for deployment in config["deployments"]:
+        if "pull" in deployment and deployment["pull"] != config["pull"]:
+            changes.append(Change(f"prefect.yaml {deployment['entrypoint']} {deployment['name']}: pull",
+                                  deployment["pull"], config["pull"], "the stand-ins run this checkout, not the image's"))
+            deployment["pull"] = config["pull"]
+    path = root / "prefect.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, changes
 
 
 def _wait(what: str, probe: Callable[[], T | None], timeout_s: float, cluster: LocalPrefect, pipeline: str) -> T:
@@ -309,7 +335,7 @@ class Rehearsal:
         self.cluster.procs[owner].wait()
         self.log(f"drill: kill -9 of {owner} (pool {pool}) at step {step}")
         replacement = f"{owner}-replacement"
-        self.cluster.start_worker(replacement, pool)
+        self.cluster.start_worker(replacement, pool, WORKLOAD_NICENESS)
         drill = Drill(f"worker killed: kill -9 of {owner}, which started {run['name']}; {replacement} started",
                       step_at_delivery=step, step_at_notice=step, detail=f"pool {pool}")
         self.drills.append(drill)
@@ -362,14 +388,18 @@ def rehearse(profile_name: str, overrides: list[str], store: Path, log: Callable
         "pools": {"pipeline": rehearsed.deploy.work_pool, "gpu": rehearsed.deploy.gpu_work_pool,
                   "gpu_stages": rehearsed.deploy.gpu_stages},
         "shrunk": [asdict(change) for change in changes],
+        # What the preflight refuses on the GPU cluster that the stand-ins here do not use (images, buckets).
+        "before_renting": placeholders(written, ("deploy",)),
     }
     started = time.monotonic()
     log(f"rehearsing {written.name}: {len(changes)} fields shrunk; server, pools and workers in {root}")
-    cluster = start_cluster(root, workers=0, store=store, stand_in_pools=_stand_in_pools())
+    prefect_file, deployment_changes = stand_in_prefect_file(root)
+    report["shrunk"] += [asdict(change) for change in deployment_changes]
+    cluster = start_cluster(root, workers=0, store=store, stand_in_pools=_stand_in_pools(), prefect_file=prefect_file)
     try:
-        cluster.start_worker("worker-pipeline", rehearsed.deploy.work_pool)
+        cluster.start_worker("worker-pipeline", rehearsed.deploy.work_pool, WORKLOAD_NICENESS)
         for node in range(max(1, rehearsed.train.nnodes)):
-            cluster.start_worker(f"worker-gpu-{node}", rehearsed.deploy.gpu_work_pool)
+            cluster.start_worker(f"worker-gpu-{node}", rehearsed.deploy.gpu_work_pool, WORKLOAD_NICENESS)
         # A production deployment takes its data as the data_source parameter; the embedded default's in overrides.
         params: dict[str, Any] = {"overrides": [o for o in rehearsal_overrides if not o.startswith("data.source=")]}
         if deployment["entrypoint"].endswith(":finetune_production"):
@@ -502,6 +532,7 @@ def summary(report: Mapping[str, Any]) -> str:
     lines += [f"  drill: {d['kind']}: delivered at step {d['step_at_delivery']}, acted on at {d['step_at_notice']}, resumed from {d['resumed_from_step']}, "
               f"{d['steps_lost']} steps lost, {'recovered' if d['recovered'] else 'NOT recovered'}"
               for d in report.get("drills", [])]
+    lines += [f"  before renting: {line}" for line in report.get("before_renting", [])]
     if memory := report.get("memory"):
         lines.append(f"  memory per trainer: {memory['measured_peak_rss_gib_per_trainer']} GiB resident (measured), "
                      f"{memory['planned_peak_gib_per_process']} GiB planned for the same shrunk run")
