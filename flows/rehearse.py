@@ -93,6 +93,8 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
         ("data.max_seq_len", small["data"]["max_seq_len"], "the tiny model's context"),
         *((f"{section}.device", "cpu", "no GPU here") for section in ("train", "evaluate", "quantize")),
         ("train.max_steps", STEPS, "a rehearsal trains long enough for its drills"),
+        ("train.gradient_accumulation_steps", 1, "one micro-batch per process and step: the drills need steps, "
+                                                 "not tokens"),
         ("train.epochs", STEPS, f"passes enough over the small set for {STEPS} steps (max_steps ends it)"),
         ("train.recipe_overrides", {**profile.train.recipe_overrides, "num_threads": 1},
          "one thread per trainer: the trainers share this machine's cores"),
