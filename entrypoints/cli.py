@@ -14,7 +14,14 @@ import traceback
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from finetune.profile import REPO_ROOT, Profile, ProfileError, list_profiles, load_profile, resolved_yaml
+from finetune.profile import (
+    REPO_ROOT,
+    Profile,
+    ProfileError,
+    list_profiles,
+    load_profile,
+    resolved_yaml,
+)
 
 
 def _prefect_defaults() -> None:
@@ -141,7 +148,9 @@ def _run_with_progress(args: argparse.Namespace, profile: Profile) -> dict[str, 
         with StageDisplay(err) as display:
             display.print(f"full log: {log_path}  (-v streams it here)")
             try:
-                from flows.finetune import finetune  # imported here: Prefect's log handlers see the log file
+                from flows.finetune import (
+                    finetune,  # imported here: Prefect's log handlers see the log file
+                )
 
                 return finetune(profile=args.profile, overrides=args.overrides, store=args.store, until=args.until)
             except Exception as exc:
@@ -211,11 +220,10 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def _cmd_rehearse(args: argparse.Namespace) -> int:
+    import signal
     from pathlib import Path
 
     from flows.rehearse import RehearsalFailed, rehearse
-
-    import signal
 
     load_profile(args.profile, args.overrides)  # a typo fails here, before a server starts
     # Stopped (SIGTERM, as `timeout` or a CI job does), the rehearsal still stops its server and workers.
@@ -274,7 +282,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.pipeline import STAGES, STEP_LABELS  # no Prefect there: the parser stays fast
+    from flows.pipeline import (  # no Prefect there: the parser stays fast
+        STAGES,
+        STEP_LABELS,
+    )
 
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

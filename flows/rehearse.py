@@ -39,9 +39,13 @@ from tunerecipes.ep_degree import ROUTED_EXPERTS
 T = TypeVar("T")
 
 STEPS = 30
-"""Optimizer steps of a rehearsal: room for the drills (a notice after a third, a lost worker after two thirds)."""
-CHECKPOINT_MINUTES = 0.05
-"""The rehearsal's time-based checkpoint interval (3 s): two saves before the notice drill, more after."""
+"""Optimizer steps of a rehearsal: room for the drills (a notice after a third, a lost worker two steps after the
+resume), also where one tiny step takes a quarter of a second."""
+CHECKPOINT_MINUTES = 0.02
+"""The rehearsal's time-based checkpoint interval (1.2 s): two saves before the notice drill whether a step takes a
+quarter of a second (one process) or seconds (16 processes)."""
+EVALUATION_LIMIT = 20
+BENCHMARK_PROMPTS = 8
 TIME_SAVES_BEFORE_NOTICE = 2
 LOCAL_IMAGE = "llama4-finetune"
 """What `docker build --target ROLE -t llama4-finetune:ROLE .` of this checkout names each role's image."""
@@ -100,13 +104,16 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
          "one thread per trainer: the trainers share this machine's cores"),
         *((f"evaluate.{name}", small["evaluate"][name], "the embedded default's tasks: the real benchmarks need "
                                                         "the real model and their datasets")
-          for name in ("tasks", "include_path", "limit", "max_gen_toks", "batch_size")),
+          for name in ("tasks", "include_path", "max_gen_toks", "batch_size")),
+        ("evaluate.limit", EVALUATION_LIMIT, "documents per task: the scores of a random model prove the path, "
+                                             "not the model"),
         ("evaluate.gate", {"max_drop": None, "require_rise": None, "dpo": None},
          f"a {STEPS}-step tune of a random model has no quality to gate: scores are reported, not gated"),
         *((f"quantize.{name}", small["quantize"][name], "the tiny model's sizes")
           for name in ("group_size", "calibration_samples", "calibration_seq_len")),
         *((f"benchmark.{name}", small["benchmark"][name], "the tiny model's sizes")
-          for name in ("max_model_len", "num_prompts", "max_tokens")),
+          for name in ("max_model_len", "max_tokens")),
+        ("benchmark.num_prompts", BENCHMARK_PROMPTS, "prompts per level: the rehearsal proves the serving path"),
         ("deploy.image", None, "process stand-ins run this checkout, not the images"),
         *((f"deploy.images.{role}", f"{LOCAL_IMAGE}:{role}", "process stand-ins run this checkout: the images are "
                                                               "not pulled here (their names are checked: before_renting)")
@@ -208,8 +215,9 @@ def _trainer_run(cluster: LocalPrefect, profile: Profile, node_rank: int = 0) ->
     return None
 
 
-def _run_process(flow_run_id: str) -> Any:
-    """The `prefect flow-run execute` process of a flow run (what a pod runs as PID 1)."""
+def flow_run_process(flow_run_id: str) -> Any:
+    """The `prefect flow-run execute` process of a flow run: what a pod runs as PID 1, and what kubelet SIGTERMs on
+    a spot reclaim."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
@@ -294,7 +302,7 @@ class Rehearsal:
             drill = Drill(f"spot notice: the {self.metadata.cloud} instance metadata's notice", step_at_delivery=step,
                           detail=f"polled by the trainers from {self.metadata.url}")
         else:
-            process = _run_process(run["id"])
+            process = flow_run_process(run["id"])
             if process is None:
                 raise RuntimeError(f"no `prefect flow-run execute` process for flow run {run['name']}")
             process.send_signal(signal.SIGTERM)
@@ -322,11 +330,13 @@ class Rehearsal:
                 if (m := re.search(r"\] resumed from .*\(step (\d+),", log["message"]))]
 
     def worker_drill(self) -> Drill:
-        """kill -9 of the worker that started the trainer's flow run; a replacement worker joins the pool."""
-        step = self._at_step(2 * STEPS // 3)
+        """kill -9 of the worker that started the trainer's flow run, two steps after the notice drill's resume; a
+        replacement worker joins the pool."""
+        resumed = self.drills[-1].resumed_from_step if self.drills else None
+        step = self._at_step((resumed or STEPS // 3) + 2)
         run = _trainer_run(self.cluster, self.profile)
         assert run is not None
-        process = _run_process(run["id"])
+        process = flow_run_process(run["id"])
         workers = {proc.pid: name for name, proc in self.cluster.procs.items() if name.startswith("worker")}
         owner = next((workers[p.pid] for p in (process.parents() if process else []) if p.pid in workers), None)
         if owner is None:
@@ -447,6 +457,7 @@ def _results(cluster: LocalPrefect, written: Profile, rehearsed: Profile, store:
         "status": run["state"]["name"], "message": run["state"].get("message"),
         "drills": [asdict(d) for d in rehearsal.drills],
         "flow_runs": [{"id": r["id"], "name": r["name"], "flow": r["flow_name"], "state": r["state"]["name"],
+                       "states": [s["name"] for s in cluster.api("GET", f"/flow_run_states/?flow_run_id={r['id']}")],
                        "pool": r["work_pool_name"], "stage": r["parameters"].get("stage"),
                        "node_rank": r["parameters"].get("node_rank")} for r in runs],
     }
@@ -478,8 +489,13 @@ def _results(cluster: LocalPrefect, written: Profile, rehearsed: Profile, store:
 
 
 def _engine(artifact: Any) -> str | None:
+    """What served or scored the model: a benchmark's engine, an evaluation's (vLLM, or lm-eval in-process)."""
     if artifact is None:
         return None
+    if artifact.stage == "evaluate":
+        from tasks.evaluate.report import RESULTS_FILE
+
+        return json.loads((Path(artifact.path) / RESULTS_FILE).read_text())["finetune"]["engine"]
     metrics = artifact.metrics
     return metrics.get("engine") and f"{metrics['engine']} {metrics.get('engine_version', '')}".strip()
 
