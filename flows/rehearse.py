@@ -44,6 +44,8 @@ resume), also where one tiny step takes a quarter of a second."""
 CHECKPOINT_MINUTES = 0.02
 """The rehearsal's time-based checkpoint interval (1.2 s): two saves before the notice drill whether a step takes a
 quarter of a second (one process) or seconds (16 processes)."""
+REHEARSAL_LEASE_S = 600.0
+"""Stage-key lease of a rehearsal (retries.lock_lease_s), see shrink()."""
 EVALUATION_LIMIT = 20
 BENCHMARK_PROMPTS = 8
 TIME_SAVES_BEFORE_NOTICE = 2
@@ -127,6 +129,11 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
     if profile.benchmark.tensor_parallel_size > 1:
         rules.append(("benchmark.tensor_parallel_size", 1, f"tensor parallel {profile.benchmark.tensor_parallel_size}"
                                                            " over the tiny model's 4 attention heads"))
+    if profile.retries.lock_lease_s < REHEARSAL_LEASE_S:
+        rules.append(("retries.lock_lease_s", REHEARSAL_LEASE_S, "the loopback server's SQLite stalls writes for up "
+                      "to a minute while 16 trainers and a vLLM share 2 cores, and a stage that cannot renew its "
+                      "lease for half of it stops its trainers (a cluster's server runs on Postgres, on its own "
+                      "machine)"))
     if profile.train.async_checkpoint:
         rules.append(("train.async_checkpoint", False, "asynchronous saves overlap GPU work: no GPU here"))
     if profile.train.checkpoint_every_minutes is not None:
