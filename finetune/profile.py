@@ -174,6 +174,8 @@ class ElasticConfig(Section):
 Launcher = Literal["process", "local-nodes", "prefect-pool", "skypilot", "jobset"]
 # Launchers that can place torchrun node processes on more than one node (or, for tests, more than one process).
 MULTI_NODE_LAUNCHERS: frozenset[str] = frozenset({"local-nodes", "prefect-pool", "skypilot", "jobset"})
+# Launchers whose trainers run on other machines than the stage's own process.
+REMOTE_LAUNCHERS: frozenset[str] = MULTI_NODE_LAUNCHERS - {"local-nodes"}
 
 
 class DpoConfig(Section):

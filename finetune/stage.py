@@ -72,6 +72,9 @@ class StageSpec:
     """Keep an interrupted attempt's files (checkpoints) instead of starting clean."""
     skipped: Callable[[Profile], str | None] = lambda profile: None
     """Why this profile does not run the stage at all (e.g. publish without a target); None: it runs."""
+    elsewhere: Callable[[Profile], bool] = lambda profile: False
+    """Whether the stage starts processes on other machines (train's multi-node launchers): those hold no store
+    lock, so a holder found dead (finetune/stage_lock.py) may still have them running."""
     still_valid: Callable[[Artifact], bool] = lambda artifact: True
     """For a stage whose effect lies outside the store (publish): whether the outside world still holds what the
     finished artifact recorded. When it does not, the artifact is set aside and the stage runs again."""
@@ -128,7 +131,7 @@ def execute_stage(
     owner = identity(run)
     try:
         with stage_lock(store, spec.name, key, owner=owner, timeout_s=profile.retries.lock_timeout_s, log=log_fn,
-                        progress=progress, server_lock=server_lock) as lease:
+                        progress=progress, server_lock=server_lock, elsewhere=spec.elsewhere(profile)) as lease:
             existing = store.verified_artifact(spec.name, key)
             if existing is not None:  # the run we waited for finished it
                 log_fn(f"{spec.name} {key[:12]}: taking the artifact "

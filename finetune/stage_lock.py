@@ -32,7 +32,13 @@ The lock file holds who holds it (run, pid, host, since), which the waiting run 
   through an object store without compare-and-swap; the store lock still guards against a run that does not use the
   server (``finetune run`` with the ephemeral API on the same store) and, on a local store, keeps the key locked
   while a killed run's trainer is still saving (the server's lease expires after its duration whether or not that
-  trainer is gone). This module imports no Prefect: the core takes its locks from its caller.
+  trainer is gone). A holder killed outright (kill -9, or Prefect's runner
+  killing an engine that did not acknowledge a reschedule in time) cannot release its server lease, which would
+  keep the key from everyone, its own rescheduled attempt included, for a whole lease. The store's lock shows it
+  dead sooner: the lock file still names it and its server lease, yet no process holds the lock (``abandoned`` in
+  what ``read_holder`` returns), so the server lock releases that lease at once. Not when the stage hands its work
+  to other machines (``elsewhere``: multi-node launchers), whose processes hold no store lock but may still train;
+  their lease expires once none of them renews it. This module imports no Prefect: the core takes its locks from its caller.
 """
 
 from __future__ import annotations
@@ -117,18 +123,22 @@ def stage_lock(
     store: Store, stage: str, key: str, *, owner: str, timeout_s: float | None,
     log: Callable[[str], None], progress: Callable[[float, str], None],
     poll_s: float = POLL_S, ttl_s: float = LEASE_TTL_S, settle_s: float = SETTLE_S,
-    server_lock: ServerLock | None = None,
+    server_lock: ServerLock | None = None, elsewhere: bool = False,
 ) -> Iterator[Lease]:
     """Hold the lock of ``<stage>/<key>`` for the block, waiting up to ``timeout_s`` (None: as long as it takes);
-    with ``server_lock``, the server's first."""
-    holder = {"owner": owner, "since": now_iso()}
+    with ``server_lock``, the server's first. ``elsewhere``: the block starts processes on other machines, which
+    do not hold the store's lock (see the module's docstring)."""
+    holder: dict[str, Any] = {"owner": owner, "since": now_iso(), "elsewhere": elsewhere}
     where = f"{stage} {key[:12]}"
     lost = threading.Event()
     started = time.monotonic()
     path = f"{store.root}/{LOCKS_DIR}/{stage}/{key}.{'lock' if store.is_local else 'lease'}"
 
     def read_holder() -> dict[str, Any] | None:  # whoever holds the store's lock wrote itself into the file
-        return _read_lease(store, path)
+        current = _read_lease(store, path)
+        if current and not (_flock_held(Path(path)) if store.is_local else _lease_current(current, ttl_s)):
+            current["abandoned"] = True  # it died holding the lock: the kernel dropped it, or its lease file expired
+        return current
 
     def wait(attempt: Callable[[], dict[str, Any] | None]) -> None:  # one bound for the server's and the store's
         _wait(attempt, where, timeout_s, log, progress, poll_s, started)
@@ -144,6 +154,7 @@ def stage_lock(
         if server_lock is not None:
             server = stack.enter_context(server_lock(stage, key, where, log, wait, lost, read_holder))
             backend = f"{server.describe}, and {backend}"
+            holder["server_lease"] = server.lease_id  # for a waiter to release once we are found dead
         lease = stack.enter_context(store_lock(fence=server is not None))
         lease.server = server
         log(f"{where}: computing under {backend}")
@@ -242,8 +253,7 @@ def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, log
 
     def attempt() -> dict[str, Any] | None:
         current = read()
-        if current and current.get("token") != token and time.time() - current.get("renewed", 0) < current.get(
-                "ttl_s", ttl_s):
+        if current and current.get("token") != token and _lease_current(current, ttl_s):
             return current
         write()
         time.sleep(settle_s)  # a run that found it free at the same moment writes within this; the last write wins
@@ -282,6 +292,26 @@ def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, log
         with contextlib.suppress(Exception):
             if (read() or {}).get("token") == token:
                 fs.rm(path)
+
+
+def _lease_current(lease: dict[str, Any], ttl_s: float) -> bool:
+    """Whether a lease file's holder renewed it within its ttl."""
+    return time.time() - lease.get("renewed", 0) < lease.get("ttl_s", ttl_s)
+
+
+def _flock_held(path: Path) -> bool:
+    """Whether some process holds the lock of ``path`` (probed with a lock of our own, dropped at once)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock, if it took it
+    return False
 
 
 def _read_lease(store: Store, path: str) -> dict[str, Any] | None:

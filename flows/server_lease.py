@@ -65,6 +65,7 @@ def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waite
     """
     lease_id: UUID | None = None
     last_holder: dict[str, Any] = {}
+    released: set[str] = set()
     with get_client(sync_client=True) as client:
         def attempt() -> dict[str, Any] | None:
             nonlocal lease_id
@@ -75,7 +76,10 @@ def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waite
                 except httpx.HTTPStatusError as exc:
                     if exc.response.status_code != 423:  # 423 Locked: the one slot is taken
                         raise
-                    last_holder.update(read_holder() or {})  # empty while the holder takes or leaves the store lock
+                    current = read_holder() or {}  # empty while the holder takes or leaves the store lock
+                    if _release_if_abandoned(client, name, current, released, where, log):
+                        continue
+                    last_holder.update(current)
                     return dict(last_holder)
                 granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
                 if granted.limits:
@@ -162,6 +166,23 @@ def _renewing(server: ServerLease, where: str, log: Callable[[str], None], lost:
         done.set()
         for thread in threads:
             thread.join(timeout=2)
+
+
+def _release_if_abandoned(client: SyncPrefectClient, name: str, holder: dict[str, Any], released: set[str],
+                          where: str, log: Callable[[str], None]) -> bool:
+    """Release the server lease of a holder that died holding the store's lock (finetune/stage_lock.py: killed
+    outright, so it could not release it; every process that could write the stage is gone). Not one whose stage
+    runs processes on other machines, which may still train and keep renewing it. True when released."""
+    lease = holder.get("server_lease")
+    if not (holder.get("abandoned") and lease) or holder.get("elsewhere", True):
+        return False
+    if lease in released:
+        return False  # released already: whoever holds the slot now is alive and about to take the store's lock
+    client.release_concurrency_slots_with_lease(UUID(lease))  # a lease gone already is no error
+    released.add(lease)
+    log(f"{where}: {holder.get('owner') or 'the last holder'} died holding {name} (no process holds the store's "
+        "lock); released its server lease")
+    return True
 
 
 def _release_limit(client: SyncPrefectClient, name: str, lease_id: UUID, lease_s: float, lost: threading.Event,

@@ -2,8 +2,8 @@
 
 Processes contend for one key with a stage that sleeps (no trainer): they compute one after another even on stores
 that share nothing, the waiter names the holder, the limit is gone afterwards; a frozen holder (SIGSTOP) is taken
-over once the server's lease-expiry service revokes its lease, its processes that still hold the store's lock killed
-(kill -9 of a holder: tests/test_deployments_server.py); a holder that cannot renew its lease (server frozen with
+over once the server's lease-expiry service revokes its lease, its processes that still hold the store's lock killed;
+a holder killed with its child is taken over at once; a holder that cannot renew its lease (server frozen with
 SIGSTOP) kills its children before the lease could expire.
 """
 
@@ -38,7 +38,8 @@ _CONTENDER = textwrap.dedent("""
     from flows.server_lease import server_lock
     store, owner, hold = Store(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     with stage_lock(store, "slow", "k" * 64, owner=owner, timeout_s=300, log=lambda line: print(line, flush=True),
-                    progress=lambda f, m: None, poll_s=0.5, server_lock=server_lock(float(sys.argv[4]))) as lease:
+                    progress=lambda f, m: None, poll_s=0.5, server_lock=server_lock(float(sys.argv[4])),
+                    elsewhere=sys.argv[5] == "elsewhere") as lease:
         print(f"ACQUIRED {time.time()} {json.dumps(dataclasses.asdict(lease.server))}", flush=True)
         try:  # the stage: a child process, stopped at once when the lease is lost
             run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost,
@@ -80,8 +81,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
         started.stop()
 
 
-def _contender(server: LocalPrefect, store: Path, owner: str, hold_s: float) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", _CONTENDER, str(store), owner, str(hold_s), str(LEASE_S)],
+def _contender(server: LocalPrefect, store: Path, owner: str, hold_s: float,
+               elsewhere: bool = False) -> subprocess.Popen[str]:
+    """A run computing the key ``hold_s`` seconds; ``elsewhere``: as a stage whose trainers run on other machines."""
+    return subprocess.Popen([sys.executable, "-c", _CONTENDER, str(store), owner, str(hold_s), str(LEASE_S),
+                             "elsewhere" if elsewhere else "here"],
                             cwd=REPO_ROOT, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -175,11 +179,36 @@ def test_a_holder_that_cannot_renew_its_lease_stops_its_stage_before_it_expires(
           f"(lease {LEASE_S} s)")
 
 
+def test_a_killed_holder_s_key_is_taken_at_once_once_no_process_holds_the_store_lock(server: LocalPrefect,
+                                                                                  tmp_path: Path) -> None:
+    """kill -9 of a holder whose stage runs on its own machine (as Prefect's runner kills an engine that did not
+    acknowledge a reschedule in time): its child exits with it, the store's lock is free, and the next run on that
+    store releases the dead holder's server lease instead of waiting a lease for it."""
+    import psutil
+
+    holder = _contender(server, tmp_path / "a", "owner-a", 600)
+    _wait_line(holder, "ACQUIRED", [])
+    children = psutil.Process(holder.pid).children(recursive=True)
+    taker = _contender(server, tmp_path / "a", "owner-b", 0.1)
+    time.sleep(2)
+    for process in (psutil.Process(holder.pid), *children):  # the whole container goes, as with a SIGKILL'd pod
+        process.kill()
+    killed = time.time()
+    holder.wait()
+    out: list[str] = []
+    waited = _wait_line(taker, "ACQUIRED", out) - killed
+    assert waited < 10, waited  # polls every 0.5 s; a lease would be LEASE_S
+    assert any("owner-a" in line and "died holding" in line and "released its server lease" in line
+               for line in out), out
+    assert taker.wait(60) == 0
+    print(f"\nkill -9 of a holder and its child: taken over {waited:.1f} s later (lease {LEASE_S} s)")
+
+
 def test_node_runs_keep_the_key_taken_after_the_run_that_took_it_is_killed(server: LocalPrefect, tmp_path: Path) -> None:
     """train.launcher prefect-pool: the stage's node runs renew its lease, so kill -9 of the orchestrating run does
-    not free the key while they train; it is free one lease after the last node ended. A node handed a lease that is
-    gone refuses to start its trainer."""
-    holder = _contender(server, tmp_path / "a", "owner-a", 600)
+    not free the key while they train, even for a run on its store, which finds no process holding the store's lock;
+    it is free one lease after the last node ended. A node handed a lease that is gone refuses to start its trainer."""
+    holder = _contender(server, tmp_path / "a", "owner-a", 600, elsewhere=True)
     seen: list[str] = []
     _wait_line(holder, "ACQUIRED", seen)
     lease = seen[-1].split(" ", 2)[2].strip()
@@ -190,11 +219,12 @@ def test_node_runs_keep_the_key_taken_after_the_run_that_took_it_is_killed(serve
     _wait_line(node, "TRAINING", node_out)
     holder.kill()
     holder.wait()
-    taker = _contender(server, tmp_path / "b", "owner-b", 0.1)
+    taker = _contender(server, tmp_path / "a", "owner-b", 0.1)
     ended = _wait_line(node, "ENDED", node_out)
     assert not any(line.startswith("STOPPED") or "stopping" in line for line in node_out), node_out
     out: list[str] = []
     acquired = _wait_line(taker, "ACQUIRED", out)
+    assert not any("released its server lease" in line for line in out), out
     # The node renewed every LEASE_S/4 until it ended; the lease ran out LEASE_S after its last renewal.
     assert LEASE_S * 3 / 4 - 5 < acquired - ended < LEASE_S + 15, acquired - ended
     assert taker.wait(60) == 0 and node.wait(10) == 0

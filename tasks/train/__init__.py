@@ -15,10 +15,12 @@ Output (names in tunerecipes/checkpoint_layout.py): ``final/`` (DCP or HF checkp
 
 from __future__ import annotations
 
+from finetune.profile import REMOTE_LAUNCHERS
 from finetune.stage import StageSpec
 from tasks.train.stage import config, fingerprint, run
 
 SPEC = StageSpec(name="train", version="1", run=run, config=config, upstream=("download", "pack"),
-                 fingerprint=fingerprint, resumable=True)
+                 fingerprint=fingerprint, resumable=True,
+                 elsewhere=lambda profile: profile.train.launcher in REMOTE_LAUNCHERS)
 
 __all__ = ["SPEC", "run"]
