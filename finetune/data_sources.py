@@ -61,6 +61,10 @@ class DataSource(Protocol):
 
     def records(self, split: str) -> Iterator[Record]: ...
 
+    def first(self, split: str) -> Iterator[Record]:
+        """The split's records from its start, fetching no more than is read (a rehearsal's sample)."""
+        ...
+
     def fingerprint(self) -> dict[str, Any]: ...
 
 
@@ -137,6 +141,9 @@ class FileSource:
             else:
                 yield from self._json_records(path)
 
+    def first(self, split: str) -> Iterator[Record]:
+        return self.records(split)  # read file by file, line by line (parquet: batch by batch)
+
     def _json_records(self, path: str) -> Iterator[Record]:
         shown = self.display(path)
         with self.fs.open(path, "rb") as handle:
@@ -202,6 +209,13 @@ class HubSource:
         where = f"{HUB_PREFIX}{self.name}@{self.revision}" if self.revision else f"{HUB_PREFIX}{self.name}"
         for row, value in enumerate(rows, start=1):
             yield Record(f"{where}:{split}", f"row {row}", value)
+
+    def first(self, split: str) -> Iterator[Record]:
+        import datasets
+
+        rows = datasets.load_dataset(self.name, revision=self.revision, split=split, streaming=True)
+        for row, value in enumerate(rows, start=1):
+            yield Record(f"{HUB_PREFIX}{self.name}:{split}", f"row {row}", value)
 
     def fingerprint(self) -> dict[str, Any]:
         # Only a commit pins content: a branch or tag can move under the same name and a stale pack would be reused.

@@ -4,7 +4,8 @@
 Prefect server with the deployments of prefect.yaml, its GPU pools stood in by process workers under the same names
 (so dispatch, node runs and their job variables are the profile's), and only what cannot run here changes, each change
 listed in the report (``shrunk``): the model (the embedded tiny model in the profile's family shape: Scout's 16 experts
-in every layer, Maverick's 128 in every second one), the data, the devices, the sizes of evaluation, quantization and
+in every layer, Maverick's 128 in every second one), the data (the first records of the profile's own sources when
+this machine can read them, else the embedded set: flows/rehearsal_data.py), the devices, the sizes of evaluation, quantization and
 benchmark that are the real model's, the number of steps and the checkpoint interval. Kept as written: pools and
 dispatch, launcher, nodes x processes, expert parallelism, method, final format, evaluate and benchmark weights and
 engines, quantize, publish (to a local directory), the preflight. The Kubernetes Job each GPU flow run would become
@@ -34,6 +35,7 @@ from finetune.preflight.data import placeholders
 from finetune.profile import REPO_ROOT, Profile, load_profile
 from flows.cloud_metadata import SERVERS, MetadataServer
 from flows.local_cluster import LocalPrefect, start_cluster
+from flows.rehearsal_data import DataSample, sample_sources
 from tunerecipes.ep_degree import ROUTED_EXPERTS
 
 T = TypeVar("T")
@@ -84,8 +86,23 @@ def _get(data: Mapping[str, Any], dotted: str) -> Any:
     return data
 
 
-def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
-    """What a rehearsal of ``profile`` changes, field by field; everything else is run as written."""
+DATA_SOURCE_FIELDS = ("data.source", "data.sources", "data.revision")
+"""Where the data comes from: a rehearsal reads the first records of the user's choice, or the embedded set."""
+
+
+def _data_rules(profile: Profile, small: Mapping[str, Any], data: DataSample | None) -> list[tuple[str, Any, str]]:
+    """The first records of the profile's own sources (``data``, flows/rehearsal_data.py) or, when they cannot be
+    read here, the embedded default's data in the profile's format family."""
+    if data is not None and data.overrides:
+        return [(name, value, data.why) for name, value in data.overrides.items()]
+    why = "the shipped data of the embedded default" + (f": {data.why}" if data is not None else "")
+    embedded = "embedded/preferences" if profile.train.method == "dpo" else small["data"]["source"]
+    return [("data.source", embedded, why), ("data.sources", None, why), ("data.revision", None, why)]
+
+
+def shrink(profile: Profile, publish_dir: Path, data: DataSample | None = None) -> list[Change]:
+    """What a rehearsal of ``profile`` changes, field by field; everything else is run as written. ``data``: the
+    first records of the profile's sources, when they could be read."""
     written = profile.model_dump(mode="json")
     small = load_profile(EMBEDDED_DEFAULT).model_dump(mode="json")
     experts = ROUTED_EXPERTS[profile.model.family]
@@ -94,8 +111,7 @@ def shrink(profile: Profile, publish_dir: Path) -> list[Change]:
                                      f"shape ({experts} routed experts)"),
         *((f"model.{name}", small["model"][name], "the embedded model is local and text-only")
           for name in ("repo_id", "revision", "allow_patterns", "ignore_patterns", "multimodal")),
-        ("data.source", "embedded/preferences" if profile.train.method == "dpo" else small["data"]["source"],
-         "the shipped data of the embedded default"),
+        *_data_rules(profile, small, data),
         ("data.max_seq_len", small["data"]["max_seq_len"], "the tiny model's context"),
         *((f"{section}.device", "cpu", "no GPU here") for section in ("train", "evaluate", "quantize")),
         ("train.max_steps", STEPS, "a rehearsal trains long enough for its drills"),
@@ -390,15 +406,17 @@ def rehearse(profile_name: str, overrides: list[str], store: Path, log: Callable
     written = load_profile(profile_name, overrides)
     deployment = _deployment(written)
     store = store.resolve()
-    chosen = {override.split("=", 1)[0] for override in overrides}  # what the user set is not shrunk again
-    changes = [c for c in shrink(written, store.parent / f"{store.name}-published") if c.field not in chosen]
+    root = Path(tempfile.mkdtemp(prefix=f"rehearse-{written.name}-"))
+    # What the user set is not shrunk again; their data is sampled like the profile's.
+    chosen = {override.split("=", 1)[0] for override in overrides} - set(DATA_SOURCE_FIELDS)
+    data = sample_sources(written.data, root / "data")
+    changes = [c for c in shrink(written, store.parent / f"{store.name}-published", data) if c.field not in chosen]
     metadata = SERVERS[written.train.spot_notice]() if written.train.spot_notice != "none" else None
     if metadata is not None:
         changes.append(Change("train.spot_notice_url", written.train.spot_notice_url, metadata.url,
                               f"the {metadata.cloud} instance metadata, stood in on loopback (flows/cloud_metadata.py)"))
     rehearsal_overrides = [*overrides, *change_overrides(changes)]
     rehearsed = load_profile(profile_name, rehearsal_overrides)
-    root = Path(tempfile.mkdtemp(prefix=f"rehearse-{written.name}-"))
     report: dict[str, Any] = {
         "profile": written.name, "store": str(store), "logs": str(root),
         "world_size": rehearsed.train.world_size, "expert_parallel": rehearsed.train.expert_parallel,
