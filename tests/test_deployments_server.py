@@ -145,32 +145,8 @@ def test_a_gpu_pool_without_a_ready_worker_fails_the_run_in_seconds_before_any_d
           "`deployment run`")
 
 
-def test_two_node_training_runs_as_two_node_flow_runs_in_the_pool(cluster: LocalPrefect) -> None:
-    params = {"overrides": ["train.max_steps=4", "train.nnodes=2", "train.launcher=prefect-pool"], "until": "train"}
-    run, seconds = cluster.run_deployment("finetune/tiny-cpu", params)
-    nodes = cluster.children(run["id"], "finetune-train-node")
-    assert sorted(n["parameters"]["node_rank"] for n in nodes) == [0, 1]
-    assert all(n["state"]["type"] == "COMPLETED" for n in nodes)
-    assert nodes[0]["parameters"]["rendezvous"] == nodes[1]["parameters"]["rendezvous"]
-    # Both trainers joined one c10d rendezvous at the endpoint node 0 published, so the job had two ranks.
-    logs = cluster.api("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [n["id"] for n in nodes]}},
-                                                "limit": 200})
-    endpoints = {log["message"].rsplit(" at ", 1)[1] for log in logs if "rendezvous" in log["message"]
-                 and log["message"].startswith("node ")}
-    assert len(endpoints) == 1 and next(iter(endpoints)).startswith("127.0.0.1:")
-    # Each node renewed the train stage's server lease while it trained (the key outlives a killed orchestrator).
-    renewing = [log for log in logs if "renewing the stage's lease on finetune-key-train-" in log["message"]]
-    assert len(renewing) == 2, [log["message"] for log in logs]
-    summary = cluster.api("GET", f"/flow_runs/{run['id']}")
-    workdir = Path(nodes[0]["parameters"]["workdir"])
-    meta = json.loads((workdir / "final" / "train_meta.json").read_text())
-    assert meta["step"] == 4
-    artifact = json.loads((workdir / "artifact.json").read_text())
-    assert artifact["metrics"]["world_size"] == 2 and summary["state"]["type"] == "COMPLETED"
-    # The rendezvous variable is gone once the stage is done.
-    rendezvous = nodes[0]["parameters"]["rendezvous"]
-    assert not cluster.api("POST", "/variables/filter", {"variables": {"name": {"like_": rendezvous}}})
-    print(f"\n2-node tiny train via pool: {seconds:.1f}s")
+# Two-node training as two node runs in the GPU pool (one rendezvous endpoint, each node renewing the stage's lease,
+# world size 16) runs at 2 x 8 processes in `finetune rehearse --profile maverick-lora` (tests/test_rehearse.py).
 
 
 def _wait(predicate, timeout_s: float, what: str):

@@ -212,7 +212,7 @@ def test_node_runs_keep_the_key_taken_after_the_run_that_took_it_is_killed(serve
     seen: list[str] = []
     _wait_line(holder, "ACQUIRED", seen)
     lease = seen[-1].split(" ", 2)[2].strip()
-    train_s = LEASE_S + 20  # outlives the holder's lease by far: only the node's renewals keep the key taken
+    train_s = LEASE_S + 5  # outlives the holder's lease (renewed last before the kill): only the node keeps the key
     node = subprocess.Popen([sys.executable, "-c", _NODE, lease, str(train_s)], cwd=REPO_ROOT, env=server.env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node_out: list[str] = []
