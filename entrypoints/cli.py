@@ -36,6 +36,13 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _shared_cores_defaults() -> None:
+    """Before torch loads (here or in a child): OpenMP threads that wait by spinning starve every other process of
+    the cores they share (stages run side by side, trainers beside vLLM). Measured on 2 cores: two quantize stages
+    at once took 90 s each spinning, 11 s each passive; one alone 10 s (flows/local_cluster.py sets it too)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from entrypoints import orchestrator
     from finetune import notice
@@ -58,6 +65,7 @@ def _run(args: argparse.Namespace, profile: Profile) -> int:
     if args.no_plan_check:
         args.overrides = [*args.overrides, "plan.enforce=false"]  # the flow checks the plan again
     _prefect_defaults()
+    _shared_cores_defaults()
     started = time.perf_counter()
     if args.verbose:
         if (code := _check_plan(args, profile, sys.stderr)) is not None:

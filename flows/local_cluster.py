@@ -44,6 +44,7 @@ def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None,
         FINETUNE_SCRATCH=str(root / "scratch"),
         FINETUNE_NODE_ADDR="127.0.0.1",
         PYTHONUNBUFFERED="1",
+        OMP_WAIT_POLICY="PASSIVE",  # torch processes share the cores: none may spin (entrypoints/cli.py)
         **(extra or {}),
     )
     return env

@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 
+# Before torch loads, in this process and every child (trainers, servers, the CLI): spinning OpenMP waits starve the
+# other processes on CI's 2 cores (two quantize stages at once: 90 s each spinning, 11 s passive; entrypoints/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @dataclass
 class PipelineRun:
