@@ -5,8 +5,8 @@ Prefect server with the deployments of prefect.yaml, its GPU pools stood in by p
 (so dispatch, node runs and their job variables are the profile's), and only what cannot run here changes, each change
 listed in the report (``shrunk``): the model (the embedded tiny model in the profile's family shape: Scout's 16 experts
 in every layer, Maverick's 128 in every second one), the data (the first records of the profile's own sources when
-this machine can read them, else the embedded set: flows/rehearsal_data.py), the devices, the sizes of evaluation, quantization and
-benchmark that are the real model's, the number of steps and the checkpoint interval. Kept as written: pools and
+this machine can read them, else the embedded set: flows/rehearsal_data.py), the devices, the sizes of evaluation,
+quantization and benchmark that are the real model's, the number of steps and the checkpoint interval. Kept as written: pools and
 dispatch, launcher, nodes x processes, expert parallelism, method, final format, evaluate and benchmark weights and
 engines, quantize, publish (to a local directory), the preflight. The Kubernetes Job each GPU flow run would become
 is rendered by prefect-kubernetes' own code and validated (flows/k8s_jobs.py).
@@ -36,6 +36,7 @@ from finetune.profile import REPO_ROOT, Profile, load_profile
 from flows.cloud_metadata import SERVERS, MetadataServer
 from flows.local_cluster import LocalPrefect, start_cluster
 from flows.rehearsal_data import DataSample, sample_sources
+from tunerecipes.checkpoint_layout import CHECKPOINT_LOG, METRICS_FILE, last_logged_step, read_records
 from tunerecipes.ep_degree import ROUTED_EXPERTS
 
 T = TypeVar("T")
@@ -214,10 +215,6 @@ def _wait(what: str, probe: Callable[[], T | None], timeout_s: float, cluster: L
     raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _flow_runs(cluster: LocalPrefect) -> list[dict[str, Any]]:
     flows = {f["id"]: f["name"] for f in cluster.api("POST", "/flows/filter", {})}
     runs = cluster.api("POST", "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC", "limit": 200})
@@ -279,13 +276,12 @@ class Rehearsal:
         self.resumes_before_kill = 0
 
     def _workdir(self) -> Path | None:
-        found = sorted((self.store / "train").glob("*/metrics.jsonl")) if (self.store / "train").is_dir() else []
+        found = sorted((self.store / "train").glob(f"*/{METRICS_FILE}")) if (self.store / "train").is_dir() else []
         return found[0].parent if found else None
 
     def _last_step(self) -> int:
         workdir = self._workdir()
-        records = _records(workdir / "metrics.jsonl") if workdir else []
-        return records[-1]["step"] if records else 0
+        return last_logged_step(workdir) if workdir else 0
 
     def _wait(self, what: str, probe: Callable[[], T | None], timeout_s: float = TIMEOUT_S) -> T:
         return _wait(what, probe, timeout_s, self.cluster, self.pipeline)
@@ -312,7 +308,7 @@ class Rehearsal:
         the rendezvous host's), after two time-based checkpoints where the profile saves by time."""
         def saved_on_time() -> bool | None:
             workdir = self._workdir()
-            saves = [r for r in _records(workdir / "checkpoints.jsonl") if r["reason"] == "minutes"] if workdir else []
+            saves = [r for r in read_records(workdir / CHECKPOINT_LOG) if r["reason"] == "minutes"] if workdir else []
             return True if len(saves) >= TIME_SAVES_BEFORE_NOTICE else None
 
         if self.profile.train.checkpoint_every_minutes is not None:
@@ -335,7 +331,7 @@ class Rehearsal:
         workdir = self._workdir()
         assert workdir is not None
         notice = self._wait("the notice checkpoint", lambda: next(
-            (r for r in _records(workdir / "checkpoints.jsonl") if r["reason"] == "notice"), None))
+            (r for r in read_records(workdir / CHECKPOINT_LOG) if r["reason"] == "notice"), None))
         drill.step_at_notice = notice["step"]
         if self.metadata is not None:
             self.metadata.clear()  # the machine that takes over has no notice

@@ -23,6 +23,7 @@ import yaml
 from finetune.profile import REPO_ROOT
 from flows.local_cluster import LocalPrefect, start_cluster
 from flows.rehearse import flow_run_process
+from tunerecipes.checkpoint_layout import last_logged_step
 
 pytestmark = pytest.mark.e2e
 
@@ -209,11 +210,6 @@ def _wait_trainers_gone(workdir: Path, timeout_s: float = 60) -> None:
     assert not left, "trainer processes outlived their flow runs:\n" + "\n".join(left)
 
 
-def _last_step(workdir: Path) -> int:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
 EVERY = 10  # checkpoint interval of the preemption tests
 
 
@@ -236,14 +232,15 @@ def _train_and_preempt(cluster: LocalPrefect, lost_rank: int, max_steps: int, re
         if len(nodes) != 2:
             return None
         workdir = Path(nodes[0]["parameters"]["workdir"])
-        return nodes if (workdir / "checkpoints" / f"step_{EVERY}").is_dir() and _last_step(workdir) > EVERY else None
+        past = (workdir / "checkpoints" / f"step_{EVERY}").is_dir() and last_logged_step(workdir) > EVERY
+        return nodes if past else None
 
     nodes = sorted(_wait(past_first_checkpoint, 300, "training past its first checkpoint on both nodes"),
                    key=lambda n: n["parameters"]["node_rank"])
     workdir = Path(nodes[0]["parameters"]["workdir"])
     supervisor = flow_run_process(nodes[lost_rank]["id"])
     assert supervisor is not None, f"node {lost_rank} does not run under `prefect flow-run execute`"
-    killed_at = _last_step(workdir)
+    killed_at = last_logged_step(workdir)
     supervisor.send_signal(signal.SIGTERM)
     parent = _wait(lambda: (r := cluster.api("GET", f"/flow_runs/{run_id}"))["state"]["type"] in
                    ("FAILED", "COMPLETED", "CRASHED", "CANCELLED") and r, 600, "the pipeline run to end")
@@ -400,8 +397,9 @@ def test_kill_9_of_the_computing_flow_run_hands_train_to_the_other_worker(cluste
     store = Path(cluster.env["FINETUNE_STORE"])
     workdir = _wait(lambda: next((m.parent for m in (store / "train").glob("*/metrics.jsonl")
                                   if f"max_steps: {steps}" in (m.parent / "torchtune_config.yaml").read_text()
-                                  and _last_step(m.parent) >= EVERY + 3), None), 300, "the holder past a checkpoint")
-    killed_at = _last_step(workdir)
+                                  and last_logged_step(m.parent) >= EVERY + 3), None),
+                    300, "the holder past a checkpoint")
+    killed_at = last_logged_step(workdir)
     for process in psutil.process_iter():
         try:
             if process.environ().get("PREFECT__FLOW_RUN_ID") == holder:
@@ -449,11 +447,12 @@ def test_a_lost_worker_s_run_is_marked_crashed_rescheduled_and_resumes_on_a_new_
     store = Path(cluster.env["FINETUNE_STORE"])
     workdir = _wait(lambda: next((m.parent for m in (store / "train").glob("*/metrics.jsonl")
                                   if f"max_steps: {steps}" in (m.parent / "torchtune_config.yaml").read_text()
-                                  and _last_step(m.parent) >= EVERY + 3), None), 400, "training past a checkpoint")
+                                  and last_logged_step(m.parent) >= EVERY + 3), None),
+                    400, "training past a checkpoint")
     engine = next(p for p in psutil.process_iter() if _env_of(p).get("PREFECT__FLOW_RUN_ID") == run_id)
     workers = {proc.pid: name for name, proc in cluster.procs.items() if name.startswith("worker")}
     (lost,) = [workers[p.pid] for p in engine.parents() if p.pid in workers]
-    killed_at = _last_step(workdir)
+    killed_at = last_logged_step(workdir)
     # The machine hangs: the worker's session and every process of the run (its engine has a session of its own).
     frozen = [p for p in psutil.process_iter() if _env_of(p).get("PREFECT__FLOW_RUN_ID") == run_id]
     os.killpg(cluster.procs[lost].pid, signal.SIGSTOP)

@@ -59,6 +59,12 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def last_logged_step(output_dir: str | os.PathLike[str]) -> int:
+    """The last step metrics.jsonl records (0 before the first), as a reader following a live run sees it."""
+    records = read_records(Path(output_dir) / METRICS_FILE)
+    return records[-1]["step"] if records else 0
+
+
 def is_complete(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / METADATA).is_file()
 
