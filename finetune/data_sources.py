@@ -203,19 +203,18 @@ class HubSource:
         return list(datasets.get_dataset_split_names(self.name, revision=self.revision))
 
     def records(self, split: str) -> Iterator[Record]:
+        return self._rows(split, streaming=False)
+
+    def first(self, split: str) -> Iterator[Record]:
+        return self._rows(split, streaming=True)  # fetches the shards it reads, not the split
+
+    def _rows(self, split: str, streaming: bool) -> Iterator[Record]:
         import datasets
 
-        rows = datasets.load_dataset(self.name, revision=self.revision, split=split)
+        rows = datasets.load_dataset(self.name, revision=self.revision, split=split, streaming=streaming)
         where = f"{HUB_PREFIX}{self.name}@{self.revision}" if self.revision else f"{HUB_PREFIX}{self.name}"
         for row, value in enumerate(rows, start=1):
             yield Record(f"{where}:{split}", f"row {row}", value)
-
-    def first(self, split: str) -> Iterator[Record]:
-        import datasets
-
-        rows = datasets.load_dataset(self.name, revision=self.revision, split=split, streaming=True)
-        for row, value in enumerate(rows, start=1):
-            yield Record(f"{HUB_PREFIX}{self.name}:{split}", f"row {row}", value)
 
     def fingerprint(self) -> dict[str, Any]:
         # Only a commit pins content: a branch or tag can move under the same name and a stale pack would be reused.

@@ -32,13 +32,15 @@ The lock file holds who holds it (run, pid, host, since), which the waiting run 
   through an object store without compare-and-swap; the store lock still guards against a run that does not use the
   server (``finetune run`` with the ephemeral API on the same store) and, on a local store, keeps the key locked
   while a killed run's trainer is still saving (the server's lease expires after its duration whether or not that
-  trainer is gone). A holder killed outright (kill -9, or Prefect's runner
-  killing an engine that did not acknowledge a reschedule in time) cannot release its server lease, which would
-  keep the key from everyone, its own rescheduled attempt included, for a whole lease. The store's lock shows it
-  dead sooner: the lock file still names it and its server lease, yet no process holds the lock (``abandoned`` in
-  what ``read_holder`` returns), so the server lock releases that lease at once. Not when the stage hands its work
-  to other machines (``elsewhere``: multi-node launchers), whose processes hold no store lock but may still train;
-  their lease expires once none of them renews it. This module imports no Prefect: the core takes its locks from its caller.
+  trainer is gone). A holder killed outright (kill -9, or Prefect's runner killing an engine that did not
+  acknowledge a reschedule in time) cannot release its server lease, which would keep the key from everyone, its own
+  rescheduled attempt included, for a whole lease. On a local store a waiter on the same host can prove it dead: the
+  lock file names its host, pid and server lease, its pid is gone and no process holds the lock (the kernel dropped
+  the flock with the last of its processes, trainers included). The waiter then takes the lock without waiting,
+  releases that server lease and clears the file, so one waiter does it (``reap``). Never for a holder on another
+  host (flock over a shared volume may not see its locks: NFSv3 without a lock manager) nor one whose stage starts
+  processes on other machines (``elsewhere``: multi-node launchers): those wait out the lease. This module imports
+  no Prefect: the core takes its locks from its caller.
 """
 
 from __future__ import annotations
@@ -70,13 +72,18 @@ Waiter = Callable[[Callable[[], "dict[str, Any] | None"]], None]
 """Calls an attempt to take a lock until it succeeds (returns None) or the wait times out; see ``_wait``."""
 
 
+Reaper = Callable[[Callable[[str], None]], "str | None"]
+"""Given how to release a server lease by its id, release the one a holder that died left on the key (see
+``_reap_dead_holder``); returns that holder's name, or None when there is none to prove dead."""
+
+
 class ServerLock(Protocol):
     """Takes a stage key's lock on an orchestration server (flows/server_lease.py) for the block: waits through
-    ``wait`` (bounded and reported like the store's lock), sets ``lost`` when the server lease cannot be kept, and
-    asks ``read_holder`` whom it waits for."""
+    ``wait`` (bounded and reported like the store's lock), sets ``lost`` when the server lease cannot be kept, asks
+    ``read_holder`` whom it waits for, and ``reap`` to free the lease of a holder proven dead."""
 
     def __call__(self, stage: str, key: str, where: str, log: Callable[[str], None], wait: Waiter,
-                 lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None],
+                 lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None], reap: Reaper,
                  ) -> contextlib.AbstractContextManager[ServerLease]: ...
 
 
@@ -128,17 +135,19 @@ def stage_lock(
     """Hold the lock of ``<stage>/<key>`` for the block, waiting up to ``timeout_s`` (None: as long as it takes);
     with ``server_lock``, the server's first. ``elsewhere``: the block starts processes on other machines, which
     do not hold the store's lock (see the module's docstring)."""
-    holder: dict[str, Any] = {"owner": owner, "since": now_iso(), "elsewhere": elsewhere}
+    holder: dict[str, Any] = {"owner": owner, "since": now_iso(), "host": socket.gethostname(), "pid": os.getpid(),
+                              "elsewhere": elsewhere}
     where = f"{stage} {key[:12]}"
     lost = threading.Event()
     started = time.monotonic()
     path = f"{store.root}/{LOCKS_DIR}/{stage}/{key}.{'lock' if store.is_local else 'lease'}"
 
     def read_holder() -> dict[str, Any] | None:  # whoever holds the store's lock wrote itself into the file
-        current = _read_lease(store, path)
-        if current and not (_flock_held(Path(path)) if store.is_local else _lease_current(current, ttl_s)):
-            current["abandoned"] = True  # it died holding the lock: the kernel dropped it, or its lease file expired
-        return current
+        return _read_lease(store, path)
+
+    def reap(release: Callable[[str], None]) -> str | None:
+        # A lease file's holder may be on any host, alive: its server lease expires instead.
+        return _reap_dead_holder(Path(path), release) if store.is_local else None
 
     def wait(attempt: Callable[[], dict[str, Any] | None]) -> None:  # one bound for the server's and the store's
         _wait(attempt, where, timeout_s, log, progress, poll_s, started)
@@ -152,7 +161,7 @@ def stage_lock(
     with contextlib.ExitStack() as stack:
         server = None
         if server_lock is not None:
-            server = stack.enter_context(server_lock(stage, key, where, log, wait, lost, read_holder))
+            server = stack.enter_context(server_lock(stage, key, where, log, wait, lost, read_holder, reap))
             backend = f"{server.describe}, and {backend}"
             holder["server_lease"] = server.lease_id  # for a waiter to release once we are found dead
         lease = stack.enter_context(store_lock(fence=server is not None))
@@ -294,24 +303,43 @@ def _lease_file(store: Store, path: str, holder: dict[str, Any], where: str, log
                 fs.rm(path)
 
 
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` ended (a zombie has: only its exit status waits for its parent)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # not ours to read: alive for all we know
+        return False
+
+
 def _lease_current(lease: dict[str, Any], ttl_s: float) -> bool:
     """Whether a lease file's holder renewed it within its ttl."""
     return time.time() - lease.get("renewed", 0) < lease.get("ttl_s", ttl_s)
 
 
-def _flock_held(path: Path) -> bool:
-    """Whether some process holds the lock of ``path`` (probed with a lock of our own, dropped at once)."""
+def _reap_dead_holder(path: Path, release: Callable[[str], None]) -> str | None:
+    """If the lock file names a holder on this host whose process is gone, that held a server lease and whose stage
+    ran here only, and no process holds the lock (its trainers gone too): release that lease and clear the file, under
+    the lock (taken without waiting, so exactly one waiter does it). Returns the dead holder's name, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held (alive, or a trainer still saving), or a mount without flock: nothing proven
+            return None
+        dead = _read_json(os.pread(fd, 1 << 16, 0)) or {}
+        if (not dead.get("server_lease") or dead.get("elsewhere", True) or dead.get("host") != socket.gethostname()
+                or not isinstance(dead.get("pid"), int) or not _gone(dead["pid"])):
+            return None  # nobody's, a holder elsewhere, or a pid alive (maybe reused): its lease expires by itself
+        release(dead["server_lease"])
+        os.ftruncate(fd, 0)
+        return str(dead.get("owner") or "the last holder")
     finally:
-        os.close(fd)  # closing drops the probe's lock, if it took it
-    return False
+        os.close(fd)  # drops our lock
 
 
 def _read_lease(store: Store, path: str) -> dict[str, Any] | None:

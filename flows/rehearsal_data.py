@@ -5,8 +5,8 @@ records, in the user's format, so that the pack stage meets what production will
 split of another name, records the chat template refuses). Each source of ``data.source`` / ``data.sources`` is read
 through the pack stage's own reader (finetune/data_sources.py) up to ``DATA_RECORDS`` records of its training
 split, written as JSON lines next to the rehearsal's logs, and the rehearsal's profile points at those files. A
-source that cannot be read here (a placeholder bucket, no credentials, no network) leaves the rehearsal on the
-embedded default's data, and the report says why.
+source that cannot be read here (no credentials, no network), or is still the shipped placeholder, leaves the
+rehearsal on the embedded default's data, and the report says why.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data_sources import open_source
+from finetune.preflight.data import PLACEHOLDER
 from finetune.profile import DataConfig, ResolvedSource
 
 DATA_RECORDS = 256
@@ -43,6 +44,9 @@ def sample_sources(data: DataConfig, out_dir: Path, count: int = DATA_RECORDS,
     written: list[tuple[ResolvedSource, Path, int]] = []
     for index, source in enumerate(sources):
         path = out_dir / f"source-{index}.jsonl"
+        if PLACEHOLDER.search(source.source):  # never ask a bucket that is only a name in the shipped profile
+            return DataSample({}, f"{source.field} {source.source} is the shipped placeholder: give yours with "
+                                  f"{source.field}=... to rehearse on its first records")
         try:
             records = _first_records(source, count, timeout_s)
         except Exception as exc:  # whatever reading it raises here (no such bucket, no credentials, no network)

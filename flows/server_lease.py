@@ -25,7 +25,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import get_current_settings
 
-from finetune.stage_lock import LeaseLost, ServerLease, ServerLock, Waiter
+from finetune.stage_lock import LeaseLost, Reaper, ServerLease, ServerLock, Waiter
 
 SERVER_LEASE_S = 120.0
 """A server lease's duration (the server accepts 60 s to a day): a killed holder's stage is free this long after its
@@ -40,8 +40,9 @@ def server_lock(lease_s: float = SERVER_LEASE_S) -> ServerLock | None:
         return None
 
     def lock(stage: str, key: str, where: str, log: Callable[[str], None], wait: Waiter, lost: threading.Event,
-             read_holder: Callable[[], dict[str, Any] | None]) -> contextlib.AbstractContextManager[ServerLease]:
-        return _server_limit(limit_name(stage, key), where, log, wait, lease_s, lost, read_holder)
+             read_holder: Callable[[], dict[str, Any] | None],
+             reap: Reaper) -> contextlib.AbstractContextManager[ServerLease]:
+        return _server_limit(limit_name(stage, key), where, log, wait, lease_s, lost, read_holder, reap)
 
     return lock
 
@@ -54,7 +55,8 @@ def limit_name(stage: str, key: str) -> str:
 
 @contextlib.contextmanager
 def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waiter, lease_s: float,
-                  lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None]) -> Iterator[ServerLease]:
+                  lost: threading.Event, read_holder: Callable[[], dict[str, Any] | None],
+                  reap: Reaper) -> Iterator[ServerLease]:
     """Hold the one slot of the global concurrency limit ``name`` (created on demand, deleted after) with a lease.
 
     Built from the client calls ``prefect.concurrency.sync.concurrency(name, strict=True, lease_duration=...)`` makes,
@@ -65,7 +67,6 @@ def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waite
     """
     lease_id: UUID | None = None
     last_holder: dict[str, Any] = {}
-    released: set[str] = set()
     with get_client(sync_client=True) as client:
         def attempt() -> dict[str, Any] | None:
             nonlocal lease_id
@@ -76,10 +77,9 @@ def _server_limit(name: str, where: str, log: Callable[[str], None], wait: Waite
                 except httpx.HTTPStatusError as exc:
                     if exc.response.status_code != 423:  # 423 Locked: the one slot is taken
                         raise
-                    current = read_holder() or {}  # empty while the holder takes or leaves the store lock
-                    if _release_if_abandoned(client, name, current, released, where, log):
+                    if _reap(client, name, reap, where, log):
                         continue
-                    last_holder.update(current)
+                    last_holder.update(read_holder() or {})  # empty while the holder takes or leaves the store lock
                     return dict(last_holder)
                 granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
                 if granted.limits:
@@ -168,20 +168,18 @@ def _renewing(server: ServerLease, where: str, log: Callable[[str], None], lost:
             thread.join(timeout=2)
 
 
-def _release_if_abandoned(client: SyncPrefectClient, name: str, holder: dict[str, Any], released: set[str],
-                          where: str, log: Callable[[str], None]) -> bool:
-    """Release the server lease of a holder that died holding the store's lock (finetune/stage_lock.py: killed
-    outright, so it could not release it; every process that could write the stage is gone). Not one whose stage
-    runs processes on other machines, which may still train and keep renewing it. True when released."""
-    lease = holder.get("server_lease")
-    if not (holder.get("abandoned") and lease) or holder.get("elsewhere", True):
+def _reap(client: SyncPrefectClient, name: str, reap: Reaper, where: str, log: Callable[[str], None]) -> bool:
+    """Release the lease of a holder the store's lock proves dead (finetune/stage_lock.py ``_reap_dead_holder``);
+    True when released. A server that fails the release leaves the lease to expire."""
+    try:
+        dead = reap(lambda lease_id: client.release_concurrency_slots_with_lease(UUID(lease_id)))
+    except httpx.HTTPError as exc:
+        log(f"{where}: could not release the lease a dead holder left on {name} ({exc}); waiting for it to expire")
         return False
-    if lease in released:
-        return False  # released already: whoever holds the slot now is alive and about to take the store's lock
-    client.release_concurrency_slots_with_lease(UUID(lease))  # a lease gone already is no error
-    released.add(lease)
-    log(f"{where}: {holder.get('owner') or 'the last holder'} died holding {name} (no process holds the store's "
-        "lock); released its server lease")
+    if dead is None:
+        return False
+    log(f"{where}: {dead} died holding {name} (its process is gone and no process holds the store's lock); "
+        "released its server lease")
     return True
 
 

@@ -59,9 +59,9 @@ def test_a_mix_keeps_its_weights_formats_and_splits_over_each_source_s_first_rec
 
 
 def test_an_unreadable_source_falls_back_to_the_embedded_set_and_says_why(tmp_path: Path) -> None:
-    written = load_profile("maverick-lora")  # its placeholder bucket: s3://your-bucket/...
+    written = load_profile("maverick-lora")  # its placeholder bucket, s3://your-bucket/..., is not even asked
     sample = sample_sources(written.data, tmp_path / "rehearsal")
-    assert sample.overrides == {} and written.data.source in sample.why and "cannot be read" in sample.why
+    assert sample.overrides == {} and written.data.source in sample.why and "shipped placeholder" in sample.why
     missing = load_profile("maverick-lora", ["data.source=memory://nobody/chats.jsonl"])  # gone since the plan
     assert "no such file" in sample_sources(missing.data, tmp_path / "rehearsal").why
     changes = {c.field: c for c in shrink(written, tmp_path / "published", sample)}

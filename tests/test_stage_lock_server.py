@@ -3,8 +3,8 @@
 Processes contend for one key with a stage that sleeps (no trainer): they compute one after another even on stores
 that share nothing, the waiter names the holder, the limit is gone afterwards; a frozen holder (SIGSTOP) is taken
 over once the server's lease-expiry service revokes its lease, its processes that still hold the store's lock killed;
-a holder killed with its child is taken over at once; a holder that cannot renew its lease (server frozen with
-SIGSTOP) kills its children before the lease could expire.
+a holder killed outright is taken over once its last process (a saving child) is gone; a holder that cannot renew
+its lease (server frozen with SIGSTOP) kills its children before the lease could expire.
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ _CONTENDER = textwrap.dedent("""
     from finetune.stage_lock import stage_lock
     from finetune.store import Store
     from flows.server_lease import server_lock
-    store, owner, hold = Store(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    store, owner, hold, saving = Store(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[6] == "saving"
+    # A saving child, like a trainer finishing its notice checkpoint, outlives the SIGTERM its parent's death sends.
+    ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if saving else ""
+    child = f"{ignore}import time; time.sleep({hold})"
     with stage_lock(store, "slow", "k" * 64, owner=owner, timeout_s=300, log=lambda line: print(line, flush=True),
                     progress=lambda f, m: None, poll_s=0.5, server_lock=server_lock(float(sys.argv[4])),
                     elsewhere=sys.argv[5] == "elsewhere") as lease:
         print(f"ACQUIRED {time.time()} {json.dumps(dataclasses.asdict(lease.server))}", flush=True)
         try:  # the stage: a child process, stopped at once when the lease is lost
-            run_streaming([[sys.executable, "-c", f"import time; time.sleep({hold})"]], print, stop=lease.lost,
-                          pass_fds=lease.fds)
+            print(f"CHILD {time.time()}", flush=True)
+            run_streaming([[sys.executable, "-c", child]], print, stop=lease.lost, pass_fds=lease.fds)
         except Exception as exc:
             print(f"STOPPED {time.time()} lost={lease.lost.is_set()} {exc}", flush=True)
         print(f"RELEASING {time.time()}", flush=True)
@@ -81,11 +84,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
         started.stop()
 
 
-def _contender(server: LocalPrefect, store: Path, owner: str, hold_s: float,
-               elsewhere: bool = False) -> subprocess.Popen[str]:
-    """A run computing the key ``hold_s`` seconds; ``elsewhere``: as a stage whose trainers run on other machines."""
+def _contender(server: LocalPrefect, store: Path, owner: str, hold_s: float, elsewhere: bool = False,
+               saving: bool = False) -> subprocess.Popen[str]:
+    """A run computing the key ``hold_s`` seconds in a child; ``elsewhere``: as a stage whose trainers run on other
+    machines; ``saving``: its child outlives it, as a trainer saving on notice does."""
     return subprocess.Popen([sys.executable, "-c", _CONTENDER, str(store), owner, str(hold_s), str(LEASE_S),
-                             "elsewhere" if elsewhere else "here"],
+                             "elsewhere" if elsewhere else "here", "saving" if saving else "plain"],
                             cwd=REPO_ROOT, env=server.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -179,29 +183,35 @@ def test_a_holder_that_cannot_renew_its_lease_stops_its_stage_before_it_expires(
           f"(lease {LEASE_S} s)")
 
 
-def test_a_killed_holder_s_key_is_taken_at_once_once_no_process_holds_the_store_lock(server: LocalPrefect,
-                                                                                  tmp_path: Path) -> None:
+def test_a_killed_holder_s_key_is_taken_once_its_last_process_is_gone_not_a_lease_later(server: LocalPrefect,
+                                                                                     tmp_path: Path) -> None:
     """kill -9 of a holder whose stage runs on its own machine (as Prefect's runner kills an engine that did not
-    acknowledge a reschedule in time): its child exits with it, the store's lock is free, and the next run on that
-    store releases the dead holder's server lease instead of waiting a lease for it."""
+    acknowledge a reschedule in time) while its child, like a trainer saving on notice, outlives it: the next run on
+    that store waits while the child holds the store's lock, then releases the dead holder's server lease at once
+    instead of waiting a lease for it."""
     import psutil
 
-    holder = _contender(server, tmp_path / "a", "owner-a", 600)
-    _wait_line(holder, "ACQUIRED", [])
-    children = psutil.Process(holder.pid).children(recursive=True)
+    holder = _contender(server, tmp_path / "a", "owner-a", 8, saving=True)
+    _wait_line(holder, "CHILD", [])
+    time.sleep(1)
+    (child,) = psutil.Process(holder.pid).children()
     taker = _contender(server, tmp_path / "a", "owner-b", 0.1)
     time.sleep(2)
-    for process in (psutil.Process(holder.pid), *children):  # the whole container goes, as with a SIGKILL'd pod
-        process.kill()
-    killed = time.time()
+    holder.kill()
     holder.wait()
+    killed = time.time()
+    while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:  # an orphan waits for init to reap it
+        time.sleep(0.05)  # it ignores the SIGTERM of its parent's death and ends when its 8 s are up
+    child_gone = time.time()
     out: list[str] = []
-    waited = _wait_line(taker, "ACQUIRED", out) - killed
-    assert waited < 10, waited  # polls every 0.5 s; a lease would be LEASE_S
+    acquired = _wait_line(taker, "ACQUIRED", out)
+    assert acquired >= child_gone - 0.5, (acquired - killed, child_gone - killed)  # never beside the saving child
+    assert acquired - child_gone < 10, acquired - child_gone  # polls every 0.5 s; a lease would be LEASE_S
     assert any("owner-a" in line and "died holding" in line and "released its server lease" in line
                for line in out), out
     assert taker.wait(60) == 0
-    print(f"\nkill -9 of a holder and its child: taken over {waited:.1f} s later (lease {LEASE_S} s)")
+    print(f"\nkill -9 of a holder whose child saved {child_gone - killed:.1f} s more: taken over "
+          f"{acquired - child_gone:.1f} s after the child ended (lease {LEASE_S} s)")
 
 
 def test_node_runs_keep_the_key_taken_after_the_run_that_took_it_is_killed(server: LocalPrefect, tmp_path: Path) -> None:

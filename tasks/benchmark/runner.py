@@ -122,7 +122,7 @@ def _benchmark_model(ctx: StageContext, engine: Engine, level_runner: _Level, na
     model = str(model_dir)  # both servers name the model by the path they were started with
     ctx.log(f"{name}: starting {engine.label}: {shlex.join(cmd)}")
     with serving(cmd, port, ctx.workdir / "logs" / f"server-{name}.log", health_path=engine.health_path,
-                 startup_timeout_s=cfg.startup_timeout_s, env=engine.env()) as server:
+                 startup_timeout_s=cfg.startup_timeout_s, env=engine.env(), pass_fds=ctx.lock_fds) as server:
         ctx.log(f"{name}: server healthy after {server.startup_s:.1f} s")
         warmup = loadgen.run_level(server.base_url, model, level_runner.requests[:1], 1, engine.length_body)
         _check_level(warmup, f"{name} warm-up", server, 0.0)

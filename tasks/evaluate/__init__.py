@@ -152,7 +152,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.log(f"evaluate: serving {model.stage} model {model.path} with vllm serve for lm-eval "
                     "local-completions")
             lm, args = stack.enter_context(harness.served_model(
-                VLLM, Path(model.path), ctx.profile.benchmark, cfg, ctx.workdir / "logs" / "server.log", platform))
+                VLLM, Path(model.path), ctx.profile.benchmark, cfg, ctx.workdir / "logs" / "server.log", platform,
+                lock_fds=ctx.lock_fds))
         else:
             args = harness.hf_model_args(model.path, cfg.device)
             lm = harness.load_model(args, cfg.batch_size, cfg.device)

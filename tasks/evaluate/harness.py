@@ -23,8 +23,8 @@ from finetune.procs import free_port
 from finetune.profile import BenchmarkConfig, EvaluateConfig
 from finetune.stage import PermanentError
 from tasks.serving.engines import Engine, ServeRequest
-from tasks.serving.vllm import max_model_len, model_shape
 from tasks.serving.server import serving
+from tasks.serving.vllm import max_model_len, model_shape
 
 # lm-eval's stderr for mean metrics is analytic; bootstrap only serves other aggregations (e.g. f1), where 1000
 # resamples estimate the stderr to a few percent at a fraction of lm-eval's default 100000's cost.
@@ -209,8 +209,8 @@ def load_completions(args: dict[str, Any], batch_size: int | str) -> Any:
 
 @contextlib.contextmanager
 def served_model(engine: Engine, model_dir: Path, serving_cfg: BenchmarkConfig, cfg: EvaluateConfig, log_path: Path,
-                 platform: str, *, tokenized_requests: bool = True,
-                 num_concurrent: int = SERVER_CONCURRENCY) -> Iterator[tuple[Any, dict[str, Any]]]:
+                 platform: str, *, tokenized_requests: bool = True, num_concurrent: int = SERVER_CONCURRENCY,
+                 lock_fds: tuple[int, ...] = ()) -> Iterator[tuple[Any, dict[str, Any]]]:
     """Serve ``model_dir`` with the benchmark's command and geometry and yield the lm-eval model that talks to it
     (and its args); the server stops on exit.
 
@@ -223,7 +223,7 @@ def served_model(engine: Engine, model_dir: Path, serving_cfg: BenchmarkConfig, 
     cmd = engine.serve_command(ServeRequest(model_dir, port, serving_cfg, platform, num_concurrent, evaluation=True))
     max_length = max_model_len(model_shape(model_dir), serving_cfg)  # the server's, or lm-eval truncates silently
     with serving(cmd, port, log_path, health_path=engine.health_path, startup_timeout_s=serving_cfg.startup_timeout_s,
-                 env=engine.env()) as server:
+                 env=engine.env(), pass_fds=lock_fds) as server:
         args = completions_model_args(str(model_dir), server.base_url, max_length, cfg.max_gen_toks,
                                       tokenized_requests=tokenized_requests, num_concurrent=num_concurrent)
         yield load_completions(args, cfg.batch_size), {**args, "server_command": cmd}

@@ -124,8 +124,10 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 @contextlib.contextmanager
 def serving(cmd: Sequence[str], port: int, log_path: Path, *, health_path: str = "/health",
             startup_timeout_s: float = 900.0, env: Mapping[str, str] | None = None,
-            grace_s: float = 30.0) -> Iterator[Server]:
-    """Start ``cmd`` (which must listen on 127.0.0.1:``port``), yield it once healthy, stop it on exit."""
+            grace_s: float = 30.0, pass_fds: Sequence[int] = ()) -> Iterator[Server]:
+    """Start ``cmd`` (which must listen on 127.0.0.1:``port``), yield it once healthy, stop it on exit. ``pass_fds``:
+    the stage key's lock (StageContext.lock_fds), held by the server until it exits: a server outliving its killed
+    stage keeps its accelerator memory until then, and the key stays taken as long."""
     if port_in_use(port):
         # Checked first: a health probe would otherwise be answered by whatever already listens there
         # (often a server left over from an earlier crashed run), and we would benchmark the wrong model.
@@ -134,7 +136,7 @@ def serving(cmd: Sequence[str], port: int, log_path: Path, *, health_path: str =
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(deathsig.command(os.getpid(), list(cmd)), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
+                                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=tuple(pass_fds),
                                 env=None if env is None else dict(env))
     server = Server(proc=proc, base_url=f"http://127.0.0.1:{port}", log_path=log_path)
     started = time.perf_counter()
