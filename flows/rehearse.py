@@ -7,9 +7,9 @@ listed in the report (``shrunk``): the model (the embedded tiny model in the pro
 in every layer, Maverick's 128 in every second one), the data (the first records of the profile's own sources when
 this machine can read them, else the embedded set: flows/rehearsal_data.py), the devices, the sizes of evaluation,
 quantization and benchmark that are the real model's, the number of steps and the checkpoint interval. Kept as
-written: pools and dispatch, launcher, nodes x processes, expert parallelism, method, final format, evaluate and benchmark weights and
-engines, quantize, publish (to a local directory), the preflight. The Kubernetes Job each GPU flow run would become
-is rendered by prefect-kubernetes' own code and validated (flows/k8s_jobs.py).
+written: pools and dispatch, launcher, nodes x processes, expert parallelism, method, final format, evaluate and
+benchmark weights and engines, quantize, publish (to a local directory), the preflight. The Kubernetes Job each GPU flow
+run would become is rendered by prefect-kubernetes' own code and validated (flows/k8s_jobs.py).
 
 Two drills during training, each ending with the run completed by itself: the spot notice as the profile's platform
 delivers it (SIGTERM to PID 1 of the trainer's container, which is `prefect flow-run execute`; or the cloud's
