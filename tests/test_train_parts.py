@@ -3,12 +3,15 @@ config rendering from a profile and the launch commands."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from finetune.profile import load_profile
+from finetune.profile import REPO_ROOT, load_profile
 from finetune.stage import PermanentError
 from tasks.train import launch, recipe_config
 from tunerecipes import checkpoint_layout as layout
@@ -146,6 +149,21 @@ def test_report_lines_are_found_behind_launcher_prefixes() -> None:
     assert parse_metrics(f"[proc 1] [rank0]: {METRICS_PREFIX}" + '{"step": 3, "loss": 1.5}') == {"step": 3, "loss": 1.5}
     assert parse_error(ERROR_PREFIX + '{"kind": "nan_loss", "message": "m"}')["kind"] == "nan_loss"
     assert parse_metrics("step 3 loss 1.5") is None and parse_metrics(METRICS_PREFIX + "{broken") is None
+
+
+def test_error_lines_of_ranks_writing_at_once_stay_whole() -> None:
+    # Every rank of a failed config writes its error line into torchrun's one pipe, unbuffered (PYTHONUNBUFFERED=1,
+    # as launch_trainers sets it); a line split between two ranks' writes used to hide the cause from the stage.
+    emitter = ("from tunerecipes.report import RecipeError, emit_error\n"
+               "for _ in range(500): emit_error(RecipeError('config', 'expert_parallel 3 does not divide ' + 'x' * 200))")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
+    read_end, write_end = os.pipe()
+    ranks = [subprocess.Popen([sys.executable, "-c", emitter], stderr=write_end, env=env) for _ in range(2)]
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        lines = pipe.read().splitlines()
+    assert [rank.wait() for rank in ranks] == [0, 0]
+    assert len(lines) == 1000 and all(parse_error(line)["kind"] == "config" for line in lines)
 
 
 def tiny(*overrides: str):

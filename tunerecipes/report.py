@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 METRICS_PREFIX = "tune-metrics: "
 ERROR_PREFIX = "tune-error: "
@@ -26,11 +26,18 @@ class RecipeError(RuntimeError):
 
 
 def emit_metrics(record: dict[str, Any]) -> None:
-    print(METRICS_PREFIX + json.dumps(record, sort_keys=True), flush=True)
+    _write_line(sys.stdout, METRICS_PREFIX + json.dumps(record, sort_keys=True))
 
 
 def emit_error(error: RecipeError) -> None:
-    print(ERROR_PREFIX + json.dumps({"kind": error.kind, "message": str(error)}), file=sys.stderr, flush=True)
+    _write_line(sys.stderr, ERROR_PREFIX + json.dumps({"kind": error.kind, "message": str(error)}))
+
+
+def _write_line(stream: TextIO, text: str) -> None:
+    # One write, newline included: every rank shares the launcher's pipe, and unbuffered (PYTHONUNBUFFERED) print()
+    # writes the text and its newline separately, so two ranks' lines interleaved into one unparsable line.
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def parse_metrics(line: str) -> dict[str, Any] | None:
