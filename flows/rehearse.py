@@ -57,10 +57,13 @@ LOCAL_IMAGE = "llama4-finetune"
 EMBEDDED_DEFAULT = "tiny-cpu"
 """The profile whose sizes a rehearsal takes where the real model's would not run here."""
 TIMEOUT_S = 1800.0
-WORKLOAD_NICENESS = 10
-"""The workers and what they start (trainers, inference servers) run at this lower priority than the Prefect server:
-on a cluster the control plane has machines of its own; sharing this one's cores at equal priority, 16 trainers and a
-vLLM starved SQLite's writes for a minute and the stage leases could not be renewed (measured on 2 cores)."""
+PIPELINE_CHECK_S = 10.0
+WORKLOAD_NICENESS = 19
+"""The workers and what they start (trainers, inference servers) run at the lowest priority, below the Prefect
+server: on a cluster the control plane has machines of its own. Sharing this one's 2 cores at equal priority, 16
+trainers and a vLLM starved SQLite's writes for a minute and the stage leases could not be renewed; at niceness 10
+(17 such processes outweigh the server about 2 to 1) SQLite still answered "database is locked" for three minutes and
+the notice drill landed after training had ended."""
 
 
 class RehearsalFailed(RuntimeError):
@@ -201,17 +204,22 @@ def stand_in_prefect_file(root: Path) -> tuple[Path, list[Change]]:
 
 
 def _wait(what: str, probe: Callable[[], T | None], timeout_s: float, cluster: LocalPrefect, pipeline: str) -> T:
+    """Poll ``probe`` every half second; ask the server whether the pipeline ended only every PIPELINE_CHECK_S, as a
+    request can take seconds while the loopback server is loaded and a drill must land at its step."""
     deadline = time.monotonic() + timeout_s
+    checked = time.monotonic()
     while time.monotonic() < deadline:
         if (value := probe()) is not None:
             return value
-        run = cluster.api("GET", f"/flow_runs/{pipeline}")
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            hint = " (training too short for the drills: raise train.max_steps)" \
-                if run["state"]["type"] == "COMPLETED" else ""
-            raise RuntimeError(f"the pipeline run ended {run['state']['name']} while waiting for {what}{hint}: "
-                               f"{run['state'].get('message')}")
-        time.sleep(1)
+        if time.monotonic() - checked >= PIPELINE_CHECK_S:
+            run = cluster.api("GET", f"/flow_runs/{pipeline}")
+            checked = time.monotonic()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                hint = " (training too short for the drills: raise train.max_steps)" \
+                    if run["state"]["type"] == "COMPLETED" else ""
+                raise RuntimeError(f"the pipeline run ended {run['state']['name']} while waiting for {what}{hint}: "
+                                   f"{run['state'].get('message')}")
+        time.sleep(0.5)
     raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
 
 
@@ -296,12 +304,27 @@ class Rehearsal:
                 self.peak_rss_gib = max(self.peak_rss_gib, process.info["memory_info"].rss / 2**30)
 
     def _at_step(self, step: int) -> int:
+        """The step the trainers' metrics file records once it reaches ``step``: read from the store, not the server,
+        so that a drill lands at its step however slowly the server answers."""
         def reached() -> int | None:
             self._sample_trainers()
             last = self._last_step()
-            return last if last >= step and _trainer_run(self.cluster, self.profile) else None
+            return last if last >= step else None
 
         return self._wait(f"training at step {step}", reached)
+
+    def _running_trainer_run(self, node_rank: int = 0) -> dict[str, Any]:
+        """The trainer's flow run once it runs (its id outlives a reschedule), resolved before a drill waits for its
+        step."""
+        return self._wait(f"node {node_rank}'s trainer flow run to run",
+                          lambda: _trainer_run(self.cluster, self.profile, node_rank=node_rank))
+
+    @staticmethod
+    def _supervisor(run: dict[str, Any]) -> Any:
+        process = flow_run_process(run["id"])
+        if process is None:
+            raise RuntimeError(f"no `prefect flow-run execute` process for flow run {run['name']}")
+        return process
 
     def notice_drill(self) -> Drill:
         """The platform's spot notice to the last node's trainer container (of N nodes, N-1 reclaims in N are not
@@ -311,20 +334,16 @@ class Rehearsal:
             saves = [r for r in read_records(workdir / CHECKPOINT_LOG) if r["reason"] == "minutes"] if workdir else []
             return True if len(saves) >= TIME_SAVES_BEFORE_NOTICE else None
 
+        run = self._running_trainer_run(node_rank=self.profile.train.nnodes - 1)
         if self.profile.train.checkpoint_every_minutes is not None:
             self._wait(f"{TIME_SAVES_BEFORE_NOTICE} time-based checkpoints", saved_on_time)
         step = self._at_step(STEPS // 3)
-        run = _trainer_run(self.cluster, self.profile, node_rank=self.profile.train.nnodes - 1)
-        assert run is not None
         if self.metadata is not None:
             self.metadata.notify()
             drill = Drill(f"spot notice: the {self.metadata.cloud} instance metadata's notice", step_at_delivery=step,
                           detail=f"polled by the trainers from {self.metadata.url}")
         else:
-            process = flow_run_process(run["id"])
-            if process is None:
-                raise RuntimeError(f"no `prefect flow-run execute` process for flow run {run['name']}")
-            process.send_signal(signal.SIGTERM)
+            self._supervisor(run).send_signal(signal.SIGTERM)
             drill = Drill("spot notice: SIGTERM to PID 1 (prefect flow-run execute) of the trainer's container",
                           step_at_delivery=step, detail=f"flow run {run['name']}")
         self.log(f"drill: {drill.kind} at step {step} ({run['name']})")
@@ -352,12 +371,11 @@ class Rehearsal:
         """kill -9 of the worker that started the trainer's flow run, two steps after the notice drill's resume; a
         replacement worker joins the pool."""
         resumed = self.drills[-1].resumed_from_step if self.drills else None
+        run = self._running_trainer_run()
         step = self._at_step((resumed or STEPS // 3) + 2)
-        run = _trainer_run(self.cluster, self.profile)
-        assert run is not None
-        process = flow_run_process(run["id"])
+        process = self._supervisor(run)
         workers = {proc.pid: name for name, proc in self.cluster.procs.items() if name.startswith("worker")}
-        owner = next((workers[p.pid] for p in (process.parents() if process else []) if p.pid in workers), None)
+        owner = next((workers[p.pid] for p in process.parents() if p.pid in workers), None)
         if owner is None:
             raise RuntimeError(f"no worker of this rehearsal started flow run {run['name']}")
         pool = run["work_pool_name"]
