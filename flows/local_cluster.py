@@ -178,18 +178,28 @@ def wait_healthy(cluster: LocalPrefect, timeout_s: float = 180) -> None:
     raise RuntimeError(f"prefect server not healthy after {timeout_s}s:\n{cluster.logs('server')[-4000:]}")
 
 
+def start_server(root: Path, extra_env: dict[str, str] | None = None, store: Path | None = None) -> LocalPrefect:
+    """A Prefect server on a free loopback port, healthy, with nothing registered on it."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    server = LocalPrefect(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env, store))
+    server.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+    try:
+        wait_healthy(server)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def start_cluster(root: Path, extra_env: dict[str, str] | None = None, workers: int = 2,
                   store: Path | None = None, stand_in_pools: Sequence[str] = (),
                   prefect_file: Path | None = None) -> LocalPrefect:
     """Server, pools and deployments (of ``prefect_file``, default prefect.yaml), ``workers`` process workers on
     `local-process`; ``stand_in_pools`` are created as process pools (from deployments/process-pool.json) under their
     own names, so that deployments and dispatch meant for them run unchanged on this machine."""
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    cluster = LocalPrefect(root=root, api_url=api_url, env=prefect_env(root, api_url, extra_env, store))
+    cluster = start_server(root, extra_env, store)
     try:
-        cluster.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        wait_healthy(cluster)
         subprocess.run(["bash", str(REPO_ROOT / "deployments" / "create-pools.sh"), "all" if not stand_in_pools
                         else "local"], cwd=REPO_ROOT, env=cluster.env, check=True, capture_output=True, timeout=300)
         for pool in stand_in_pools:

@@ -25,7 +25,8 @@ from finetune.store import Artifact, Store
 from flows.dispatch import STAGE_FLOW
 from flows.node_runs import NODE_FLOW, run_node
 from flows.pipeline import spec
-from flows.stage_tasks import prefect_progress, run_stage
+from flows.progress import StageProgress
+from flows.stage_tasks import run_stage
 from tasks.train.launch import ReadableMetrics
 
 
@@ -75,8 +76,9 @@ def train_node(profile: str, overrides: list[str] | None, workdir: str, node_ran
     """One node of a multi-node training run; its trainer rendezvous with the other nodes' (flows/node_runs.py).
     ``lease``: the train stage's server lease on its key (a ServerLease's fields), renewed while this node trains."""
     check_attempts(flow_run.run_count)
-    progress = prefect_progress(f"train node {node_rank}")
+    progress = StageProgress(f"train node {node_rank}")
     ctx = StageContext(profile=load_profile(profile, overrides or []), key=Path(workdir).name, workdir=Path(workdir),
                        inputs={}, log=ReadableMetrics(get_run_logger().info), progress=progress)
     run_node(ctx, node_rank, rendezvous, ServerLease(**lease) if lease else None)
     progress(1.0, f"train node {node_rank} done")
+    progress.flush()

@@ -23,9 +23,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import (
     create_markdown_artifact,
-    create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
@@ -41,6 +39,7 @@ from finetune.stage_lock import identity
 from finetune.store import Artifact, Store
 from flows import node_runs  # noqa: F401  (registers train.launcher 'prefect-pool', tasks/train/launchers.py)
 from flows.dispatch import dispatch_to_gpu_pool
+from flows.progress import StageProgress
 from flows.server_lease import server_lock
 from tasks.train.launch import ReadableMetrics
 
@@ -62,19 +61,6 @@ class StageResult:
             "path": self.artifact.path,
             "metrics": self.artifact.metrics,
         }
-
-
-def prefect_progress(description: str, label: str | None = None) -> Callable[[float, str], None]:
-    """A progress artifact in the UI and the callback that moves it (fraction 0..1, message); with ``label``, the
-    same events reach the console (finetune.console)."""
-    progress_id = create_progress_artifact(0.0, description=description)
-
-    def progress(fraction: float, message: str) -> None:
-        update_progress_artifact(progress_id, min(100.0, max(0.0, 100.0 * fraction)), description=message)
-        if label is not None:
-            stage_event(label, "progress", message, fraction)
-
-    return progress
 
 
 def _retry_unless_permanent(task, task_run, state: State) -> bool:
@@ -141,9 +127,11 @@ def run_stage_task(
             return _payload(remote, read_tables(store.materialize(remote, [TABLES_FILE])))
         stage_event(label, "running", key[:10])
         # People read this log in the UI: per-step trainer metrics become one line every 10 steps or 60 s.
+        progress = StageProgress(f"{label} {key[:10]}", label)
         artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=ReadableMetrics(logger.info),
-                                         progress=prefect_progress(f"{label} {key[:10]}", label), run=_this_run(),
+                                         progress=progress, run=_this_run(),
                                          server_lock=server_lock(profile.retries.lock_lease_s))
+        progress.flush()
     payload = _payload(artifact, tables)
     # Computed by another run (one that held the key's lock while this task waited): a cache hit for this run.
     payload["reused"] = artifact.timings.get("computed_by") != identity(_this_run())

@@ -1,15 +1,13 @@
 """One computation per stage key through a real Prefect server: a global concurrency limit per key with a lease.
 
 Processes contend for one key with a stage that sleeps (no trainer): they compute one after another even on stores
-that share nothing, the waiter names the holder, the limit is gone afterwards; a frozen holder (SIGSTOP) is taken
-over once the server's lease-expiry service revokes its lease, its processes that still hold the store's lock killed;
-a holder killed outright is taken over once its last process (a saving child) is gone; a holder that cannot renew
-its lease (server frozen with SIGSTOP) kills its children before the lease could expire.
+that share nothing, the waiter names the holder, the limit is gone afterwards; a holder killed outright is taken over
+once its last process (a saving child) is gone; a holder that cannot renew its lease (server frozen with SIGSTOP)
+kills its children before the lease could expire. A frozen holder: tests/test_deployments_server.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import signal
@@ -22,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.procs import free_port
 from finetune.profile import REPO_ROOT
-from flows.local_cluster import LocalPrefect, prefect_env, wait_healthy
+from flows.local_cluster import LocalPrefect, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -71,14 +68,10 @@ _NODE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
-    root = tmp_path_factory.mktemp("stage-lock-server")
-    api_url = f"http://127.0.0.1:{(port := free_port())}/api"
     # Expired leases are looked for every 15 s by default: every second here, so takeover times are the lease's.
-    env = prefect_env(root, api_url, {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"})
-    started = LocalPrefect(root=root, api_url=api_url, env=env)
-    started.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+    started = start_server(tmp_path_factory.mktemp("stage-lock-server"),
+                           {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"})
     try:
-        wait_healthy(started)
         yield started
     finally:
         started.stop()
@@ -132,35 +125,9 @@ def test_runs_on_stores_that_share_nothing_compute_one_key_one_at_a_time(server:
     assert _key_limits(server) == []  # removed after
 
 
-def test_a_frozen_holder_is_taken_over_when_its_lease_expires_and_its_processes_are_killed(server: LocalPrefect,
-                                                                                           tmp_path: Path) -> None:
-    """A holder frozen with SIGSTOP, its stage's child (which holds the store's lock like a trainer) too: it stops
-    renewing, the server gives the key to the waiter once the lease expires, and the waiter, on the same store, kills
-    the frozen processes that still hold the store's lock instead of waiting for them forever."""
-    import psutil
-
-    holder = _contender(server, tmp_path / "a", "owner-a", 600)
-    _wait_line(holder, "ACQUIRED", [])
-    taker = _contender(server, tmp_path / "a", "owner-b", 0.1)
-    time.sleep(3)
-    frozen = [psutil.Process(holder.pid), *psutil.Process(holder.pid).children(recursive=True)]
-    for process in frozen:
-        process.suspend()
-    stopped = time.time()
-    out: list[str] = []
-    try:
-        waited = _wait_line(taker, "ACQUIRED", out) - stopped
-    finally:
-        for process in frozen:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-    # The lease runs LEASE_S from the holder's last renewal (every LEASE_S/4), then the repossessor (1 s) frees it.
-    assert LEASE_S * 3 / 4 - 5 < waited < LEASE_S + 15, waited
-    assert any("owner-a" in line and "waiting for it" in line for line in out), out
-    assert any("lost its server lease and is frozen" in line for line in out), out
-    holder.wait(10)
-    assert taker.wait(60) == 0
-    print(f"\nSIGSTOP of the holder: taken over {waited:.1f} s later (lease {LEASE_S} s), its processes killed")
+# A frozen holder (SIGSTOP of it and its trainer-like child) is taken over once its lease expires, its processes
+# killed: drilled through a deployment, a worker and the lost-worker automation in tests/test_deployments_server.py
+# (test_a_lost_worker_s_run_is_marked_crashed_rescheduled_and_resumes_on_a_new_worker).
 
 
 def test_a_holder_that_cannot_renew_its_lease_stops_its_stage_before_it_expires(server: LocalPrefect,

@@ -1,0 +1,65 @@
+"""A stage's progress in the Prefect UI, sent from a thread of its own so that the stage never waits for the server.
+
+The train stage reports progress from the thread that reads its trainers' output. Sent from there, each update is a
+request to the server, and a loaded server answers in minutes (measured: the loopback server's SQLite said "database
+is locked" for three minutes during a rehearsal, and the stage read no trainer line meanwhile). A reader that waits
+lets the trainers' output pipe fill, and a trainer blocked on its output stops training. Only the newest value
+matters to the UI, so values that arrive while a request is out replace each other.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from uuid import UUID
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from finetune.console import stage_event
+
+log = logging.getLogger(__name__)
+
+
+class StageProgress:
+    """A progress artifact and the callback that moves it (fraction 0..1, message); with ``label``, the same events
+    reach the console (finetune.console) at once."""
+
+    def __init__(self, description: str, label: str | None = None):
+        self.artifact_id: UUID = create_progress_artifact(0.0, description=description)
+        self._label = label
+        self._newest: tuple[float, str] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._sent = threading.Event()
+        self._sent.set()
+        context = contextvars.copy_context()  # Prefect's settings and client context, as the stage has them
+        threading.Thread(target=context.run, args=(self._send_newest,), name=f"progress {description}",
+                         daemon=True).start()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        with self._lock:
+            self._newest = (min(100.0, max(0.0, 100.0 * fraction)), message)
+            self._sent.clear()
+        self._wake.set()
+        if self._label is not None:
+            stage_event(self._label, "progress", message, fraction)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait at most ``timeout_s`` for the newest value to reach the server; whether it did."""
+        return self._sent.wait(timeout_s)
+
+    def _send_newest(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                newest, self._newest = self._newest, None
+            if newest is not None:
+                try:
+                    update_progress_artifact(self.artifact_id, newest[0], description=newest[1])
+                except Exception as exc:  # the UI misses one value; the next one may get through
+                    log.warning("progress not shown in the UI: %s", exc)
+            with self._lock:
+                if self._newest is None:
+                    self._sent.set()
