@@ -28,7 +28,8 @@ from tunerecipes.checkpoint_layout import last_logged_step
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: idle, its server and workers still take ~10% of a core (measured), which the later tests need.
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefect]:
     # Expired stage-key leases are revoked within a second (15 s by default): takeover times are the lease's.
     # The scheduler looks for due schedules every 2 s (60 s by default) and plans only the next run of each.
