@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import io
 import json
 import math
 import os
@@ -682,8 +683,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _whole_lines() -> None:
+    """Every rank writes into the launcher's one pipe, unbuffered (PYTHONUNBUFFERED): print() then writes a line and
+    its newline apart, and two ranks' lines ran into each other. Line buffering writes each line in one go."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # not a test's capture
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
+    _whole_lines()
     try:
         recipe = SFTRecipe(cfg)
         try:
