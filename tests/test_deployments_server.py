@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,10 @@ def test_an_interval_schedule_fires_and_a_worker_completes_the_auto_scheduled_ru
     prefect.yaml would; with SQLAlchemy 2.1 it failed on every loop and no run ever appeared."""
     (deployment,) = [d for d in cluster.api("POST", "/deployments/filter", {"deployments": {"name": {"any_": [
         "tiny-cpu"]}}})]
+    # Anchored 5 s ahead: the first tick is then, not at the next whole minute; the second comes after the test.
+    anchor = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
     (schedule,) = cluster.api("POST", f"/deployments/{deployment['id']}/schedules", [
-        {"schedule": {"interval": 60}, "active": True, "parameters": TINY}])
+        {"schedule": {"interval": 60, "anchor_date": anchor}, "active": True, "parameters": TINY}])
     started = time.monotonic()
     try:
         def scheduled() -> list[dict[str, Any]]:
