@@ -23,43 +23,49 @@ log = logging.getLogger(__name__)
 
 class StageProgress:
     """A progress artifact and the callback that moves it (fraction 0..1, message); with ``label``, the same events
-    reach the console (finetune.console) at once."""
+    reach the console (finetune.console) at once. ``close`` when the stage is done."""
 
     def __init__(self, description: str, label: str | None = None):
         self.artifact_id: UUID = create_progress_artifact(0.0, description=description)
         self._label = label
         self._newest: tuple[float, str] | None = None
+        self._closing = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._sent = threading.Event()
-        self._sent.set()
         context = contextvars.copy_context()  # Prefect's settings and client context, as the stage has them
-        threading.Thread(target=context.run, args=(self._send_newest,), name=f"progress {description}",
-                         daemon=True).start()
+        self._sender = threading.Thread(target=context.run, args=(self._send_newest,), daemon=True,
+                                        name=f"progress {description}")
+        self._sender.start()
 
     def __call__(self, fraction: float, message: str) -> None:
         with self._lock:
             self._newest = (min(100.0, max(0.0, 100.0 * fraction)), message)
-            self._sent.clear()
         self._wake.set()
         if self._label is not None:
             stage_event(self._label, "progress", message, fraction)
 
-    def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait at most ``timeout_s`` for the newest value to reach the server; whether it did."""
-        return self._sent.wait(timeout_s)
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Send the newest value, waiting at most ``timeout_s`` for the server, and stop the sender; whether the
+        newest value got there."""
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        self._sender.join(timeout_s)
+        return not self._sender.is_alive()
 
     def _send_newest(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             with self._lock:
-                newest, self._newest = self._newest, None
+                newest, self._newest, closing = self._newest, None, self._closing
             if newest is not None:
                 try:
                     update_progress_artifact(self.artifact_id, newest[0], description=newest[1])
                 except Exception as exc:  # the UI misses one value; the next one may get through
                     log.warning("progress not shown in the UI: %s", exc)
-            with self._lock:
-                if self._newest is None:
-                    self._sent.set()
+            if closing:
+                with self._lock:
+                    if self._newest is None:
+                        return
+                self._wake.set()  # a value came while the last one was sent

@@ -81,4 +81,4 @@ def train_node(profile: str, overrides: list[str] | None, workdir: str, node_ran
                        inputs={}, log=ReadableMetrics(get_run_logger().info), progress=progress)
     run_node(ctx, node_rank, rendezvous, ServerLease(**lease) if lease else None)
     progress(1.0, f"train node {node_rank} done")
-    progress.flush()
+    progress.close()

@@ -131,7 +131,7 @@ def run_stage_task(
         artifact, tables = execute_stage(spec, profile, store, artifacts, key=key, log_fn=ReadableMetrics(logger.info),
                                          progress=progress, run=_this_run(),
                                          server_lock=server_lock(profile.retries.lock_lease_s))
-        progress.flush()
+        progress.close()
     payload = _payload(artifact, tables)
     # Computed by another run (one that held the key's lock while this task waited): a cache hit for this run.
     payload["reused"] = artifact.timings.get("computed_by") != identity(_this_run())

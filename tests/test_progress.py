@@ -35,10 +35,10 @@ def test_progress_never_waits_for_a_frozen_server_and_the_ui_gets_the_newest_val
                 started = time.monotonic()
                 progress(step / 200, f"step {step}/200")
                 slowest = max(slowest, time.monotonic() - started)
-            assert not progress.flush(timeout_s=1)  # the newest value is still on its way
+            assert not progress.close(timeout_s=1)  # the newest value is still on its way
         finally:
             os.killpg(server.procs["server"].pid, signal.SIGCONT)
         assert slowest < 0.5, slowest  # a request to the frozen server would have taken its whole timeout
-        assert progress.flush(timeout_s=120)
+        assert progress.close(timeout_s=120)
     artifact = server.api("GET", f"/artifacts/{progress.artifact_id}")
     assert (artifact["data"], artifact["description"]) == (100.0, "step 200/200"), artifact
