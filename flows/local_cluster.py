@@ -50,6 +50,9 @@ def prefect_env(root: Path, api_url: str, extra: dict[str, str] | None = None,
     return env
 
 
+API_ATTEMPTS = 5
+
+
 @dataclass
 class LocalPrefect:
     """The started server and workers (``procs`` by name, logs in ``root``), and helpers that use them."""
@@ -83,7 +86,14 @@ class LocalPrefect:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=90)  # a loaded 2-core server
+        """One request to the server's REST API. A 503 is the server's answer to a database error worth retrying
+        (SQLite's "database is locked" while another write is out, seen on deleting a schedule as its run ended),
+        and is retried as Prefect's own client retries it."""
+        for attempt in range(1, API_ATTEMPTS + 1):
+            response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=90)  # a loaded 2-core server
+            if response.status_code != 503 or attempt == API_ATTEMPTS:
+                break
+            time.sleep(attempt)
         response.raise_for_status()
         return response.json() if response.content else None
 
