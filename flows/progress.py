@@ -14,7 +14,9 @@ import logging
 import threading
 from uuid import UUID
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 
 from finetune.console import stage_event
 
@@ -54,18 +56,22 @@ class StageProgress:
         return not self._sender.is_alive()
 
     def _send_newest(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            with self._lock:
-                newest, self._newest, closing = self._newest, None, self._closing
-            if newest is not None:
-                try:
-                    update_progress_artifact(self.artifact_id, newest[0], description=newest[1])
-                except Exception as exc:  # the UI misses one value; the next one may get through
-                    log.warning("progress not shown in the UI: %s", exc)
-            if closing:
+        # A client of its own: the copied context holds the engine's, which its own thread is using meanwhile
+        # (get_client returns a context's client only for the same httpx settings, so {} gets a new one).
+        with get_client(httpx_settings={}, sync_client=True) as client:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
                 with self._lock:
-                    if self._newest is None:
-                        return
-                self._wake.set()  # a value came while the last one was sent
+                    newest, self._newest, closing = self._newest, None, self._closing
+                if newest is not None:
+                    try:
+                        client.update_artifact(self.artifact_id,
+                                               ArtifactUpdate(data=newest[0], description=newest[1]))
+                    except Exception as exc:  # the UI misses one value; the next one may get through
+                        log.warning("progress not shown in the UI: %s", exc)
+                if closing:
+                    with self._lock:
+                        if self._newest is None:
+                            return
+                    self._wake.set()  # a value came while the last one was sent
