@@ -163,7 +163,8 @@ def _wait(predicate, timeout_s: float, what: str):
 
 
 def test_a_failed_node_fails_the_stage_and_cancels_the_other_node(cluster: LocalPrefect) -> None:
-    params = {"overrides": ["train.epochs=50", "train.nnodes=2", "train.launcher=prefect-pool", "retries=0"],
+    params = {"overrides": ["train.epochs=50", "train.nnodes=2", "train.launcher=prefect-pool", "retries.count=0",
+                            "retries.lock_lease_s=600"],  # see _train_and_preempt
               "until": "train"}
     proc = cluster.prefect("deployment", "run", "finetune/tiny-cpu", "--params", json.dumps(params))
     run_id = next(line.split()[-1] for line in proc.stdout.splitlines() if "UUID:" in line)
@@ -222,7 +223,11 @@ def _train_and_preempt(cluster: LocalPrefect, lost_rank: int, max_steps: int, re
     `prefect flow-run execute` process of node ``lost_rank`` (what kubelet does when a spot node is reclaimed)."""
     params = {"overrides": [f"train.max_steps={max_steps}", f"train.checkpoint_every_steps={EVERY}", "train.nnodes=2",
                             "train.launcher=prefect-pool",
-                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", f"retries={retries}",
+                            "train.elastic={min_nodes: 2, max_nodes: 2, max_restarts: 3}", f"retries.count={retries}",
+                            # As a rehearsal's (flows/rehearse.py): while two nodes' trainers start on 2 cores, the
+                            # loopback server's SQLite stalled the stage's lease renewal past half of a 120 s lease
+                            # (seen in CI), and the stage then stopped on its lease instead of on the lost node.
+                            "retries.lock_lease_s=600",
                             # Node runs under the supervisor the Kubernetes GPU pools use, which reschedules on SIGTERM.
                             "deploy.job_variables={command: prefect flow-run execute, "
                             "env: {PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR: reschedule}}"],
