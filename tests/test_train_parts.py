@@ -154,8 +154,10 @@ def test_report_lines_are_found_behind_launcher_prefixes() -> None:
 def test_error_lines_of_ranks_writing_at_once_stay_whole() -> None:
     # Every rank of a failed config writes its error line into torchrun's one pipe, unbuffered (PYTHONUNBUFFERED=1,
     # as launch_trainers sets it); a line split between two ranks' writes used to hide the cause from the stage.
-    emitter = ("from tunerecipes.report import RecipeError, emit_error\n"
-               "for _ in range(500): emit_error(RecipeError('config', 'expert_parallel 3 does not divide ' + 'x' * 200))")
+    emitter = ("from tunerecipes.report import RecipeError, emit_error, whole_lines\n"
+               "whole_lines()  # as the recipe does first\n"
+               "for _ in range(2000):\n"
+               "    emit_error(RecipeError('config', 'expert_parallel 3 does not divide ' + 'x' * 200))")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
     read_end, write_end = os.pipe()
     ranks = [subprocess.Popen([sys.executable, "-c", emitter], stderr=write_end, env=env) for _ in range(2)]
@@ -163,7 +165,7 @@ def test_error_lines_of_ranks_writing_at_once_stay_whole() -> None:
     with os.fdopen(read_end) as pipe:
         lines = pipe.read().splitlines()
     assert [rank.wait() for rank in ranks] == [0, 0]
-    assert len(lines) == 1000 and all(parse_error(line)["kind"] == "config" for line in lines)
+    assert len(lines) == 4000 and all(parse_error(line)["kind"] == "config" for line in lines)
 
 
 def tiny(*overrides: str):

@@ -6,9 +6,10 @@ Rank 0 prints one ``tune-metrics: {json}`` line per logged step and, when it sto
 
 from __future__ import annotations
 
+import io
 import json
 import sys
-from typing import Any, TextIO
+from typing import Any
 
 METRICS_PREFIX = "tune-metrics: "
 ERROR_PREFIX = "tune-error: "
@@ -25,19 +26,22 @@ class RecipeError(RuntimeError):
         self.kind = kind
 
 
+def whole_lines() -> None:
+    """Make every line this process prints reach its pipe in one write. Every rank writes into the launcher's one
+    pipe, unbuffered (PYTHONUNBUFFERED): print() then writes a line and its newline apart, and two ranks' lines ran
+    into one (an unparsable ``tune-error`` line hid a config error's cause from the stage). Line buffering writes each
+    line in one go; the recipe calls this before anything prints."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # not a test's capture
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def emit_metrics(record: dict[str, Any]) -> None:
-    _write_line(sys.stdout, METRICS_PREFIX + json.dumps(record, sort_keys=True))
+    print(METRICS_PREFIX + json.dumps(record, sort_keys=True), flush=True)
 
 
 def emit_error(error: RecipeError) -> None:
-    _write_line(sys.stderr, ERROR_PREFIX + json.dumps({"kind": error.kind, "message": str(error)}))
-
-
-def _write_line(stream: TextIO, text: str) -> None:
-    # One write, newline included: every rank shares the launcher's pipe, and unbuffered (PYTHONUNBUFFERED) print()
-    # writes the text and its newline separately, so two ranks' lines interleaved into one unparsable line.
-    stream.write(text + "\n")
-    stream.flush()
+    print(ERROR_PREFIX + json.dumps({"kind": error.kind, "message": str(error)}), file=sys.stderr, flush=True)
 
 
 def parse_metrics(line: str) -> dict[str, Any] | None:

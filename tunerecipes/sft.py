@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import io
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from tunerecipes import checkpointing as ckpt
 from tunerecipes import dpo, ep_degree, expert_parallel
 from tunerecipes import nf4_weights
 from tunerecipes import sharding
-from tunerecipes.report import RecipeError, emit_error, emit_metrics
+from tunerecipes.report import RecipeError, emit_error, emit_metrics, whole_lines
 from tunerecipes.sampler import ResumableSampler, epoch_batches
 from tunerecipes.tracking import curves
 
@@ -683,17 +682,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _whole_lines() -> None:
-    """Every rank writes into the launcher's one pipe, unbuffered (PYTHONUNBUFFERED): print() then writes a line and
-    its newline apart, and two ranks' lines ran into each other. Line buffering writes each line in one go."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):  # not a test's capture
-            stream.reconfigure(line_buffering=True, write_through=False)
-
-
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
-    _whole_lines()
+    whole_lines()
     try:
         recipe = SFTRecipe(cfg)
         try:
