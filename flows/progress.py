@@ -34,7 +34,7 @@ class StageProgress:
         self._closing = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        context = contextvars.copy_context()  # Prefect's settings and client context, as the stage has them
+        context = contextvars.copy_context()  # Prefect's settings as the stage has them (its client is not used)
         self._sender = threading.Thread(target=context.run, args=(self._send_newest,), daemon=True,
                                         name=f"progress {description}")
         self._sender.start()
